@@ -1,0 +1,95 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from atrium.config import Settings, get_settings
+from atrium.kit.db import create_engine, create_sessionmaker
+from atrium.kit.errors import install_error_handlers
+from atrium.kit.logging import RequestContextMiddleware, configure_logging
+from atrium.kit.redis import create_redis
+from atrium.kit.vectordb import create_pool
+
+log = structlog.get_logger("atrium.app")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app: middleware, routers, error handlers and lifespan-managed pools."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not settings.vector_database_url or not settings.redis_url:
+            raise RuntimeError(
+                "ATRIUM_VECTOR_DATABASE_URL and ATRIUM_REDIS_URL are unset: start Atrium with "
+                "`atrium dev` (or ./scripts/run), which starts the embedded servers, or set them."
+            )
+        engine = create_engine(settings.resolved_database_url, settings.database_pool_size)
+        pool = create_pool(settings.vector_conninfo, settings.vector_pool_size)
+        await pool.open(wait=False)
+        redis = create_redis(settings.redis_url)
+        redis_bytes = create_redis(settings.redis_url, decode_responses=False)
+        app.state.settings = settings
+        app.state.engine = engine
+        app.state.sessionmaker = create_sessionmaker(engine)
+        app.state.vector_pool = pool
+        app.state.redis = redis
+        app.state.redis_bytes = redis_bytes
+        log.info("startup", environment=settings.environment.value)
+        try:
+            yield
+        finally:
+            await pool.close()
+            await redis.aclose()
+            await redis_bytes.aclose()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="Atrium",
+        version="0.1.0",
+        summary="Multi-tenant retrieval-augmented generation backend",
+        lifespan=lifespan,
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After", "X-RateLimit-Limit",
+                            "X-RateLimit-Remaining", "X-RateLimit-Reset"],
+        )
+    app.add_middleware(RequestContextMiddleware, hsts=settings.is_production)
+
+    from atrium.health.endpoints import router as health_router
+
+    app.include_router(health_router)
+    for router in _v1_routers():
+        app.include_router(router, prefix="/v1")
+    return app
+
+
+def _v1_routers() -> list[object]:
+    """Each domain's router; imported here so the app module stays import-cheap."""
+    import importlib
+
+    routers: list[object] = []
+    for module in V1_ROUTER_MODULES:
+        routers.append(importlib.import_module(module).router)
+    return routers
+
+
+#: Domain routers mounted under /v1, in order.
+V1_ROUTER_MODULES: list[str] = []

@@ -1,0 +1,187 @@
+"""The ``atrium`` command: serve, worker, beat, migrate, dev, create-superuser."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess  # nosec B404 - runs our own processes with fixed argv
+import sys
+import time
+from types import FrameType
+
+import typer
+
+from atrium.config import ConfigurationError, Settings, get_settings
+
+cli = typer.Typer(help="Atrium: multi-tenant retrieval-augmented generation backend.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigurationError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+
+
+def _with_services() -> tuple[Settings, object]:
+    """Settings with every URL resolved, starting embedded servers for the unset ones."""
+    settings = _settings()
+    services = None
+    if not settings.vector_database_url or not settings.redis_url:
+        from atrium.kit.embedded import apply_env, start_embedded
+
+        services = start_embedded(settings)
+        apply_env(services.env)
+        get_settings.cache_clear()
+        settings = _settings()
+    return settings, services
+
+
+@cli.command()
+def migrate(
+    revision: str = typer.Option("head", help="Alembic revision for the account database."),
+) -> None:
+    """Apply the account-database and vector-database migrations."""
+    settings, services = _with_services()
+    from atrium.kit.migrations import upgrade_account_db, upgrade_vector_db
+
+    upgrade_account_db(settings.resolved_database_url, revision)
+    version = asyncio.run(
+        upgrade_vector_db(settings.vector_conninfo, settings.embedding_dimension)
+    )
+    typer.echo(f"account database at {revision}; vector schema at version {version}")
+    if services is not None:
+        services.stop()  # type: ignore[attr-defined]
+
+
+@cli.command()
+def serve(
+    workers: int = typer.Option(1, help="uvicorn worker processes."),
+) -> None:
+    """Run the API with uvicorn on ATRIUM_HOST:ATRIUM_PORT."""
+    import uvicorn
+
+    settings, _services = _with_services()
+    uvicorn.run(
+        "atrium.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        log_config=None,
+        proxy_headers=True,
+        access_log=False,
+    )
+
+
+@cli.command()
+def worker(
+    concurrency: int = typer.Option(0, help="Worker processes (0: one per core)."),
+    pool: str = typer.Option("prefork", help="Celery pool: prefork, solo or threads."),
+) -> None:
+    """Run a Celery worker (ingestion, mail, purges, exports)."""
+    _with_services()
+    from atrium.worker import celery_app
+
+    argv = ["worker", "--loglevel=INFO", f"--pool={pool}", "--without-gossip", "--without-mingle"]
+    if concurrency:
+        argv.append(f"--concurrency={concurrency}")
+    celery_app.worker_main(argv)
+
+
+@cli.command()
+def beat() -> None:
+    """Run Celery beat (periodic jobs)."""
+    _with_services()
+    from atrium.worker import celery_app
+
+    celery_app.start(["beat", "--loglevel=INFO"])
+
+
+@cli.command("create-superuser")
+def create_superuser(
+    email: str = typer.Option(..., prompt=True),
+    password: str = typer.Option(..., prompt=True, hide_input=True, confirmation_prompt=True),
+) -> None:
+    """Create a verified superuser (or promote an existing user)."""
+    settings, services = _with_services()
+    from atrium.kit.superuser import ensure_superuser
+
+    created = asyncio.run(ensure_superuser(settings, email, password))
+    typer.echo(("created " if created else "promoted ") + email)
+    if services is not None:
+        services.stop()  # type: ignore[attr-defined]
+
+
+@cli.command()
+def dev() -> None:
+    """Start everything: embedded servers if unconfigured, migrations, API, worker and beat.
+
+    Ctrl-C (or SIGTERM) stops every process this started.
+    """
+    settings, services = _with_services()
+    from atrium.kit.migrations import upgrade_account_db, upgrade_vector_db
+
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_account_db(settings.resolved_database_url)
+    asyncio.run(upgrade_vector_db(settings.vector_conninfo, settings.embedding_dimension))
+
+    env = dict(os.environ)
+    base = [sys.executable, "-m", "atrium.cli"]
+    specs = {
+        "api": [*base, "serve"],
+        "worker": [*base, "worker"],
+        "beat": [*base, "beat"],
+    }
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    stopping = False
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    for name, argv in specs.items():
+        # Own process group, so a terminal's Ctrl-C reaches us once and we stop them in order.
+        children[name] = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603  # nosec B603
+    typer.echo(
+        f"Atrium is starting on http://{settings.host}:{settings.port} "
+        f"(data in {settings.data_dir.resolve()}); Ctrl-C stops it.",
+        err=True,
+    )
+    code = 0
+    while not stopping:
+        for name, proc in children.items():
+            if proc.poll() is not None:
+                typer.echo(f"{name} exited with code {proc.returncode}; stopping.", err=True)
+                code = proc.returncode or 1
+                stopping = True
+                break
+        time.sleep(0.3)
+    for proc in children.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for proc in children.values():
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if services is not None:
+        services.stop()  # type: ignore[attr-defined]
+    typer.echo("Atrium stopped.", err=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    """Entry point of the ``atrium`` script."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

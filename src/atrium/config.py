@@ -1,0 +1,238 @@
+"""Settings: one object, read from ``ATRIUM_*`` environment variables and ``.env``.
+
+Every setting is documented in ``.env.example`` and ``docs/configuration.md``; a test fails when a
+setting is missing from either.
+"""
+
+from __future__ import annotations
+
+import enum
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+#: The secret used when none is configured. Accepted in development and test only.
+DEFAULT_SECRET_KEY = "atrium-development-secret-change-me"  # noqa: S105 - a known placeholder
+MIN_SECRET_KEY_LENGTH = 32
+
+
+class Environment(enum.StrEnum):
+    """Where Atrium runs; production turns on the strict checks."""
+
+    development = "development"
+    test = "test"
+    production = "production"
+
+
+class ConfigurationError(Exception):
+    """Settings that cannot work; the message names the setting to change."""
+
+
+class Settings(BaseSettings):
+    """All of Atrium's settings. Empty URLs mean "use the embedded default"."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="ATRIUM_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+    )
+
+    environment: Environment = Field(
+        Environment.development, description="development, test or production."
+    )
+    secret_key: SecretStr = Field(
+        SecretStr(DEFAULT_SECRET_KEY),
+        description="Signs tokens and keys API-key HMACs. At least 32 characters in production.",
+    )
+    previous_secret_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated older secret keys still accepted when verifying (key ring).",
+    )
+    host: str = Field("127.0.0.1", description="Address the API listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
+    public_url: str = Field(
+        "", description="Base URL used in links sent by mail; defaults to http://HOST:PORT."
+    )
+    data_dir: Path = Field(
+        Path("var"),
+        description="Where embedded services, blobs, exports and the mail outbox keep data.",
+    )
+
+    database_url: str = Field(
+        "",
+        description="Account database (mysql+aiomysql://...). Empty: SQLite file in data_dir.",
+    )
+    database_pool_size: int = Field(10, ge=1, description="Account database pool size.")
+    vector_database_url: str = Field(
+        "",
+        description="PostgreSQL with pgvector (postgresql+psycopg://...). Empty: embedded server.",
+    )
+    vector_pool_size: int = Field(10, ge=1, description="Vector database pool size.")
+    redis_url: str = Field(
+        "", description="Redis (redis://host:port/db or unix://path). Empty: embedded Redis."
+    )
+    celery_broker_url: str = Field(
+        "", description="Celery broker. Empty: the Redis of redis_url."
+    )
+    celery_always_eager: bool = Field(
+        False, description="Run Celery tasks in-process (only for debugging; never in production)."
+    )
+
+    smtp_host: str = Field("", description="SMTP server. Empty: mail is written to data_dir/outbox.")
+    smtp_port: int = Field(587, description="SMTP port.")
+    smtp_username: str = Field("", description="SMTP user name.")
+    smtp_password: SecretStr = Field(SecretStr(""), description="SMTP password.")
+    smtp_starttls: bool = Field(False, description="Use STARTTLS.")
+    smtp_ssl: bool = Field(False, description="Use implicit TLS.")
+    mail_from: str = Field("Atrium <no-reply@example.com>", description="Sender of mail.")
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS."
+    )
+    log_level: str = Field("INFO", description="Log level.")
+    log_json: bool = Field(True, description="JSON log lines (false: human-readable console).")
+
+    access_token_ttl_seconds: int = Field(900, ge=60, description="Access token lifetime.")
+    refresh_token_ttl_seconds: int = Field(
+        30 * 24 * 3600, ge=300, description="Refresh token lifetime."
+    )
+
+    embedding_provider: Literal["local", "litellm"] = Field(
+        "local", description="local (bundled ONNX model) or litellm (hosted)."
+    )
+    embedding_model: str = Field(
+        "all-MiniLM-L6-v2", description="Embedding model name (litellm model id for litellm)."
+    )
+    embedding_dimension: int = Field(384, ge=8, le=4000, description="Embedding dimension.")
+    embedding_max_tokens: int = Field(256, ge=16, description="Model input limit in tokens.")
+    embedding_api_base: str = Field("", description="API base for the litellm embedder.")
+    embedding_api_key: SecretStr = Field(SecretStr(""), description="API key for the embedder.")
+    embedding_threads: int = Field(0, ge=0, description="ONNX threads (0: all cores).")
+    chunk_tokens: int = Field(256, ge=16, description="Target chunk size in model tokens.")
+    chunk_overlap_tokens: int = Field(32, ge=0, description="Overlap between chunks in tokens.")
+
+    llm_model: str = Field(
+        "", description="litellm model for answers (e.g. openai/gpt-4o-mini). Empty: extractive."
+    )
+    llm_api_base: str = Field("", description="API base of the LLM provider.")
+    llm_api_key: SecretStr = Field(SecretStr(""), description="API key of the LLM provider.")
+    llm_temperature: float = Field(0.1, ge=0, le=2, description="Default temperature.")
+    llm_max_tokens: int = Field(512, ge=1, description="Default answer length limit.")
+    llm_timeout_seconds: float = Field(60.0, gt=0, description="LLM request time-out.")
+
+    blob_url: str = Field(
+        "", description="Blob store (s3://bucket/prefix). Empty: local directory data_dir/blobs."
+    )
+    max_upload_bytes: int = Field(
+        50 * 1024 * 1024, ge=1024, description="Largest accepted upload, before plan limits."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_lists(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for key in ("cors_origins", "previous_secret_keys"):
+                value = data.get(key)
+                if isinstance(value, str):
+                    data[key] = [v.strip() for v in value.split(",") if v.strip()]
+        return data
+
+    @model_validator(mode="after")
+    def _check_production(self) -> Settings:
+        if self.environment is Environment.production:
+            secret = self.secret_key.get_secret_value()
+            if secret == DEFAULT_SECRET_KEY or len(secret) < MIN_SECRET_KEY_LENGTH:
+                raise ValueError(
+                    "ATRIUM_SECRET_KEY must be set to a random value of at least "
+                    f"{MIN_SECRET_KEY_LENGTH} characters in production "
+                    '(python -c "import secrets; print(secrets.token_urlsafe(48))")'
+                )
+            if self.celery_always_eager:
+                raise ValueError("ATRIUM_CELERY_ALWAYS_EAGER must be false in production")
+        if self.chunk_overlap_tokens >= self.chunk_tokens:
+            raise ValueError("ATRIUM_CHUNK_OVERLAP_TOKENS must be smaller than ATRIUM_CHUNK_TOKENS")
+        if self.database_url and not self.database_url.startswith(
+            ("mysql+aiomysql://", "sqlite+aiosqlite://")
+        ):
+            raise ValueError(
+                "ATRIUM_DATABASE_URL must start with mysql+aiomysql:// or sqlite+aiosqlite://"
+            )
+        if self.vector_database_url and not self.vector_database_url.startswith(
+            ("postgresql+psycopg://", "postgresql://", "postgres://")
+        ):
+            raise ValueError("ATRIUM_VECTOR_DATABASE_URL must start with postgresql+psycopg://")
+        return self
+
+    # Derived values -------------------------------------------------------------------------
+
+    @property
+    def is_production(self) -> bool:
+        """Whether strict production rules apply."""
+        return self.environment is Environment.production
+
+    @property
+    def resolved_public_url(self) -> str:
+        """Base URL for links in mail."""
+        return (self.public_url or f"http://{self.host}:{self.port}").rstrip("/")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The account database URL, the SQLite file when none is configured."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'atrium.db').resolve()}"
+
+    @property
+    def vector_conninfo(self) -> str:
+        """The vector database URL in the form psycopg accepts."""
+        return self.vector_database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    @property
+    def resolved_broker_url(self) -> str:
+        """Celery's broker URL; Celery spells Redis unix sockets ``redis+socket://``."""
+        url = self.celery_broker_url or self.redis_url
+        if url.startswith("unix://"):
+            return "redis+socket://" + url[len("unix://") :]
+        return url
+
+    @property
+    def secret_keys(self) -> list[str]:
+        """The current secret first, then older ones still accepted for verification."""
+        return [self.secret_key.get_secret_value()] + [
+            k.get_secret_value() for k in self.previous_secret_keys
+        ]
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Where mail goes when no SMTP server is configured."""
+        return self.data_dir / "outbox"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning validation errors into a message that names the setting.
+
+    Raises:
+        ConfigurationError: when a setting is invalid.
+    """
+    from pydantic import ValidationError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            name = f"ATRIUM_{loc.upper()}" if loc else "settings"
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"{name}: {msg}" if loc else msg)
+        raise ConfigurationError("Invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings (cached)."""
+    return load_settings()

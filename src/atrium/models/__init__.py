@@ -1,0 +1,16 @@
+"""All account-database models, imported in one place to avoid import cycles."""
+
+from atrium.models.base import Base, IDMixin, TimestampMixin, utcnow
+from atrium.models.tenancy import Membership, Role, Tenant, TenantStatus, User
+
+__all__ = [
+    "Base",
+    "IDMixin",
+    "Membership",
+    "Role",
+    "Tenant",
+    "TenantStatus",
+    "TimestampMixin",
+    "User",
+    "utcnow",
+]

@@ -1,0 +1,59 @@
+"""The Celery application. Tasks live in their domain's ``tasks.py`` and are listed here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_shutdown
+
+from atrium.config import get_settings
+
+TASK_MODULES = [
+    "atrium.kit.tasks",
+]
+
+
+def create_celery() -> Celery:
+    """Build the Celery app from settings (Redis broker, JSON only, late acks)."""
+    settings = get_settings()
+    app = Celery("atrium", include=TASK_MODULES)
+    broker = settings.resolved_broker_url
+    app.conf.update(
+        broker_url=broker,
+        result_backend=broker,
+        broker_connection_retry_on_startup=True,
+        # A task is acknowledged only when done, and given back if its worker dies mid-way:
+        # nothing is lost to a crash (every task is idempotent for this reason).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_time_limit=1800,
+        task_soft_time_limit=1700,
+        result_expires=3600,
+        task_always_eager=settings.celery_always_eager,
+        # Longer than the longest task, or Redis would hand an unacked task to a second worker.
+        broker_transport_options={"visibility_timeout": 7200},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
+        beat_schedule={},
+        timezone="UTC",
+    )
+    return app
+
+
+celery_app = create_celery()
+
+
+@worker_process_shutdown.connect
+def _close(**_: Any) -> None:
+    from atrium.kit import runtime
+
+    try:
+        runtime.run(runtime.close_resources())
+    except Exception:  # noqa: S110  # nosec B110 - best effort at process exit
+        pass

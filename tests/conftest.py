@@ -1,0 +1,158 @@
+"""Session-wide real services and per-test isolation.
+
+Per pytest-xdist worker: a MariaDB database migrated once, two Redis db indexes (app, broker),
+an embedded PostgreSQL + pgvector, an SMTP server, an OpenAI-compatible LLM server and, on
+demand, a real Celery worker subprocess. Each test gets a flushed Redis db and emptied tables.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from tests.support import services
+from tests.support.llm_server import LLMServer
+from tests.support.smtp import Mailbox
+
+
+@pytest.fixture(scope="session")
+def test_env() -> Iterator[dict[str, Any]]:
+    """Start or check every service and export the ATRIUM_* settings that point at them."""
+    app_db, broker_db = services.redis_dbs()
+    for db in (app_db, broker_db):
+        services.check_redis(db).flushdb()
+    mysql_db = services.create_mysql_database()
+    pg, pg_uri, pg_root = services.start_pgserver()
+    mailbox = Mailbox()
+    smtp_port = mailbox.start()
+    llm = LLMServer()
+    llm.start()
+    data_dir = Path(tempfile.mkdtemp(prefix="atrium-data-"))
+    env = {
+        "ATRIUM_ENVIRONMENT": "test",
+        "ATRIUM_DATA_DIR": str(data_dir),
+        "ATRIUM_DATABASE_URL": (
+            f"mysql+aiomysql://{services.MYSQL_USER}:{services.MYSQL_PASSWORD}@"
+            f"{services.MYSQL_HOST}:{services.MYSQL_PORT}/{mysql_db}?charset=utf8mb4"
+        ),
+        "ATRIUM_VECTOR_DATABASE_URL": pg_uri.replace("postgresql://", "postgresql+psycopg://"),
+        "ATRIUM_REDIS_URL": f"redis://{services.REDIS_HOST}:{services.REDIS_PORT}/{app_db}",
+        "ATRIUM_CELERY_BROKER_URL": (
+            f"redis://{services.REDIS_HOST}:{services.REDIS_PORT}/{broker_db}"
+        ),
+        "ATRIUM_SMTP_HOST": "127.0.0.1",
+        "ATRIUM_SMTP_PORT": str(smtp_port),
+        "ATRIUM_PUBLIC_URL": "http://testserver",
+        "ATRIUM_LOG_LEVEL": "WARNING",
+        "ATRIUM_SECRET_KEY": "test-secret-key-that-is-long-enough-0123456789",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    from atrium.config import get_settings
+
+    get_settings.cache_clear()
+    settings = get_settings()
+    from atrium.kit.migrations import migrate_all
+
+    migrate_all(settings.resolved_database_url, settings.vector_conninfo,
+                settings.embedding_dimension)
+    yield {"env": env, "mysql_db": mysql_db, "mailbox": mailbox, "llm": llm, "pg": pg,
+           "data_dir": data_dir, "redis_db": app_db, "broker_db": broker_db}
+    mailbox.stop()
+    llm.stop()
+    services.drop_mysql_database(mysql_db)
+    pg.cleanup()  # type: ignore[attr-defined]
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def settings(test_env: dict[str, Any]) -> Any:
+    from atrium.config import get_settings
+
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def mailbox(test_env: dict[str, Any]) -> Mailbox:
+    return test_env["mailbox"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def llm_server(test_env: dict[str, Any]) -> Iterator[LLMServer]:
+    server: LLMServer = test_env["llm"]
+    yield server
+    server.behaviour.clear()
+
+
+@pytest.fixture(scope="session")
+def celery_worker(test_env: dict[str, Any]) -> Iterator[services.WorkerProcess]:
+    """A real Celery worker subprocess on this xdist worker's broker."""
+    worker = services.WorkerProcess(dict(os.environ), test_env["data_dir"] / "worker.log")
+    worker.start()
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture(scope="session")
+async def app(test_env: dict[str, Any]) -> AsyncIterator[Any]:
+    from atrium.app import create_app
+
+    application = create_app()
+    async with LifespanManager(application, startup_timeout=60):
+        yield application
+
+
+def _table_names() -> list[str]:
+    from atrium.models import Base
+
+    return [t.name for t in reversed(Base.metadata.sorted_tables)]
+
+
+@pytest.fixture
+def clean_state(test_env: dict[str, Any]) -> Iterator[None]:
+    """Empty every account table and the app's Redis db after the test."""
+    yield
+    with services.mysql_connect(test_env["mysql_db"]) as conn, conn.cursor() as cur:
+        cur.execute("SET FOREIGN_KEY_CHECKS=0")
+        for name in _table_names():
+            cur.execute(f"DELETE FROM `{name}`")
+        cur.execute("SET FOREIGN_KEY_CHECKS=1")
+    services.check_redis(test_env["redis_db"]).flushdb()
+
+
+@pytest.fixture
+async def client(app: Any, clean_state: None) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client talking to the app in-process (real databases behind it)."""
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+@pytest.fixture
+async def db_session(app: Any) -> AsyncIterator[Any]:
+    """A session inside a transaction that is rolled back after the test.
+
+    Service code may ``commit()`` through savepoints; nothing reaches the database for good.
+    """
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    async with app.state.engine.connect() as conn:
+        trans = await conn.begin()
+        session = AsyncSession(bind=conn, join_transaction_mode="create_savepoint",
+                               expire_on_commit=False)
+        try:
+            yield session
+        finally:
+            await session.close()
+            await trans.rollback()

@@ -1,0 +1,133 @@
+"""An OpenAI-compatible HTTP server on loopback that stands in for paid LLM providers.
+
+Deterministic: chat answers quote the first source they were given and cite it as [1];
+embeddings are derived from a hash of the text. ``behaviour`` switches on failure modes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class LLMServer:
+    """Start with :meth:`start`; ``base_url`` is what litellm's ``api_base`` takes."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.behaviour: dict[str, Any] = {}
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def start(self) -> None:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _json(self, status: int, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", "0"))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                owner.requests.append({"path": self.path, "body": body})
+                b = owner.behaviour
+                if b.get("delay"):
+                    time.sleep(float(b["delay"]))
+                if b.get("status"):
+                    self._json(int(b["status"]), {"error": {"message": "simulated failure",
+                                                            "type": "server_error"}})
+                    return
+                if self.path.endswith("/embeddings"):
+                    self._embeddings(body)
+                elif self.path.endswith("/chat/completions"):
+                    self._chat(body)
+                else:
+                    self._json(404, {"error": {"message": "not found"}})
+
+            def _embeddings(self, body: dict[str, Any]) -> None:
+                inputs = body.get("input", [])
+                if isinstance(inputs, str):
+                    inputs = [inputs]
+                dim = int(owner.behaviour.get("dimension", 384))
+                data = [
+                    {"object": "embedding", "index": i, "embedding": hash_vector(t, dim)}
+                    for i, t in enumerate(inputs)
+                ]
+                self._json(200, {"object": "list", "data": data, "model": body.get("model"),
+                                 "usage": {"prompt_tokens": sum(len(t.split()) for t in inputs),
+                                           "total_tokens": sum(len(t.split()) for t in inputs)}})
+
+            def _chat(self, body: dict[str, Any]) -> None:
+                answer = owner.behaviour.get("answer") or "According to the sources, this is so [1]."
+                words = answer.split(" ")
+                usage = {"prompt_tokens": 50, "completion_tokens": len(words),
+                         "total_tokens": 50 + len(words)}
+                if not body.get("stream"):
+                    self._json(200, {
+                        "id": "chatcmpl-test", "object": "chat.completion",
+                        "created": int(time.time()), "model": body.get("model"),
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": answer}}],
+                        "usage": usage,
+                    })
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for i, w in enumerate(words):
+                    chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk",
+                             "created": int(time.time()), "model": body.get("model"),
+                             "choices": [{"index": 0, "delta": {
+                                 "content": w if i == 0 else " " + w}, "finish_reason": None}]}
+                    self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                    self.wfile.flush()
+                final = {"id": "chatcmpl-test", "object": "chat.completion.chunk",
+                         "created": int(time.time()), "model": body.get("model"),
+                         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                         "usage": usage}
+                self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+                self.wfile.flush()
+                self.close_connection = True
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+def hash_vector(text: str, dim: int) -> list[float]:
+    """A deterministic unit vector for ``text``."""
+    out: list[float] = []
+    counter = 0
+    while len(out) < dim:
+        digest = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        out.extend((b - 127.5) / 127.5 for b in digest)
+        counter += 1
+    out = out[:dim]
+    norm = math.sqrt(sum(v * v for v in out)) or 1.0
+    return [v / norm for v in out]
