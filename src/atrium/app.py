@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import structlog
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from atrium.auth.tokens import configure_jwt
 from atrium.config import Settings, get_settings
 from atrium.kit.db import create_engine, create_sessionmaker
 from atrium.kit.errors import install_error_handlers
@@ -23,6 +24,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app: middleware, routers, error handlers and lifespan-managed pools."""
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    configure_jwt(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,11 +83,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _v1_routers() -> list[object]:
+def _v1_routers() -> list[APIRouter]:
     """Each domain's router; imported here so the app module stays import-cheap."""
     import importlib
 
-    routers: list[object] = []
+    routers: list[APIRouter] = []
     for module in V1_ROUTER_MODULES:
         routers.append(importlib.import_module(module).router)
     return routers

@@ -58,6 +58,9 @@ async def resources() -> Resources:
     res: Resources | None = _state.get("resources")
     if res is None:
         settings = get_settings()
+        from atrium.auth.tokens import configure_jwt
+
+        configure_jwt(settings)
         engine = create_engine(settings.resolved_database_url, pool_size=2)
         pool = create_pool(settings.vector_conninfo, max_size=4)
         await pool.open(wait=True, timeout=30)

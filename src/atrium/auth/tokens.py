@@ -1,0 +1,105 @@
+"""Access tokens (JWT via async-fastapi-jwt-auth) and their revocation in Redis.
+
+An access token carries the user (``sub``), its session (``sid``) and its own id (``jti``).
+Logging out denylists the ``jti``; ending a session denylists the ``sid``: both keys live in
+Redis only until the longest access token they could cover expires.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from async_fastapi_jwt_auth import AuthJWT
+from async_fastapi_jwt_auth.exceptions import AuthJWTException
+from redis.asyncio import Redis
+
+from atrium.config import Settings
+from atrium.kit.errors import Unauthorized
+
+REVOKED_JTI = "atrium:revoked:jti:"
+REVOKED_SID = "atrium:revoked:sid:"
+
+
+def configure_jwt(settings: Settings) -> None:
+    """Point async-fastapi-jwt-auth at our secret and lifetimes (it keeps class-level config)."""
+
+    def _config() -> list[tuple[str, Any]]:
+        return [
+            ("authjwt_secret_key", settings.secret_key.get_secret_value()),
+            ("authjwt_algorithm", "HS256"),
+            ("authjwt_token_location", {"headers"}),
+            ("authjwt_decode_leeway", 5),
+            ("authjwt_access_token_expires", dt.timedelta(seconds=settings.access_token_ttl_seconds)),
+            ("authjwt_refresh_token_expires",
+             dt.timedelta(seconds=settings.refresh_token_ttl_seconds)),
+        ]
+
+    AuthJWT.load_config(_config)
+
+
+@dataclass(frozen=True)
+class AccessClaims:
+    """The verified claims of an access token."""
+
+    user_id: uuid.UUID
+    session_id: str
+    jti: str
+    expires_at: int
+
+
+async def create_access_token(user_id: uuid.UUID, session_id: str) -> str:
+    """Sign an access token for ``user_id`` in session ``session_id``."""
+    token: str = await AuthJWT().create_access_token(
+        subject=str(user_id), user_claims={"sid": session_id}
+    )
+    return token
+
+
+async def decode_access_token(token: str) -> AccessClaims:
+    """Verify signature, expiry and type.
+
+    Raises:
+        Unauthorized: for any invalid, expired or non-access token.
+    """
+    try:
+        raw = await AuthJWT().get_raw_jwt(token)
+    except AuthJWTException as exc:
+        message = str(getattr(exc, "message", "")) or "invalid token"
+        if "expired" in message.lower():
+            raise Unauthorized("Access token expired; refresh it or log in again") from None
+        raise Unauthorized("Invalid access token") from None
+    if not raw or raw.get("type") != "access" or "sid" not in raw:
+        raise Unauthorized("Invalid access token")
+    try:
+        user_id = uuid.UUID(str(raw["sub"]))
+    except ValueError:
+        raise Unauthorized("Invalid access token") from None
+    return AccessClaims(user_id=user_id, session_id=str(raw["sid"]), jti=str(raw["jti"]),
+                        expires_at=int(raw["exp"]))
+
+
+async def ensure_not_revoked(redis: Redis, claims: AccessClaims) -> None:
+    """Refuse a token whose own id or whose session was revoked (one round trip)."""
+    jti, sid = await redis.mget(REVOKED_JTI + claims.jti, REVOKED_SID + claims.session_id)
+    if jti is not None or sid is not None:
+        raise Unauthorized("This session has ended; log in again")
+
+
+async def revoke_token(redis: Redis, claims: AccessClaims) -> None:
+    """Denylist one access token until it would have expired anyway."""
+    ttl = max(1, claims.expires_at - int(dt.datetime.now(dt.UTC).timestamp()) + 10)
+    await redis.set(REVOKED_JTI + claims.jti, "1", ex=ttl)
+
+
+async def revoke_sessions(redis: Redis, settings: Settings, session_ids: list[str]) -> None:
+    """Denylist every access token of these sessions, for one access-token lifetime."""
+    if not session_ids:
+        return
+    ttl = settings.access_token_ttl_seconds + 10
+    async with redis.pipeline(transaction=False) as pipe:
+        for sid in session_ids:
+            pipe.set(REVOKED_SID + sid, "1", ex=ttl)
+        await pipe.execute()
