@@ -1,9 +1,11 @@
 """All account-database models, imported in one place to avoid import cycles."""
 
+from atrium.models.audit import AuditEvent
 from atrium.models.base import Base, IDMixin, TimestampMixin, utcnow
 from atrium.models.tenancy import Membership, Role, Tenant, TenantStatus, User
 
 __all__ = [
+    "AuditEvent",
     "Base",
     "IDMixin",
     "Membership",
