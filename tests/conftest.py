@@ -29,7 +29,7 @@ def test_env() -> Iterator[dict[str, Any]]:
     for db in (app_db, broker_db):
         services.check_redis(db).flushdb()
     mysql_db = services.create_mysql_database()
-    pg, pg_uri, pg_root = services.start_pgserver()
+    pg, pg_uri, _pg_root = services.start_pgserver()
     mailbox = Mailbox()
     smtp_port = mailbox.start()
     llm = LLMServer()
@@ -61,10 +61,19 @@ def test_env() -> Iterator[dict[str, Any]]:
     settings = get_settings()
     from atrium.kit.migrations import migrate_all
 
-    migrate_all(settings.resolved_database_url, settings.vector_conninfo,
-                settings.embedding_dimension)
-    yield {"env": env, "mysql_db": mysql_db, "mailbox": mailbox, "llm": llm, "pg": pg,
-           "data_dir": data_dir, "redis_db": app_db, "broker_db": broker_db}
+    migrate_all(
+        settings.resolved_database_url, settings.vector_conninfo, settings.embedding_dimension
+    )
+    yield {
+        "env": env,
+        "mysql_db": mysql_db,
+        "mailbox": mailbox,
+        "llm": llm,
+        "pg": pg,
+        "data_dir": data_dir,
+        "redis_db": app_db,
+        "broker_db": broker_db,
+    }
     mailbox.stop()
     llm.stop()
     services.drop_mysql_database(mysql_db)
@@ -149,8 +158,9 @@ async def db_session(app: Any) -> AsyncIterator[Any]:
 
     async with app.state.engine.connect() as conn:
         trans = await conn.begin()
-        session = AsyncSession(bind=conn, join_transaction_mode="create_savepoint",
-                               expire_on_commit=False)
+        session = AsyncSession(
+            bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False
+        )
         try:
             yield session
         finally:

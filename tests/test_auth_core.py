@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from typing import Any
 
@@ -114,6 +115,6 @@ async def test_inactive_user_and_api_key_on_user_route(probe: Any) -> None:
 
 def test_permission_table_is_monotonic() -> None:
     order = [Role.viewer, Role.member, Role.admin, Role.owner]
-    for lower, higher in zip(order, order[1:], strict=False):
+    for lower, higher in itertools.pairwise(order):
         assert ROLE_PERMISSIONS[lower] < ROLE_PERMISSIONS[higher]
     assert permissions_for_scopes(["search", "bogus"]) == frozenset({Permission.search})

@@ -26,8 +26,10 @@ def _tables(sync_url: str) -> set[str]:
 def test_account_migrations_up_and_down_on_mariadb(test_env: dict[str, Any]) -> None:
     name = services.create_mysql_database()
     try:
-        base = f"{services.MYSQL_USER}:{services.MYSQL_PASSWORD}@{services.MYSQL_HOST}:" \
-               f"{services.MYSQL_PORT}/{name}"
+        base = (
+            f"{services.MYSQL_USER}:{services.MYSQL_PASSWORD}@{services.MYSQL_HOST}:"
+            f"{services.MYSQL_PORT}/{name}"
+        )
         url, sync_url = f"mysql+aiomysql://{base}", f"mysql+pymysql://{base}"
         upgrade_account_db(url)
         assert {"users", "tenants", "memberships", "alembic_version"} <= _tables(sync_url)
@@ -73,9 +75,7 @@ async def test_tenant_partition_gets_hnsw_and_fulltext_indexes(settings: Any) ->
     async with await psycopg.AsyncConnection.connect(settings.vector_conninfo) as conn:
         name = await vectordb.ensure_tenant_partition(conn, tenant)
         assert await vectordb.ensure_tenant_partition(conn, tenant) == name  # idempotent
-        cur = await conn.execute(
-            "SELECT indexdef FROM pg_indexes WHERE tablename = %s", (name,)
-        )
+        cur = await conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", (name,))
         defs = " ".join(r[0] for r in await cur.fetchall())
         assert "hnsw" in defs and "vector_cosine_ops" in defs
         assert "gin" in defs and "tsv" in defs

@@ -52,18 +52,31 @@ def test_lists_from_comma_separated_env(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_derived_urls() -> None:
-    s = load_settings(redis_url="unix:///tmp/r.sock?db=0", celery_broker_url="", host="0.0.0.0",
-                      port=9000, database_url="")
+    s = load_settings(
+        redis_url="unix:///tmp/r.sock?db=0",
+        celery_broker_url="",
+        host="0.0.0.0",
+        port=9000,
+        database_url="",
+    )
     assert s.resolved_broker_url == "redis+socket:///tmp/r.sock?db=0"
     assert s.resolved_public_url == "http://0.0.0.0:9000"
     assert s.resolved_database_url.startswith("sqlite+aiosqlite:///")
 
 
 def test_cli_exits_with_the_message_on_bad_settings() -> None:
-    env = {**os.environ, "ATRIUM_ENVIRONMENT": "production",
-           "ATRIUM_SECRET_KEY": DEFAULT_SECRET_KEY}
-    proc = subprocess.run([sys.executable, "-m", "atrium.cli", "migrate"], env=env,
-                          capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "ATRIUM_ENVIRONMENT": "production",
+        "ATRIUM_SECRET_KEY": DEFAULT_SECRET_KEY,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "atrium.cli", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert "ATRIUM_SECRET_KEY" in proc.stderr
     assert "Traceback" not in proc.stderr

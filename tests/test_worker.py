@@ -51,7 +51,10 @@ async def test_job_of_a_rolled_back_request_is_never_sent(app: Any, celery_worke
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             r = await c.post("/rollback")
             assert r.status_code == 409
-            assert r.json() == {"error": "Conflict", "detail": "this request fails after enqueueing"}
+            assert r.json() == {
+                "error": "Conflict",
+                "detail": "this request fails after enqueueing",
+            }
             r = await c.post("/commit")
             assert r.status_code == 200
             assert r.json() == {"pending": 1}

@@ -56,7 +56,9 @@ def upgrade() -> None:
         sa.Column("role", sa.String(20), nullable=False),
         *_timestamps(),
         sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name="fk_memberships_tenant_id_tenants",
+            ["tenant_id"],
+            ["tenants.id"],
+            name="fk_memberships_tenant_id_tenants",
             ondelete="CASCADE",
         ),
         sa.ForeignKeyConstraint(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess  # nosec B404 - runs our own processes with fixed argv
+import subprocess  # nosec B404
 import sys
 import time
 from types import FrameType
@@ -14,8 +14,11 @@ import typer
 
 from atrium.config import ConfigurationError, Settings, get_settings
 
-cli = typer.Typer(help="Atrium: multi-tenant retrieval-augmented generation backend.",
-                  no_args_is_help=True, add_completion=False)
+cli = typer.Typer(
+    help="Atrium: multi-tenant retrieval-augmented generation backend.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 def _settings() -> Settings:
@@ -49,9 +52,7 @@ def migrate(
     from atrium.kit.migrations import upgrade_account_db, upgrade_vector_db
 
     upgrade_account_db(settings.resolved_database_url, revision)
-    version = asyncio.run(
-        upgrade_vector_db(settings.vector_conninfo, settings.embedding_dimension)
-    )
+    version = asyncio.run(upgrade_vector_db(settings.vector_conninfo, settings.embedding_dimension))
     typer.echo(f"account database at {revision}; vector schema at version {version}")
     if services is not None:
         services.stop()  # type: ignore[attr-defined]

@@ -75,14 +75,14 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "", description="Redis (redis://host:port/db or unix://path). Empty: embedded Redis."
     )
-    celery_broker_url: str = Field(
-        "", description="Celery broker. Empty: the Redis of redis_url."
-    )
+    celery_broker_url: str = Field("", description="Celery broker. Empty: the Redis of redis_url.")
     celery_always_eager: bool = Field(
         False, description="Run Celery tasks in-process (only for debugging; never in production)."
     )
 
-    smtp_host: str = Field("", description="SMTP server. Empty: mail is written to data_dir/outbox.")
+    smtp_host: str = Field(
+        "", description="SMTP server. Empty: mail is written to data_dir/outbox."
+    )
     smtp_port: int = Field(587, description="SMTP port.")
     smtp_username: str = Field("", description="SMTP user name.")
     smtp_password: SecretStr = Field(SecretStr(""), description="SMTP password.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from celery import Celery
@@ -53,7 +54,6 @@ celery_app = create_celery()
 def _close(**_: Any) -> None:
     from atrium.kit import runtime
 
-    try:
+    # Best effort at process exit: a failing close must not mask the shutdown reason.
+    with contextlib.suppress(Exception):
         runtime.run(runtime.close_resources())
-    except Exception:  # noqa: S110  # nosec B110 - best effort at process exit
-        pass

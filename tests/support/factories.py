@@ -22,8 +22,15 @@ def _hash(password: str) -> str:
     return _hash_cache[password]
 
 
-async def create_user(app: Any, *, email: str | None = None, password: str = DEFAULT_PASSWORD,
-                      verified: bool = True, superuser: bool = False, name: str = "") -> User:
+async def create_user(
+    app: Any,
+    *,
+    email: str | None = None,
+    password: str = DEFAULT_PASSWORD,
+    verified: bool = True,
+    superuser: bool = False,
+    name: str = "",
+) -> User:
     """Insert a user directly (committed), bypassing registration."""
     user = User(
         email=email or f"user-{uuid.uuid4().hex[:10]}@example.com",
@@ -39,8 +46,13 @@ async def create_user(app: Any, *, email: str | None = None, password: str = DEF
     return user
 
 
-async def create_tenant(app: Any, owner: User | None = None, *, name: str | None = None,
-                        status: TenantStatus = TenantStatus.active) -> Tenant:
+async def create_tenant(
+    app: Any,
+    owner: User | None = None,
+    *,
+    name: str | None = None,
+    status: TenantStatus = TenantStatus.active,
+) -> Tenant:
     """Insert a tenant, with ``owner`` as its owner when given."""
     tenant = Tenant(name=name or f"Tenant {uuid.uuid4().hex[:6]}", status=status)
     async with app.state.sessionmaker() as session:

@@ -45,7 +45,7 @@ class LLMServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 owner.requests.append({"path": self.path, "body": body})
@@ -53,8 +53,10 @@ class LLMServer:
                 if b.get("delay"):
                     time.sleep(float(b["delay"]))
                 if b.get("status"):
-                    self._json(int(b["status"]), {"error": {"message": "simulated failure",
-                                                            "type": "server_error"}})
+                    self._json(
+                        int(b["status"]),
+                        {"error": {"message": "simulated failure", "type": "server_error"}},
+                    )
                     return
                 if self.path.endswith("/embeddings"):
                     self._embeddings(body)
@@ -72,23 +74,47 @@ class LLMServer:
                     {"object": "embedding", "index": i, "embedding": hash_vector(t, dim)}
                     for i, t in enumerate(inputs)
                 ]
-                self._json(200, {"object": "list", "data": data, "model": body.get("model"),
-                                 "usage": {"prompt_tokens": sum(len(t.split()) for t in inputs),
-                                           "total_tokens": sum(len(t.split()) for t in inputs)}})
+                self._json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": data,
+                        "model": body.get("model"),
+                        "usage": {
+                            "prompt_tokens": sum(len(t.split()) for t in inputs),
+                            "total_tokens": sum(len(t.split()) for t in inputs),
+                        },
+                    },
+                )
 
             def _chat(self, body: dict[str, Any]) -> None:
-                answer = owner.behaviour.get("answer") or "According to the sources, this is so [1]."
+                answer = (
+                    owner.behaviour.get("answer") or "According to the sources, this is so [1]."
+                )
                 words = answer.split(" ")
-                usage = {"prompt_tokens": 50, "completion_tokens": len(words),
-                         "total_tokens": 50 + len(words)}
+                usage = {
+                    "prompt_tokens": 50,
+                    "completion_tokens": len(words),
+                    "total_tokens": 50 + len(words),
+                }
                 if not body.get("stream"):
-                    self._json(200, {
-                        "id": "chatcmpl-test", "object": "chat.completion",
-                        "created": int(time.time()), "model": body.get("model"),
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": answer}}],
-                        "usage": usage,
-                    })
+                    self._json(
+                        200,
+                        {
+                            "id": "chatcmpl-test",
+                            "object": "chat.completion",
+                            "created": int(time.time()),
+                            "model": body.get("model"),
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "finish_reason": "stop",
+                                    "message": {"role": "assistant", "content": answer},
+                                }
+                            ],
+                            "usage": usage,
+                        },
+                    )
                     return
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
@@ -96,16 +122,29 @@ class LLMServer:
                 self.send_header("Connection", "close")
                 self.end_headers()
                 for i, w in enumerate(words):
-                    chunk = {"id": "chatcmpl-test", "object": "chat.completion.chunk",
-                             "created": int(time.time()), "model": body.get("model"),
-                             "choices": [{"index": 0, "delta": {
-                                 "content": w if i == 0 else " " + w}, "finish_reason": None}]}
+                    chunk = {
+                        "id": "chatcmpl-test",
+                        "object": "chat.completion.chunk",
+                        "created": int(time.time()),
+                        "model": body.get("model"),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": {"content": w if i == 0 else " " + w},
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
-                final = {"id": "chatcmpl-test", "object": "chat.completion.chunk",
-                         "created": int(time.time()), "model": body.get("model"),
-                         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                         "usage": usage}
+                final = {
+                    "id": "chatcmpl-test",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": body.get("model"),
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                    "usage": usage,
+                }
                 self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
                 self.wfile.flush()
                 self.close_connection = True

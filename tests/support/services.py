@@ -37,8 +37,14 @@ def worker_index() -> int:
 
 def mysql_connect(database: str | None = None) -> pymysql.connections.Connection:  # type: ignore[type-arg]
     try:
-        return pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user=MYSQL_USER,
-                               password=MYSQL_PASSWORD, database=database, autocommit=True)
+        return pymysql.connect(
+            host=MYSQL_HOST,
+            port=MYSQL_PORT,
+            user=MYSQL_USER,
+            password=MYSQL_PASSWORD,
+            database=database,
+            autocommit=True,
+        )
     except pymysql.err.OperationalError as exc:
         raise ServiceMissing(
             f"MariaDB/MySQL is not reachable at {MYSQL_HOST}:{MYSQL_PORT} ({exc}). "
@@ -103,7 +109,10 @@ class WorkerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "atrium.cli", "worker", "--pool=prefork", "--concurrency=1"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -114,8 +123,9 @@ class WorkerProcess:
                 )
             if celery_app.control.ping(timeout=0.5):
                 return
-        raise RuntimeError("the Celery worker did not answer a ping:\n"
-                           + self.log_path.read_text()[-3000:])
+        raise RuntimeError(
+            "the Celery worker did not answer a ping:\n" + self.log_path.read_text()[-3000:]
+        )
 
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and its children), as a crash would."""

@@ -33,7 +33,7 @@ class _Handler:
     def __init__(self, box: Mailbox) -> None:
         self.box = box
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         msg = email.message_from_bytes(envelope.content, policy=email.policy.default)
         assert isinstance(msg, EmailMessage)
         text = msg.get_body(preferencelist=("plain",))
@@ -67,14 +67,16 @@ class Mailbox:
         with self._cond:
             return [m for m in self._items if to is None or to.lower() in m.to]
 
-    def wait_for(self, to: str, subject_contains: str = "", timeout: float = 30.0,
-                 count: int = 1) -> ReceivedMail:
+    def wait_for(
+        self, to: str, subject_contains: str = "", timeout: float = 30.0, count: int = 1
+    ) -> ReceivedMail:
         """Block until ``count`` matching messages arrived; return the newest."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                found = [m for m in self._items
-                         if to.lower() in m.to and subject_contains in m.subject]
+                found = [
+                    m for m in self._items if to.lower() in m.to and subject_contains in m.subject
+                ]
                 if len(found) >= count:
                     return found[-1]
                 left = deadline - time.monotonic()

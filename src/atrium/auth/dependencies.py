@@ -81,7 +81,7 @@ async def current_superuser(principal: CurrentUser) -> UserPrincipal:
 SuperUser = Annotated[UserPrincipal, Depends(current_superuser)]
 
 
-class require:  # noqa: N801 - reads as a verb at the call site: Depends(require(P.search))
+class require:
     """Dependency factory: the caller must hold ``permission`` in the path's tenant."""
 
     def __init__(self, permission: Permission) -> None:
@@ -148,6 +148,6 @@ def ensure_tenant_usable(status: TenantStatus) -> None:
         raise NotFound("Tenant not found")
 
 
-def TenantSubject(permission: Permission) -> type[AuthSubject]:  # noqa: N802
+def TenantSubject(permission: Permission) -> type[AuthSubject]:
     """``Annotated`` alias: ``subject: TenantSubject(Permission.search)``."""
     return Annotated[AuthSubject, Depends(require(permission))]  # type: ignore[return-value]

@@ -48,8 +48,15 @@ class Scope(enum.StrEnum):
 P = Permission
 
 _VIEWER = frozenset(
-    {P.tenant_read, P.members_read, P.collections_read, P.documents_read, P.search, P.answer,
-     P.usage_read}
+    {
+        P.tenant_read,
+        P.members_read,
+        P.collections_read,
+        P.documents_read,
+        P.search,
+        P.answer,
+        P.usage_read,
+    }
 )
 _MEMBER = _VIEWER | {P.collections_write, P.documents_write}
 _ADMIN = _MEMBER | {P.tenant_update, P.members_manage, P.audit_read, P.keys_read, P.keys_manage}

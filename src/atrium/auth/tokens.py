@@ -32,9 +32,14 @@ def configure_jwt(settings: Settings) -> None:
             ("authjwt_algorithm", "HS256"),
             ("authjwt_token_location", {"headers"}),
             ("authjwt_decode_leeway", 5),
-            ("authjwt_access_token_expires", dt.timedelta(seconds=settings.access_token_ttl_seconds)),
-            ("authjwt_refresh_token_expires",
-             dt.timedelta(seconds=settings.refresh_token_ttl_seconds)),
+            (
+                "authjwt_access_token_expires",
+                dt.timedelta(seconds=settings.access_token_ttl_seconds),
+            ),
+            (
+                "authjwt_refresh_token_expires",
+                dt.timedelta(seconds=settings.refresh_token_ttl_seconds),
+            ),
         ]
 
     AuthJWT.load_config(_config)
@@ -77,8 +82,9 @@ async def decode_access_token(token: str) -> AccessClaims:
         user_id = uuid.UUID(str(raw["sub"]))
     except ValueError:
         raise Unauthorized("Invalid access token") from None
-    return AccessClaims(user_id=user_id, session_id=str(raw["sid"]), jti=str(raw["jti"]),
-                        expires_at=int(raw["exp"]))
+    return AccessClaims(
+        user_id=user_id, session_id=str(raw["sid"]), jti=str(raw["jti"]), expires_at=int(raw["exp"])
+    )
 
 
 async def ensure_not_revoked(redis: Redis, claims: AccessClaims) -> None:

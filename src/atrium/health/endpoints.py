@@ -58,9 +58,7 @@ async def readyz(request: Request) -> JSONResponse:
 
     async def vector() -> str:
         async with state.vector_pool.connection() as conn:
-            cur = await conn.execute(
-                "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
-            )
+            cur = await conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
             row = await cur.fetchone()
         if row is None:
             raise RuntimeError("the pgvector extension is not installed")

@@ -35,7 +35,8 @@ def create_engine(url: str, pool_size: int = 10) -> AsyncEngine:
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
-            # SQLite ignores foreign keys unless asked; WAL lets the worker read while the API writes.
+            # SQLite ignores foreign keys unless asked;
+            # WAL lets the worker read while the API writes.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")

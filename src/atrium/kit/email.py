@@ -73,7 +73,10 @@ async def send(settings: Settings, mail: RenderedMail) -> None:
     if not settings.smtp_host:
         path = _write_outbox(settings, mail)
         log.info(
-            "mail_written", to=mail.to, subject=mail.subject, path=str(path),
+            "mail_written",
+            to=mail.to,
+            subject=mail.subject,
+            path=str(path),
             links=_LINK.findall(mail.text),
         )
         return

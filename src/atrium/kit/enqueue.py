@@ -24,8 +24,15 @@ class Job:
     options: dict[str, Any] = field(default_factory=dict)
 
 
-def enqueue(session: AsyncSession, name: str, /, *, countdown: float | None = None,
-            queue: str | None = None, **kwargs: Any) -> None:
+def enqueue(
+    session: AsyncSession,
+    name: str,
+    /,
+    *,
+    countdown: float | None = None,
+    queue: str | None = None,
+    **kwargs: Any,
+) -> None:
     """Ask for ``name(**kwargs)`` to run once ``session`` commits.
 
     Args:
@@ -61,9 +68,7 @@ async def send_jobs(session: AsyncSession) -> list[str]:
     from atrium.worker import celery_app
 
     def _send() -> list[str]:
-        return [
-            celery_app.send_task(job.name, kwargs=job.kwargs, **job.options).id for job in jobs
-        ]
+        return [celery_app.send_task(job.name, kwargs=job.kwargs, **job.options).id for job in jobs]
 
     # Publishing talks to the broker over a blocking socket: keep it off the event loop.
     return await run_in_threadpool(_send)

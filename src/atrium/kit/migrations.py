@@ -56,9 +56,7 @@ async def upgrade_vector_db(conninfo: str, dimension: int, target: int | None = 
     from atrium.kit import vectordb
 
     async with await psycopg.AsyncConnection.connect(conninfo) as conn:
-        return await vectordb.migrate(
-            conn, dimension, vectordb.HEAD if target is None else target
-        )
+        return await vectordb.migrate(conn, dimension, vectordb.HEAD if target is None else target)
 
 
 def migrate_all(database_url: str, vector_conninfo: str, dimension: int) -> None:

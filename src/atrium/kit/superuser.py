@@ -16,13 +16,16 @@ async def ensure_superuser(settings: Settings, email: str, password: str) -> boo
     try:
         async with create_sessionmaker(engine)() as session:
             email = email.strip().lower()
-            user = (
-                await session.execute(select(User).where(User.email == email))
-            ).scalar_one_or_none()
+            user = (await session.execute(select(User).filter_by(email=email))).scalar_one_or_none()
             created = user is None
             if user is None:
-                user = User(email=email, hashed_password=PasswordHelper().hash(password),
-                            is_active=True, is_verified=True, is_superuser=True)
+                user = User(
+                    email=email,
+                    hashed_password=PasswordHelper().hash(password),
+                    is_active=True,
+                    is_verified=True,
+                    is_superuser=True,
+                )
                 session.add(user)
             else:
                 user.is_superuser = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from atrium.config import get_settings
 from atrium.kit import email, runtime
 from atrium.worker import celery_app
 
@@ -29,8 +30,12 @@ def ping(payload: str = "pong", record_key: str | None = None) -> dict[str, Any]
             row = await cur.fetchone()
         if record_key:
             await res.redis.set(record_key, payload, ex=300)
-        return {"payload": payload, "db": db, "vector": row[0] if row else None,
-                "redis": bool(await res.redis.ping())}
+        return {
+            "payload": payload,
+            "db": db,
+            "vector": row[0] if row else None,
+            "redis": bool(await res.redis.ping()),
+        }
 
     return runtime.run(_check())
 
@@ -44,6 +49,6 @@ def ping(payload: str = "pong", record_key: str | None = None) -> dict[str, Any]
 )
 def send_email(template: str, to: list[str], context: dict[str, Any]) -> None:
     """Render a mail template and send it; network faults retry with backoff."""
-    settings = runtime.get_settings()
+    settings = get_settings()
     mail = email.render(template, to, context)
     runtime.run(email.send(settings, mail))
