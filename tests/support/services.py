@@ -108,7 +108,7 @@ class WorkerProcess:
 
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "atrium.cli", "worker", "--pool=prefork", "--concurrency=1"],
+            [sys.executable, "-m", "atrium.cli", "worker", "--pool=solo"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
