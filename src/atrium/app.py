@@ -78,6 +78,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "X-RateLimit-Reset",
             ],
         )
+    from atrium.kit.ratelimit import RateLimitHeadersMiddleware
+
+    app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, hsts=settings.is_production)
 
     from atrium.health.endpoints import router as health_router

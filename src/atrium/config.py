@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         50 * 1024 * 1024, ge=1024, description="Largest accepted upload, before plan limits."
     )
+    plans_file: Path | None = Field(
+        None, description="Plans file (TOML). Empty: config/plans.toml of the source tree."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,406 @@
+"""Rate limits: fastapi-limiter 0.2 on pyrate-limiter's Redis bucket, one bucket per identifier.
+
+fastapi-limiter 0.2 hands every identifier to ONE pyrate-limiter bucket unless the limiter's
+bucket factory routes each identifier to its own bucket, and it answers 429 without
+``Retry-After``. This module keeps its ``RateLimiter`` interface (limiter, identifier, callback)
+and fixes both: :class:`PerIdentifierRedisBucketFactory` gives every identifier its own Redis
+sorted set (pyrate-limiter's sliding-window log and its atomic Lua check-and-insert), and every
+limited response carries::
+
+    X-RateLimit-Limit      requests allowed per window
+    X-RateLimit-Remaining  requests left in the current window
+    X-RateLimit-Reset      seconds until Remaining next goes up (the oldest counted request
+                           leaves the window)
+    Retry-After            on 429 only: seconds to wait before retrying
+
+Use it two ways:
+
+* anonymous and account routes::
+
+      @router.post("/auth/login", dependencies=[
+          Depends(rate_limit("login", 20, 60)),                                  # per IP
+          Depends(rate_limit("login-email", 5, 300, key=by_field("username"))),  # per account
+      ])
+
+* tenant routes: :func:`enforce_subject_rate_limit` once the caller is known (per API key, with
+  the key's own ``rate_limit_per_minute`` when set, else per user), called by billing with the
+  plan's limits.
+
+Redis keys: ``atrium:rl:<name>:<identifier>`` for anonymous limits and
+``atrium:t:<tenant_id>:rl:<kind>:<id>`` for tenant limits, so a tenant purge that deletes
+``atrium:t:<tenant_id>:*`` removes its buckets. Identifiers that are personal data (e-mail
+addresses) are hashed before they reach Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from fastapi import Request
+from fastapi_limiter.depends import RateLimiter
+from pyrate_limiter import BucketFactory, Duration, Limiter, Rate, RateItem, RedisBucket
+from pyrate_limiter.buckets.redis_bucket import LuaScript
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from atrium.kit.errors import TooManyRequests
+
+log = structlog.get_logger("atrium.ratelimit")
+
+#: Where the outcome of each limit checked for this request is kept (``scope["state"]``).
+STATE_KEY = "atrium_ratelimit"
+
+Identifier = Callable[[Request], Awaitable[str | None]]
+
+
+@dataclass(frozen=True)
+class RateLimitState:
+    """The outcome of one limit for one request.
+
+    Attributes:
+        name: which limit (``login``, ``tenant-key``...).
+        limit: requests allowed per window.
+        remaining: requests left in the window after this one.
+        reset_seconds: seconds until ``remaining`` goes up.
+        retry_after: seconds to wait, when the request was refused; else None.
+    """
+
+    name: str
+    limit: int
+    remaining: int
+    reset_seconds: int
+    retry_after: int | None = None
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the request was admitted."""
+        return self.retry_after is None
+
+    def headers(self) -> dict[str, str]:
+        """The ``X-RateLimit-*`` headers (and ``Retry-After`` when refused)."""
+        out = {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(self.reset_seconds),
+        }
+        if self.retry_after is not None:
+            out["Retry-After"] = str(self.retry_after)
+        return out
+
+
+class PerIdentifierRedisBucketFactory(BucketFactory):
+    """A pyrate-limiter bucket factory that gives every identifier its own Redis bucket.
+
+    The item's name is the full Redis key of the identifier's bucket. Buckets are cheap views
+    (a key, the rates and the loaded script hash): a fresh one per check means no shared
+    mutable state between concurrent requests (pyrate's buckets remember the last verdict).
+    Nothing is scheduled for leaking: :func:`hit` trims and expires the key itself, so idle
+    identifiers cost nothing.
+    """
+
+    def __init__(self, redis: Redis, rates: list[Rate]) -> None:
+        self.redis = redis
+        self.rates = rates
+        self._script_hash: str | None = None
+
+    async def script_hash(self, *, reload: bool = False) -> str:
+        """The SHA of pyrate-limiter's check-and-insert script, loaded into Redis once."""
+        if self._script_hash is None or reload:
+            self._script_hash = str(await self.redis.script_load(LuaScript.PUT_ITEM))
+        return self._script_hash
+
+    def wrap_item(self, name: str, weight: int = 1) -> RateItem:
+        """Stamp the item with the current time in milliseconds (the bucket's clock)."""
+        return RateItem(name, time.time_ns() // 1_000_000, weight=weight)
+
+    def get(self, item: RateItem) -> RedisBucket:
+        """The bucket of ``item.name`` (call :meth:`script_hash` first)."""
+        assert self._script_hash is not None, "await factory.script_hash() first"
+        return RedisBucket(self.rates, self.redis, item.name, self._script_hash)
+
+
+_factories: dict[tuple[int, int, int], PerIdentifierRedisBucketFactory] = {}
+
+
+def _factory(redis: Redis, times: int, seconds: int) -> PerIdentifierRedisBucketFactory:
+    # One factory per (client, rate): the script hash is loaded once per Redis client.
+    key = (id(redis), times, seconds)
+    factory = _factories.get(key)
+    if factory is None or factory.redis is not redis:
+        factory = PerIdentifierRedisBucketFactory(redis, [Rate(times, Duration.SECOND * seconds)])
+        _factories[key] = factory
+    return factory
+
+
+async def hit(redis: Redis, key: str, times: int, seconds: int, name: str = "") -> RateLimitState:
+    """Count one request against ``key``'s bucket (``times`` per ``seconds``, sliding window).
+
+    The check-and-insert is pyrate-limiter's Lua script: atomic in Redis, so concurrent
+    requests from any number of API replicas never exceed ``times``. A refused request is not
+    counted.
+
+    Args:
+        redis: the app's Redis client.
+        key: the identifier's bucket (a full Redis key).
+        times: requests allowed per window.
+        seconds: the window.
+        name: the limit's name, for logs and headers.
+
+    Returns:
+        The state to report in headers; ``retry_after`` is set when refused.
+    """
+    factory = _factory(redis, times, seconds)
+    interval_ms = seconds * 1000
+    await factory.script_hash()
+    item = factory.wrap_item(key)
+    bucket = factory.get(item)
+    try:
+        admitted = await bucket.put(item)  # type: ignore[misc]
+    except NoScriptError:
+        # Redis restarted (or SCRIPT FLUSH): load the script again and retry once.
+        bucket.script_hash = await factory.script_hash(reload=True)
+        admitted = await bucket.put(item)  # type: ignore[misc]
+    retry_ms: int | None = None
+    if not admitted:
+        waited = bucket.waiting(item)
+        retry_ms = int(await waited if not isinstance(waited, int) else waited)
+    now = item.timestamp
+    window_start = now - interval_ms
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zremrangebyscore(key, 0, window_start - 1)
+        pipe.zcount(key, window_start, "+inf")
+        pipe.zrange(key, 0, 0, withscores=True)
+        pipe.pexpire(key, interval_ms + 1000)
+        _, count, oldest, _ = await pipe.execute()
+    remaining = max(0, times - int(count))
+    reset_ms = max(0, int(oldest[0][1]) + interval_ms - now) if oldest else 0
+    retry_after = None
+    if retry_ms is not None:
+        # Never tell a client to retry in 0 s: it would spin.
+        retry_after = max(1, math.ceil(max(retry_ms, reset_ms) / 1000))
+    return RateLimitState(
+        name=name or key,
+        limit=times,
+        remaining=remaining,
+        reset_seconds=math.ceil(reset_ms / 1000),
+        retry_after=retry_after,
+    )
+
+
+def record_state(request: Request, state: RateLimitState) -> None:
+    """Remember ``state`` so :class:`RateLimitHeadersMiddleware` reports it on the response."""
+    states: list[RateLimitState] = request.scope.setdefault("state", {}).setdefault(STATE_KEY, [])
+    states.append(state)
+
+
+def raise_if_refused(state: RateLimitState) -> None:
+    """Raise 429 with ``Retry-After`` and the ``X-RateLimit-*`` headers when refused.
+
+    Raises:
+        TooManyRequests: when ``state`` refused the request.
+    """
+    if state.allowed:
+        return
+    raise TooManyRequests(
+        f"Too many requests; retry in {state.retry_after} s",
+        detail={
+            "message": f"Too many requests; retry in {state.retry_after} s",
+            "limit": state.limit,
+            "retry_after": state.retry_after,
+        },
+        headers=state.headers(),
+    )
+
+
+# Identifiers -----------------------------------------------------------------------------------
+
+
+def client_ip(request: Request) -> str:
+    """The peer address. Proxy headers are trusted only through uvicorn's ``--forwarded-allow-ips``
+    (which rewrites the client); a raw ``X-Forwarded-For`` would let anyone pick their bucket."""
+    return request.client.host if request.client else "unknown"
+
+
+async def by_ip(request: Request) -> str | None:
+    """Identify the caller by IP address."""
+    return "ip:" + client_ip(request)
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.strip().lower().encode()).hexdigest()[:32]
+
+
+def by_field(field: str) -> Identifier:
+    """Identify the caller by a field of the request body (form or JSON), e.g. the e-mail
+    address of a login, so one account cannot be hammered from many addresses. The value is
+    normalised (trimmed, lower-cased) and hashed. A request without the field is not limited
+    by this limit (it fails validation anyway)."""
+
+    async def identify(request: Request) -> str | None:
+        content_type = request.headers.get("content-type", "")
+        value: Any = None
+        try:
+            if content_type.startswith(
+                ("application/x-www-form-urlencoded", "multipart/form-data")
+            ):
+                value = (await request.form()).get(field)
+            elif "json" in content_type:
+                body = await request.json()
+                value = body.get(field) if isinstance(body, dict) else None
+        except ValueError:
+            return None
+        if not isinstance(value, str) or not value.strip():
+            return None
+        return f"{field}:{_digest(value)}"
+
+    return identify
+
+
+#: Aliases for readability at the call site.
+by_form_field = by_field
+by_json_field = by_field
+
+
+# The dependency --------------------------------------------------------------------------------
+
+
+async def _refuse(request: Request, state: RateLimitState) -> None:
+    raise_if_refused(state)
+
+
+class RateLimit(RateLimiter):
+    """A fastapi-limiter ``RateLimiter`` with a Redis bucket per identifier and full headers.
+
+    Prefer :func:`rate_limit` to build one.
+    """
+
+    def __init__(self, name: str, times: int, seconds: int, key: Identifier = by_ip) -> None:
+        if times < 1 or seconds < 1:
+            raise ValueError("a rate limit needs times >= 1 and seconds >= 1")
+        self.name = name
+        self.times = times
+        self.seconds = seconds
+        # The pyrate Limiter is kept for fastapi-limiter's interface; checks go straight to the
+        # identifier's bucket (the Limiter would serialise every check behind one asyncio lock).
+        rates = [Rate(times, Duration.SECOND * seconds)]
+        super().__init__(limiter=Limiter(rates), identifier=key, callback=_refuse, blocking=False)
+
+    def __repr__(self) -> str:
+        return f"rate_limit({self.name!r}, {self.times}, {self.seconds})"
+
+    async def __call__(self, request: Request) -> None:  # type: ignore[override]
+        identifier = await self.identifier(request)
+        if identifier is None:
+            return
+        redis: Redis = request.app.state.redis
+        state = await hit(
+            redis, f"atrium:rl:{self.name}:{identifier}", self.times, self.seconds, self.name
+        )
+        record_state(request, state)
+        if not state.allowed:
+            log.info("rate_limited", limit=self.name, identifier=identifier)
+            await self.callback(request, state)
+
+
+def rate_limit(name: str, times: int, seconds: int, key: Identifier = by_ip) -> RateLimit:
+    """A route dependency: at most ``times`` requests per ``seconds`` per identifier.
+
+    Args:
+        name: the limit's name, unique per purpose (``login``, ``login-email``...); requests
+            with the same name and identifier share a bucket, whatever the route.
+        times: requests allowed in the window.
+        seconds: the sliding window.
+        key: how to identify the caller: :func:`by_ip` (default) or :func:`by_field`.
+
+    Example:
+        ``dependencies=[Depends(rate_limit("forgot-password", 5, 3600, key=by_field("email")))]``
+    """
+    return RateLimit(name, times, seconds, key)
+
+
+async def enforce_subject_rate_limit(
+    request: Request,
+    *,
+    tenant_id: str,
+    kind: str,
+    subject_id: str,
+    per_minute: int | None,
+) -> RateLimitState | None:
+    """Count a tenant-route request against the caller's per-minute bucket.
+
+    Args:
+        request: the request (its app's Redis is used; the outcome is reported in headers).
+        tenant_id: the tenant of the path (part of the Redis key).
+        kind: ``key`` (API key) or ``user``.
+        subject_id: the API key's or the user's id.
+        per_minute: requests per minute; None means unlimited.
+
+    Raises:
+        TooManyRequests: over the limit (with ``Retry-After`` and the ``X-RateLimit-*`` headers).
+    """
+    if per_minute is None:
+        return None
+    redis: Redis = request.app.state.redis
+    state = await hit(
+        redis,
+        f"atrium:t:{tenant_id}:rl:{kind}:{subject_id}",
+        max(1, per_minute),
+        60,
+        name=f"tenant-{kind}",
+    )
+    record_state(request, state)
+    if not state.allowed:
+        log.info("rate_limited", limit=state.name, tenant_id=tenant_id, subject=subject_id)
+    raise_if_refused(state)
+    return state
+
+
+# Headers on every limited response --------------------------------------------------------------
+
+
+def _most_restrictive(states: list[RateLimitState]) -> RateLimitState:
+    refused = [s for s in states if not s.allowed]
+    if refused:
+        return max(refused, key=lambda s: s.retry_after or 0)
+    return min(states, key=lambda s: (s.remaining, -s.reset_seconds))
+
+
+class RateLimitHeadersMiddleware:
+    """Adds ``X-RateLimit-*`` to every response of a limited route, errors included.
+
+    Dependencies cannot set headers on error responses or on responses the endpoint builds
+    itself (streams, files), so the limits record their outcome in the request state and this
+    plain ASGI middleware writes the most restrictive one into the response start.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                states: list[RateLimitState] = state.get(STATE_KEY) or []
+                if states:
+                    chosen = _most_restrictive(states)
+                    headers = list(message.get("headers", []))
+                    present = {name.lower() for name, _ in headers}
+                    for name, value in chosen.headers().items():
+                        raw = name.lower().encode("latin-1")
+                        if raw not in present:
+                            headers.append((raw, value.encode("latin-1")))
+                    message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_wrapper)

@@ -1,0 +1,173 @@
+"""Rate limits: a bucket per identifier, 429 with Retry-After, X-RateLimit-* on every response."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import APIRouter, Depends, Form, Request
+
+from atrium.kit.errors import NotFound
+from atrium.kit.ratelimit import by_field, by_ip, enforce_subject_rate_limit, rate_limit
+
+TENANT = str(uuid.uuid4())
+
+
+def _routes() -> APIRouter:
+    router = APIRouter(prefix="/_rltest")
+
+    @router.get("/ip", dependencies=[Depends(rate_limit("rltest-ip", 3, 60, key=by_ip))])
+    async def per_ip() -> dict[str, bool]:
+        return {"ok": True}
+
+    @router.post(
+        "/login",
+        dependencies=[Depends(rate_limit("rltest-email", 2, 60, key=by_field("username")))],
+    )
+    async def login(username: str = Form(...)) -> dict[str, str]:
+        return {"user": username}
+
+    @router.post(
+        "/forgot", dependencies=[Depends(rate_limit("rltest-json", 1, 60, key=by_field("email")))]
+    )
+    async def forgot(body: dict[str, Any]) -> dict[str, bool]:
+        return {"ok": True}
+
+    @router.get("/missing", dependencies=[Depends(rate_limit("rltest-err", 5, 60))])
+    async def missing() -> None:
+        raise NotFound("nothing here")
+
+    @router.get("/unlimited")
+    async def unlimited() -> dict[str, bool]:
+        return {"ok": True}
+
+    return router
+
+
+@pytest.fixture(scope="module")
+async def rl_app(test_env: dict[str, Any]) -> AsyncIterator[Any]:
+    from atrium.app import create_app
+
+    app = create_app()
+    app.include_router(_routes(), prefix="/v1")
+
+    @app.get("/v1/_rltest/tenant/{kind}/{sid}")
+    async def tenant_route(kind: str, sid: str, request: Request) -> dict[str, bool]:
+        await enforce_subject_rate_limit(
+            request, tenant_id=TENANT, kind=kind, subject_id=sid, per_minute=2
+        )
+        return {"ok": True}
+
+    async with LifespanManager(app, startup_timeout=60):
+        yield app
+
+
+def _client(app: Any, ip: str = "10.0.0.1") -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(ip, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+async def test_per_ip_limit_headers_and_retry_after(rl_app: Any, clean_state: None) -> None:
+    async with _client(rl_app, "10.0.0.1") as a, _client(rl_app, "10.0.0.2") as b:
+        remaining = []
+        for _ in range(3):
+            r = await a.get("/v1/_rltest/ip")
+            assert r.status_code == 200
+            assert r.headers["X-RateLimit-Limit"] == "3"
+            assert 0 < int(r.headers["X-RateLimit-Reset"]) <= 60
+            assert "Retry-After" not in r.headers
+            remaining.append(int(r.headers["X-RateLimit-Remaining"]))
+        assert remaining == [2, 1, 0]
+
+        refused = await a.get("/v1/_rltest/ip")
+        assert refused.status_code == 429
+        body = refused.json()
+        assert body["error"] == "TooManyRequests"
+        assert body["detail"]["limit"] == 3
+        retry_after = int(refused.headers["Retry-After"])
+        assert 1 <= retry_after <= 60
+        assert refused.headers["X-RateLimit-Limit"] == "3"
+        assert refused.headers["X-RateLimit-Remaining"] == "0"
+        assert int(refused.headers["X-RateLimit-Reset"]) == retry_after
+
+        # Another address has its own bucket: fastapi-limiter 0.2 would have shared one.
+        other = await b.get("/v1/_rltest/ip")
+        assert other.status_code == 200
+        assert other.headers["X-RateLimit-Remaining"] == "2"
+
+
+async def test_refused_requests_are_not_counted(rl_app: Any, clean_state: None) -> None:
+    redis = rl_app.state.redis
+    async with _client(rl_app, "10.0.0.3") as c:
+        for _ in range(6):
+            await c.get("/v1/_rltest/ip")
+    keys = [k async for k in redis.scan_iter("atrium:rl:rltest-ip:*")]
+    assert keys == ["atrium:rl:rltest-ip:ip:10.0.0.3"]
+    assert await redis.zcard(keys[0]) == 3
+    assert 0 < await redis.pttl(keys[0]) <= 61_000
+
+
+async def test_per_account_limit_by_form_field(rl_app: Any, clean_state: None) -> None:
+    async with _client(rl_app) as c:
+        for _ in range(2):
+            r = await c.post("/v1/_rltest/login", data={"username": "Ann@Example.com"})
+            assert r.status_code == 200
+        # Same account, different spelling: same bucket.
+        r = await c.post("/v1/_rltest/login", data={"username": " ann@example.com"})
+        assert r.status_code == 429
+        assert "Retry-After" in r.headers
+        # Another account is not affected.
+        r = await c.post("/v1/_rltest/login", data={"username": "bob@example.com"})
+        assert r.status_code == 200
+    # The address is hashed, never stored in Redis in clear.
+    keys = [k async for k in rl_app.state.redis.scan_iter("atrium:rl:rltest-email:*")]
+    assert len(keys) == 2
+    assert all("example.com" not in k for k in keys)
+
+
+async def test_per_account_limit_by_json_field(rl_app: Any, clean_state: None) -> None:
+    async with _client(rl_app) as c:
+        assert (await c.post("/v1/_rltest/forgot", json={"email": "a@x.io"})).status_code == 200
+        assert (await c.post("/v1/_rltest/forgot", json={"email": "a@x.io"})).status_code == 429
+        assert (await c.post("/v1/_rltest/forgot", json={"email": "b@x.io"})).status_code == 200
+
+
+async def test_headers_on_error_responses_of_limited_routes(rl_app: Any, clean_state: None) -> None:
+    async with _client(rl_app) as c:
+        r = await c.get("/v1/_rltest/missing")
+    assert r.status_code == 404
+    assert r.headers["X-RateLimit-Limit"] == "5"
+    assert r.headers["X-RateLimit-Remaining"] == "4"
+
+
+async def test_unlimited_route_has_no_rate_headers(rl_app: Any, clean_state: None) -> None:
+    async with _client(rl_app) as c:
+        r = await c.get("/v1/_rltest/unlimited")
+    assert r.status_code == 200
+    assert "X-RateLimit-Limit" not in r.headers
+
+
+async def test_subject_buckets_are_per_key_and_tenant_scoped(
+    rl_app: Any, clean_state: None
+) -> None:
+    async with _client(rl_app) as c:
+        for _ in range(2):
+            assert (await c.get("/v1/_rltest/tenant/key/k1")).status_code == 200
+        refused = await c.get("/v1/_rltest/tenant/key/k1")
+        assert refused.status_code == 429
+        assert int(refused.headers["Retry-After"]) >= 1
+        # A second key of the same tenant is not slowed down by the first.
+        ok = await c.get("/v1/_rltest/tenant/key/k2")
+        assert ok.status_code == 200
+        assert ok.headers["X-RateLimit-Remaining"] == "1"
+        assert (await c.get("/v1/_rltest/tenant/user/k1")).status_code == 200
+    keys = sorted([k async for k in rl_app.state.redis.scan_iter("atrium:t:*")])
+    assert keys == [
+        f"atrium:t:{TENANT}:rl:key:k1",
+        f"atrium:t:{TENANT}:rl:key:k2",
+        f"atrium:t:{TENANT}:rl:user:k1",
+    ]
