@@ -14,6 +14,7 @@ from atrium.config import Settings, get_settings
 from atrium.kit.db import create_engine, create_sessionmaker
 from atrium.kit.errors import install_error_handlers
 from atrium.kit.logging import RequestContextMiddleware, configure_logging
+from atrium.kit.metrics import install_metrics
 from atrium.kit.redis import create_redis
 from atrium.kit.vectordb import create_pool
 
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     install_error_handlers(app)
+    install_metrics(app, settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

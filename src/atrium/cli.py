@@ -8,6 +8,7 @@ import signal
 import subprocess  # nosec B404
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
 import typer
@@ -43,6 +44,20 @@ def _with_services() -> tuple[Settings, object]:
     return settings, services
 
 
+def _metrics_dir(path: Path, *, wipe: bool = True) -> str:
+    """Create (and by default empty) a ``PROMETHEUS_MULTIPROC_DIR``; returns its absolute path.
+
+    Must run before the processes sharing it import ``prometheus_client``, which reads the
+    variable at import time.
+    """
+    p = path.resolve()
+    p.mkdir(parents=True, exist_ok=True)
+    if wipe:
+        for f in p.glob("*.db"):
+            f.unlink(missing_ok=True)
+    return str(p)
+
+
 @cli.command()
 def migrate(
     revision: str = typer.Option("heads", help="Alembic revision for the account database."),
@@ -66,6 +81,11 @@ def serve(
     import uvicorn
 
     settings, _services = _with_services()
+    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Several processes answer /metrics: they must add up each other's values.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir(
+            settings.data_dir / "metrics" / f"serve-{os.getpid()}"
+        )
     uvicorn.run(
         "atrium.app:create_app",
         factory=True,
@@ -82,11 +102,24 @@ def serve(
 def worker(
     concurrency: int = typer.Option(0, help="Worker processes (0: one per core)."),
     pool: str = typer.Option("prefork", help="Celery pool: prefork, solo or threads."),
+    metrics_port: int | None = typer.Option(
+        None, help="Serve Prometheus metrics on this port (default ATRIUM_WORKER_METRICS_PORT)."
+    ),
 ) -> None:
     """Run a Celery worker (ingestion, mail, purges, exports)."""
-    _with_services()
+    settings, _services = _with_services()
+    port = settings.worker_metrics_port if metrics_port is None else metrics_port
+    if port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Prefork children record the metrics; the main process serves their sum.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir(
+            settings.data_dir / "metrics" / f"worker-{os.getpid()}"
+        )
+    from atrium.kit import metrics
     from atrium.worker import celery_app
 
+    metrics.install_celery_metrics()
+    if port:
+        metrics.start_worker_metrics_server(port)
     argv = ["worker", "--loglevel=INFO", f"--pool={pool}", "--without-gossip", "--without-mingle"]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
@@ -131,6 +164,8 @@ def dev() -> None:
     asyncio.run(upgrade_vector_db(settings.vector_conninfo, settings.embedding_dimension))
 
     env = dict(os.environ)
+    # API, worker and beat share one metrics directory, so the API's /metrics shows them all.
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", _metrics_dir(settings.data_dir / "metrics" / "dev"))
     base = [sys.executable, "-m", "atrium.cli"]
     specs = {
         "api": [*base, "serve"],

@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(True, description="JSON log lines (false: human-readable console).")
+    metrics_token: SecretStr = Field(
+        SecretStr(""), description="When set, GET /metrics requires Authorization: Bearer <token>."
+    )
+    worker_metrics_port: int = Field(
+        0, ge=0, le=65535, description="Port where `atrium worker` serves its metrics (0: off)."
+    )
 
     access_token_ttl_seconds: int = Field(900, ge=60, description="Access token lifetime.")
     refresh_token_ttl_seconds: int = Field(

@@ -12,8 +12,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import jwt
 from async_fastapi_jwt_auth import AuthJWT
-from async_fastapi_jwt_auth.exceptions import AuthJWTException
+from async_fastapi_jwt_auth.exceptions import AuthJWTException, JWTDecodeError
 from redis.asyncio import Redis
 
 from atrium.config import Settings
@@ -21,6 +22,9 @@ from atrium.kit.errors import Unauthorized
 
 REVOKED_JTI = "atrium:revoked:jti:"
 REVOKED_SID = "atrium:revoked:sid:"
+
+#: Older secrets still accepted when verifying (ATRIUM_PREVIOUS_SECRET_KEYS), set by configure_jwt.
+_previous_keys: list[str] = []
 
 
 def configure_jwt(settings: Settings) -> None:
@@ -43,6 +47,32 @@ def configure_jwt(settings: Settings) -> None:
         ]
 
     AuthJWT.load_config(_config)
+    _previous_keys[:] = [k.get_secret_value() for k in settings.previous_secret_keys]
+
+
+async def verified_claims(token: str) -> dict[str, Any]:
+    """Claims of a token signed with the current secret or, during a rotation, an older one.
+
+    New tokens are always signed with ``ATRIUM_SECRET_KEY``; tokens signed before a rotation keep
+    working while their key is listed in ``ATRIUM_PREVIOUS_SECRET_KEYS`` (the key ring).
+
+    Raises:
+        AuthJWTException: when no key verifies the token, or it expired.
+    """
+    try:
+        return dict(await AuthJWT().get_raw_jwt(token) or {})
+    except AuthJWTException as exc:
+        message = str(getattr(exc, "message", "")).lower()
+        if not _previous_keys or "signature verification" not in message:
+            raise
+        for key in _previous_keys:
+            try:
+                return dict(jwt.decode(token, key, algorithms=["HS256"], leeway=5))
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError as err:
+                raise JWTDecodeError(status_code=422, message=str(err)) from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -70,7 +100,7 @@ async def decode_access_token(token: str) -> AccessClaims:
         Unauthorized: for any invalid, expired or non-access token.
     """
     try:
-        raw = await AuthJWT().get_raw_jwt(token)
+        raw = await verified_claims(token)
     except AuthJWTException as exc:
         message = str(getattr(exc, "message", "")) or "invalid token"
         if "expired" in message.lower():
