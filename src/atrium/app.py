@@ -104,4 +104,6 @@ def _v1_routers() -> list[APIRouter]:
 
 
 #: Domain routers mounted under /v1, in order.
-V1_ROUTER_MODULES: list[str] = []
+V1_ROUTER_MODULES: list[str] = [
+    "atrium.apikeys.endpoints",
+]

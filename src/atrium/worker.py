@@ -12,6 +12,7 @@ from atrium.config import get_settings
 
 TASK_MODULES = [
     "atrium.kit.tasks",
+    "atrium.apikeys.tasks",
 ]
 
 

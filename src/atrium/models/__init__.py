@@ -1,10 +1,12 @@
 """All account-database models, imported in one place to avoid import cycles."""
 
+from atrium.models.apikeys import ApiKey
 from atrium.models.audit import AuditEvent
 from atrium.models.base import Base, IDMixin, TimestampMixin, utcnow
 from atrium.models.tenancy import Membership, Role, Tenant, TenantStatus, User
 
 __all__ = [
+    "ApiKey",
     "AuditEvent",
     "Base",
     "IDMixin",

@@ -1,0 +1,1 @@
+"""API keys: creation, rotation, revocation and authentication of ``atr_...`` keys."""

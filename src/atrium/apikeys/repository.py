@@ -1,0 +1,71 @@
+"""SQL for API keys. Every statement but the authentication lookup is scoped to a tenant."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Select, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from atrium.models import ApiKey, Tenant, TenantStatus
+
+
+async def find_by_digests(session: AsyncSession, digests: Sequence[str]) -> ApiKey | None:
+    """The key whose stored HMAC is one of ``digests`` (one per secret of the key ring).
+
+    The one unscoped query: authentication learns the key's tenant from the key itself, then
+    compares it with the path's tenant.
+    """
+    result = await session.execute(select(ApiKey).where(ApiKey.key_hash.in_(list(digests))))
+    return result.scalars().first()
+
+
+async def tenant_status(session: AsyncSession, tenant_id: uuid.UUID) -> TenantStatus | None:
+    """The tenant's status, or None when it does not exist."""
+    result = await session.execute(select(Tenant.status).where(Tenant.id == tenant_id))
+    status: TenantStatus | None = result.scalar_one_or_none()
+    return status
+
+
+def list_query(tenant_id: uuid.UUID, *, include_revoked: bool, now: dt.datetime) -> Select[Any]:
+    """The tenant's keys, newest first; revoked ones only when asked for."""
+    query = select(ApiKey).where(ApiKey.tenant_id == tenant_id)
+    if not include_revoked:
+        query = query.where(or_(ApiKey.revoked_at.is_(None), ApiKey.revoked_at > now))
+    return query.order_by(ApiKey.created_at.desc(), ApiKey.id)
+
+
+async def get(
+    session: AsyncSession, tenant_id: uuid.UUID, key_id: uuid.UUID, *, for_update: bool = False
+) -> ApiKey | None:
+    """One key of the tenant (None if it belongs to no key of this tenant)."""
+    query = select(ApiKey).where(ApiKey.tenant_id == tenant_id, ApiKey.id == key_id)
+    if for_update:
+        query = query.with_for_update()
+    result = await session.execute(query)
+    return result.scalar_one_or_none()
+
+
+def add(session: AsyncSession, key: ApiKey) -> None:
+    """Stage a new key."""
+    session.add(key)
+
+
+async def record_last_used(
+    session: AsyncSession, tenant_id: uuid.UUID, key_id: uuid.UUID, used_at: dt.datetime
+) -> bool:
+    """Move ``last_used_at`` forward to ``used_at`` (never backwards); whether a row changed."""
+    result = await session.execute(
+        update(ApiKey)
+        .where(
+            ApiKey.tenant_id == tenant_id,
+            ApiKey.id == key_id,
+            or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < used_at),
+        )
+        .values(last_used_at=used_at)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))

@@ -1,0 +1,463 @@
+"""API keys: issue, rotate, revoke, list, and authenticate them on every request.
+
+Authentication is the hot path. A well-formed key costs one Redis round trip (``MGET`` of the
+cached key record and the tenant's cached status); the database is read only on a cache miss and
+never written. Revocation and rotation overwrite the cached record, so a revoked key is refused
+on the very next request, and expiry is checked against the cached record on every request.
+``last_used_at`` is written by a Celery task at most once a minute per key (a Redis ``SET NX``
+debounce decides who sends it).
+
+Redis keys (every one carries the tenant id):
+
+- ``atrium:t:<tenant>:apikey:<hmac>``: the key record as JSON, or a marker for a key that does
+  not exist (``unknown``) or belongs to another tenant (``foreign``);
+- ``atrium:t:<tenant>:status``: the tenant's status, for a few seconds;
+- ``atrium:t:<tenant>:apikey-used:<key id>``: the last-used debounce.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import time
+import uuid
+from typing import Any
+
+import structlog
+from fastapi import Request
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.concurrency import run_in_threadpool
+
+from atrium.apikeys import repository
+from atrium.apikeys.schemas import ApiKeyCreate, ApiKeyRotate, ApiKeyStatus
+from atrium.apikeys.secrets import display_parts, generate_key, is_well_formed, key_digest
+from atrium.audit.service import record
+from atrium.auth.dependencies import ensure_tenant_usable
+from atrium.auth.permissions import Permission, Scope, permissions_for_scopes
+from atrium.auth.subject import AuthSubject
+from atrium.config import Settings
+from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized
+from atrium.models import ApiKey, TenantStatus, utcnow
+
+log = structlog.get_logger("atrium.apikeys")
+
+#: How long a key record stays in Redis. Revocation and rotation overwrite it at once, so this
+#: only bounds memory and changes made outside this module.
+RECORD_TTL_SECONDS = 300
+#: How long a "no such key" / "another tenant's key" answer is remembered.
+NEGATIVE_TTL_SECONDS = 60
+#: How long a tenant's status is remembered: suspending a tenant reaches its keys within this
+#: many seconds, or at once when the tenants domain calls :func:`forget_tenant_status`.
+STATUS_TTL_SECONDS = 10
+#: ``last_used_at`` is written at most this often per key.
+TOUCH_INTERVAL_SECONDS = 60
+
+TOUCH_TASK = "atrium.apikeys.record_last_used"
+_UNKNOWN = "unknown"
+_FOREIGN = "foreign"
+
+
+def record_cache_key(tenant_id: uuid.UUID | str, digest: str) -> str:
+    """Redis key of a cached key record, as seen from ``tenant_id``'s paths."""
+    return f"atrium:t:{tenant_id}:apikey:{digest}"
+
+
+def status_cache_key(tenant_id: uuid.UUID | str) -> str:
+    """Redis key of a tenant's cached status."""
+    return f"atrium:t:{tenant_id}:status"
+
+
+def touch_cache_key(tenant_id: uuid.UUID | str, key_id: uuid.UUID | str) -> str:
+    """Redis key of a key's last-used debounce."""
+    return f"atrium:t:{tenant_id}:apikey-used:{key_id}"
+
+
+# --- Authentication (the hot path) ------------------------------------------------------------
+
+
+def _epoch(value: dt.datetime | None) -> float | None:
+    return value.timestamp() if value is not None else None
+
+
+def _encode(key: ApiKey) -> str:
+    return json.dumps(
+        {
+            "id": str(key.id),
+            "tenant": str(key.tenant_id),
+            "user": str(key.created_by_user_id) if key.created_by_user_id else None,
+            "scopes": list(key.scopes),
+            "expires": _epoch(key.expires_at),
+            "revoked": _epoch(key.revoked_at),
+            "rpm": key.rate_limit_per_minute,
+        },
+        separators=(",", ":"),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _scope_permissions(scopes: tuple[str, ...]) -> frozenset[Permission]:
+    return permissions_for_scopes(scopes)
+
+
+def _current_secret(settings: Settings) -> str:
+    return settings.secret_key.get_secret_value()
+
+
+async def _load_record(
+    session: AsyncSession,
+    redis: Redis,
+    settings: Settings,
+    token: str,
+    digest: str,
+    tenant_id: uuid.UUID,
+) -> str:
+    """Read the key from the database and cache what we learnt (``SET NX``: never over a
+    record a concurrent revocation just wrote)."""
+    digests = [digest] + [key_digest(s, token) for s in settings.secret_keys[1:]]
+    key = await repository.find_by_digests(session, digests)
+    if key is None:
+        value, ttl = _UNKNOWN, NEGATIVE_TTL_SECONDS
+    elif key.tenant_id != tenant_id:
+        value, ttl = _FOREIGN, NEGATIVE_TTL_SECONDS
+    else:
+        value, ttl = _encode(key), RECORD_TTL_SECONDS
+    if key is not None and key.key_hash != digest and value not in (_UNKNOWN, _FOREIGN):
+        # Hashed under a previous secret: revocation rewrites the record under its stored hash,
+        # so caching it under today's digest could outlive a revocation. Read it every time
+        # until the key is rotated.
+        return value
+    cache_key = record_cache_key(tenant_id, digest)
+    if not await redis.set(cache_key, value, ex=ttl, nx=True):
+        current = await redis.get(cache_key)
+        if current is not None:
+            return str(current)
+    return value
+
+
+async def _load_status(session: AsyncSession, redis: Redis, tenant_id: uuid.UUID) -> str | None:
+    status = await repository.tenant_status(session, tenant_id)
+    if status is None:
+        return None
+    await redis.set(status_cache_key(tenant_id), status.value, ex=STATUS_TTL_SECONDS)
+    return status.value
+
+
+async def authenticate_api_key(
+    request: Request, session: AsyncSession, token: str, tenant_id: uuid.UUID
+) -> AuthSubject:
+    """Resolve an ``atr_...`` key into the subject calling ``tenant_id``'s paths.
+
+    Checks, in order: shape and checksum (no lookup at all); the key exists; it is not revoked
+    (a rotated key: not past its grace period) and not expired; it belongs to ``tenant_id``;
+    the tenant is usable. Permission checks are the caller's (``require``).
+
+    Args:
+        request: the HTTP request (``app.state`` gives settings and Redis).
+        session: the request's session; read only on a cache miss, never written.
+        token: the bearer credential, starting with ``atr_``.
+        tenant_id: the tenant of the path.
+
+    Returns:
+        An ``api_key`` subject whose permissions come from the key's scopes.
+
+    Raises:
+        Unauthorized: malformed, unknown, revoked or expired key.
+        NotFound: the key belongs to another tenant, or the tenant is gone or being deleted.
+        Forbidden: the tenant is suspended.
+    """
+    if not is_well_formed(token):
+        raise Unauthorized("Malformed API key: check that it was copied whole")
+    state = request.app.state
+    settings: Settings = state.settings
+    redis: Redis = state.redis
+    digest = key_digest(_current_secret(settings), token)
+    cached, status = await redis.mget(
+        record_cache_key(tenant_id, digest), status_cache_key(tenant_id)
+    )
+    if cached is None:
+        cached = await _load_record(session, redis, settings, token, digest, tenant_id)
+    if cached == _UNKNOWN:
+        raise Unauthorized("Invalid API key")
+    if cached == _FOREIGN:
+        raise NotFound("Tenant not found")
+    rec: dict[str, Any] = json.loads(cached)
+    now = time.time()
+    revoked = rec["revoked"]
+    if revoked is not None and now >= revoked:
+        raise Unauthorized("This API key has been revoked")
+    expires = rec["expires"]
+    if expires is not None and now >= expires:
+        raise Unauthorized("This API key has expired; create a new one")
+    if status is None:
+        status = await _load_status(session, redis, tenant_id)
+        if status is None:
+            raise NotFound("Tenant not found")
+    if status != TenantStatus.active.value:
+        ensure_tenant_usable(TenantStatus(str(status)))
+    key_id = uuid.UUID(rec["id"])
+    await _note_use(redis, tenant_id, key_id)
+    return AuthSubject(
+        kind="api_key",
+        tenant_id=tenant_id,
+        user_id=uuid.UUID(rec["user"]) if rec["user"] else None,
+        api_key_id=key_id,
+        role=None,
+        permissions=_scope_permissions(tuple(rec["scopes"])),
+        rate_limit_per_minute=rec["rpm"],
+    )
+
+
+# --- last_used_at: debounced, written by a task -----------------------------------------------
+
+#: When this process last tried to record a use of each key (monotonic seconds). A filter in
+#: front of Redis' SET NX, so a busy key costs no extra round trip; the SET NX is what
+#: guarantees "at most once a minute" across processes.
+_last_touch: dict[uuid.UUID, float] = {}
+_MAX_TRACKED_KEYS = 100_000
+
+
+def forget_local_touches() -> None:
+    """Forget this process's debounce memory (tests; a minute passing does the same)."""
+    _last_touch.clear()
+
+
+async def _note_use(redis: Redis, tenant_id: uuid.UUID, key_id: uuid.UUID) -> None:
+    now = time.monotonic()
+    last = _last_touch.get(key_id)
+    if last is not None and now - last < TOUCH_INTERVAL_SECONDS:
+        return
+    if len(_last_touch) >= _MAX_TRACKED_KEYS:
+        _last_touch.clear()
+    _last_touch[key_id] = now
+    used_at = utcnow()
+    debounce = touch_cache_key(tenant_id, key_id)
+    if not await redis.set(debounce, used_at.isoformat(), nx=True, ex=TOUCH_INTERVAL_SECONDS):
+        return
+    try:
+        await run_in_threadpool(_send_touch, tenant_id, key_id, used_at)
+    except Exception as exc:
+        # Losing one last-used mark is better than failing the caller's request; let the next
+        # request try again.
+        log.warning("api_key_touch_not_sent", key_id=str(key_id), error=str(exc))
+        _last_touch.pop(key_id, None)
+        await redis.delete(debounce)
+
+
+def _send_touch(tenant_id: uuid.UUID, key_id: uuid.UUID, used_at: dt.datetime) -> None:
+    from atrium.worker import celery_app
+
+    celery_app.send_task(
+        TOUCH_TASK,
+        kwargs={"tenant_id": str(tenant_id), "key_id": str(key_id), "used_at": used_at.isoformat()},
+    )
+
+
+# --- Management --------------------------------------------------------------------------------
+
+
+def key_status(key: ApiKey, now: dt.datetime | None = None) -> ApiKeyStatus:
+    """Whether ``key`` works at ``now``."""
+    now = now or utcnow()
+    if key.revoked_at is not None:
+        return ApiKeyStatus.revoked if key.revoked_at <= now else ApiKeyStatus.rotating
+    if key.expires_at is not None and key.expires_at <= now:
+        return ApiKeyStatus.expired
+    return ApiKeyStatus.active
+
+
+async def issue_key(
+    session: AsyncSession,
+    settings: Settings,
+    tenant_id: uuid.UUID,
+    *,
+    name: str,
+    scopes: list[Scope] | list[str],
+    expires_at: dt.datetime | None = None,
+    rate_limit_per_minute: int | None = None,
+    created_by_user_id: uuid.UUID | None = None,
+    created_by_api_key_id: uuid.UUID | None = None,
+    rotated_from_id: uuid.UUID | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key row (flushed, not committed) and return it with its secret.
+
+    No validation and no audit: routes go through :func:`create_key`; tests and scripts may call
+    this directly (e.g. for an already expired key).
+    """
+    secret = generate_key()
+    prefix, last_four = display_parts(secret)
+    key = ApiKey(
+        tenant_id=tenant_id,
+        name=name,
+        key_hash=key_digest(_current_secret(settings), secret),
+        prefix=prefix,
+        last_four=last_four,
+        scopes=[Scope(s).value for s in scopes],
+        expires_at=expires_at,
+        rate_limit_per_minute=rate_limit_per_minute,
+        created_by_user_id=created_by_user_id,
+        created_by_api_key_id=created_by_api_key_id,
+        rotated_from_id=rotated_from_id,
+    )
+    repository.add(session, key)
+    await session.flush()
+    return key, secret
+
+
+def _actor(subject: AuthSubject) -> dict[str, Any]:
+    if subject.kind == "api_key":
+        return {"actor_api_key_id": subject.api_key_id}
+    return {"actor_user_id": subject.user_id}
+
+
+def _ensure_no_escalation(subject: AuthSubject, scopes: list[Scope]) -> None:
+    """A key may only hand out what it holds itself."""
+    if subject.kind != "api_key":
+        return
+    beyond = sorted(
+        s.value for s in scopes if not _scope_permissions((s.value,)) <= subject.permissions
+    )
+    if beyond:
+        raise Forbidden(
+            "An API key cannot create a key with scopes it does not hold: " + ", ".join(beyond),
+            detail={
+                "message": "An API key cannot grant scopes it does not hold",
+                "scopes_not_held": beyond,
+            },
+        )
+
+
+async def create_key(
+    session: AsyncSession, subject: AuthSubject, data: ApiKeyCreate, request: Request
+) -> tuple[ApiKey, str]:
+    """Create a key for the subject's tenant and audit it; the secret is returned once."""
+    _ensure_no_escalation(subject, data.scopes)
+    key, secret = await issue_key(
+        session,
+        request.app.state.settings,
+        subject.tenant_id,
+        name=data.name,
+        scopes=data.scopes,
+        expires_at=data.expires_at,
+        rate_limit_per_minute=data.rate_limit_per_minute,
+        created_by_user_id=subject.user_id,
+        created_by_api_key_id=subject.api_key_id,
+    )
+    record(
+        session,
+        "api_key.created",
+        request=request,
+        tenant_id=subject.tenant_id,
+        target_type="api_key",
+        target_id=key.id,
+        data={"name": key.name, "prefix": key.prefix, "scopes": key.scopes},
+        **_actor(subject),
+    )
+    return key, secret
+
+
+async def _get_or_404(session: AsyncSession, tenant_id: uuid.UUID, key_id: uuid.UUID) -> ApiKey:
+    key = await repository.get(session, tenant_id, key_id, for_update=True)
+    if key is None:
+        raise NotFound("API key not found")
+    return key
+
+
+async def _publish(redis: Redis, key: ApiKey) -> None:
+    """Overwrite the cached record so the next request sees the change (no stale window)."""
+    await redis.set(
+        record_cache_key(key.tenant_id, key.key_hash), _encode(key), ex=RECORD_TTL_SECONDS
+    )
+
+
+async def revoke_key(
+    session: AsyncSession, subject: AuthSubject, key_id: uuid.UUID, request: Request
+) -> None:
+    """Revoke a key now (also one still in a rotation grace period). Idempotent."""
+    key = await _get_or_404(session, subject.tenant_id, key_id)
+    now = utcnow()
+    if key.revoked_at is not None and key.revoked_at <= now:
+        return
+    key.revoked_at = now
+    await session.flush()
+    record(
+        session,
+        "api_key.revoked",
+        request=request,
+        tenant_id=subject.tenant_id,
+        target_type="api_key",
+        target_id=key.id,
+        data={"name": key.name, "prefix": key.prefix},
+        **_actor(subject),
+    )
+    # Written before the commit on purpose: if the commit failed the key would be refused for a
+    # few minutes though not revoked (fail closed), never accepted though revoked.
+    await _publish(request.app.state.redis, key)
+
+
+async def rotate_key(
+    session: AsyncSession,
+    subject: AuthSubject,
+    key_id: uuid.UUID,
+    data: ApiKeyRotate,
+    request: Request,
+) -> tuple[ApiKey, str]:
+    """Issue a new secret with the same name, scopes, expiry and limit; revoke the old key
+    now, or once ``grace_period_seconds`` have passed.
+
+    Raises:
+        NotFound: no such key in this tenant.
+        Conflict: the key is revoked, expired or already rotated.
+    """
+    old = await _get_or_404(session, subject.tenant_id, key_id)
+    now = utcnow()
+    status = key_status(old, now)
+    if status is not ApiKeyStatus.active:
+        hint = {
+            ApiKeyStatus.rotating: "it was already rotated; rotate its replacement instead",
+            ApiKeyStatus.revoked: "it is revoked; create a new key instead",
+            ApiKeyStatus.expired: "it has expired; create a new key instead",
+        }[status]
+        raise Conflict(f"This API key cannot be rotated: {hint}")
+    new, secret = await issue_key(
+        session,
+        request.app.state.settings,
+        subject.tenant_id,
+        name=old.name,
+        scopes=list(old.scopes),
+        expires_at=old.expires_at,
+        rate_limit_per_minute=old.rate_limit_per_minute,
+        created_by_user_id=subject.user_id,
+        created_by_api_key_id=subject.api_key_id,
+        rotated_from_id=old.id,
+    )
+    old.revoked_at = now + dt.timedelta(seconds=data.grace_period_seconds)
+    await session.flush()
+    record(
+        session,
+        "api_key.rotated",
+        request=request,
+        tenant_id=subject.tenant_id,
+        target_type="api_key",
+        target_id=old.id,
+        data={
+            "name": old.name,
+            "old_prefix": old.prefix,
+            "new_key_id": str(new.id),
+            "new_prefix": new.prefix,
+            "grace_period_seconds": data.grace_period_seconds,
+        },
+        **_actor(subject),
+    )
+    await _publish(request.app.state.redis, old)
+    return new, secret
+
+
+async def forget_tenant_status(redis: Redis, tenant_id: uuid.UUID) -> None:
+    """Drop the cached status of a tenant, so a suspension reaches its keys at once.
+
+    The tenants domain calls this after changing a tenant's status (otherwise it takes effect
+    within ``STATUS_TTL_SECONDS``).
+    """
+    await redis.delete(status_cache_key(tenant_id))
