@@ -105,5 +105,8 @@ def _v1_routers() -> list[APIRouter]:
 
 #: Domain routers mounted under /v1, in order.
 V1_ROUTER_MODULES: list[str] = [
+    "atrium.accounts.endpoints",
+    "atrium.tenants.endpoints",
+    "atrium.admin.endpoints",
     "atrium.apikeys.endpoints",
 ]

@@ -12,6 +12,8 @@ from atrium.config import get_settings
 
 TASK_MODULES = [
     "atrium.kit.tasks",
+    "atrium.accounts.tasks",
+    "atrium.tenants.tasks",
     "atrium.apikeys.tasks",
 ]
 

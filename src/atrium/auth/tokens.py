@@ -117,6 +117,52 @@ async def decode_access_token(token: str) -> AccessClaims:
     )
 
 
+@dataclass(frozen=True)
+class RefreshClaims:
+    """The verified claims of a refresh token."""
+
+    user_id: uuid.UUID
+    session_id: str
+    jti: str
+    expires_at: int
+
+
+async def create_refresh_token(user_id: uuid.UUID, session_id: str, jti: str) -> str:
+    """Sign a refresh token for session ``session_id`` with our own ``jti``.
+
+    The caller stores ``jti`` as the session's only live refresh token (rotation and reuse
+    detection compare against it), so it is chosen here rather than by the library.
+    """
+    token: str = await AuthJWT().create_refresh_token(
+        subject=str(user_id), user_claims={"sid": session_id, "jti": jti}
+    )
+    return token
+
+
+async def decode_refresh_token(token: str) -> RefreshClaims:
+    """Verify signature, expiry and type of a refresh token.
+
+    Raises:
+        Unauthorized: for any invalid, expired or non-refresh token.
+    """
+    try:
+        raw = await verified_claims(token)
+    except AuthJWTException as exc:
+        message = str(getattr(exc, "message", "")) or "invalid token"
+        if "expired" in message.lower():
+            raise Unauthorized("Refresh token expired; log in again") from None
+        raise Unauthorized("Invalid refresh token") from None
+    if not raw or raw.get("type") != "refresh" or "sid" not in raw or "jti" not in raw:
+        raise Unauthorized("Invalid refresh token")
+    try:
+        user_id = uuid.UUID(str(raw["sub"]))
+    except ValueError:
+        raise Unauthorized("Invalid refresh token") from None
+    return RefreshClaims(
+        user_id=user_id, session_id=str(raw["sid"]), jti=str(raw["jti"]), expires_at=int(raw["exp"])
+    )
+
+
 async def ensure_not_revoked(redis: Redis, claims: AccessClaims) -> None:
     """Refuse a token whose own id or whose session was revoked (one round trip)."""
     jti, sid = await redis.mget(REVOKED_JTI + claims.jti, REVOKED_SID + claims.session_id)

@@ -1,0 +1,1 @@
+"""Accounts: registration, login sessions, verification, passwords, e-mail changes, exports."""

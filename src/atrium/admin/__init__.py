@@ -1,0 +1,1 @@
+"""Superuser routes: find users and tenants, suspend and restore tenants."""

@@ -1,0 +1,1 @@
+"""Tenants: creation, members and roles, invitations, ownership, audit log and purge."""

@@ -1,0 +1,295 @@
+"""Invitations: bound to one address, valid 7 days, single use; only a hash of the token is kept.
+
+The token travels only in the mail. Accepting needs the token *and* an account for the invited
+address: either the signed-in user's own address, or a new account created for that address
+(which counts as verified, since the invitation mail reached it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy import Select, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from atrium.accounts.manager import link, send_mail
+from atrium.audit.service import record
+from atrium.auth.dependencies import ensure_tenant_usable
+from atrium.auth.subject import AuthSubject
+from atrium.config import Settings
+from atrium.kit.errors import Conflict, Forbidden, Gone, NotFound
+from atrium.models import Invitation, Membership, Role, Tenant, User, utcnow
+from atrium.models.accounts import user_email_col, user_id_col
+from atrium.tenants import schemas
+
+INVITATION_TTL = dt.timedelta(days=7)
+
+
+def hash_token(token: str) -> str:
+    """The stored form of an invitation token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _status(inv: Invitation, now: dt.datetime) -> schemas.InvitationStatus:
+    if inv.accepted_at is not None:
+        return schemas.InvitationStatus.accepted
+    if inv.expires_at <= now:
+        return schemas.InvitationStatus.expired
+    return schemas.InvitationStatus.pending
+
+
+def to_schema(inv: Invitation, now: dt.datetime | None = None) -> schemas.Invitation:
+    """The response form of an invitation (never its token)."""
+    return schemas.Invitation(
+        id=inv.id,
+        tenant_id=inv.tenant_id,
+        email=inv.email,
+        role=inv.role,
+        status=_status(inv, now or utcnow()),
+        invited_by_user_id=inv.invited_by_user_id,
+        expires_at=inv.expires_at,
+        accepted_at=inv.accepted_at,
+        created_at=inv.created_at,
+    )
+
+
+def to_schemas(rows: Sequence[Any]) -> list[schemas.Invitation]:
+    """Response items for a page of invitations."""
+    now = utcnow()
+    return [to_schema(inv, now) for inv in rows]
+
+
+def list_query(tenant_id: uuid.UUID) -> Select[tuple[Invitation]]:
+    """The tenant's invitations, newest first."""
+    return (
+        select(Invitation)
+        .where(Invitation.tenant_id == tenant_id)
+        .order_by(Invitation.created_at.desc(), Invitation.id)
+    )
+
+
+async def _send(
+    session: AsyncSession,
+    settings: Settings,
+    inv: Invitation,
+    token: str,
+    tenant: Tenant,
+    inviter: User | None,
+) -> None:
+    send_mail(
+        session,
+        "invitation",
+        inv.email,
+        {
+            "tenant_name": tenant.name,
+            "inviter": (inviter.name or inviter.email) if inviter else "A colleague",
+            "role": inv.role.value,
+            "link": link(settings, "/invitations/accept", token=token),
+            "days": INVITATION_TTL.days,
+        },
+    )
+
+
+async def create(
+    session: AsyncSession,
+    settings: Settings,
+    subject: AuthSubject,
+    body: schemas.InvitationCreate,
+    request: Request,
+) -> Invitation:
+    """Invite ``body.email`` into the subject's tenant and mail the link.
+
+    Raises:
+        Conflict: the address already belongs to a member, or has a pending invitation.
+    """
+    email = body.email
+    member = await session.scalar(
+        select(func.count())
+        .select_from(Membership)
+        .join(User, Membership.user_id == user_id_col)
+        .where(Membership.tenant_id == subject.tenant_id, func.lower(user_email_col) == email)
+    )
+    if member:
+        raise Conflict(f"{email} is already a member of this tenant")
+    now = utcnow()
+    pending = await session.scalar(
+        select(Invitation.id).where(
+            Invitation.tenant_id == subject.tenant_id,
+            Invitation.email == email,
+            Invitation.accepted_at.is_(None),
+            Invitation.expires_at > now,
+        )
+    )
+    if pending is not None:
+        raise Conflict(
+            f"{email} already has a pending invitation; resend it with "
+            f"POST /v1/tenants/{subject.tenant_id}/invitations/{pending}/resend",
+            detail={"message": f"{email} already has a pending invitation", "id": str(pending)},
+        )
+    token = secrets.token_urlsafe(32)
+    inv = Invitation(
+        id=uuid.uuid4(),
+        tenant_id=subject.tenant_id,
+        email=email,
+        role=Role(body.role.value),
+        token_hash=hash_token(token),
+        invited_by_user_id=subject.user_id,
+        expires_at=now + INVITATION_TTL,
+    )
+    session.add(inv)
+    await session.flush()
+    tenant = await session.get(Tenant, subject.tenant_id)
+    inviter = await session.get(User, subject.user_id) if subject.user_id else None
+    assert tenant is not None
+    await _send(session, settings, inv, token, tenant, inviter)
+    record(
+        session,
+        "invitation.created",
+        request=request,
+        tenant_id=subject.tenant_id,
+        actor_user_id=subject.user_id,
+        target_type="invitation",
+        target_id=inv.id,
+        data={"email": email, "role": inv.role.value},
+    )
+    return inv
+
+
+async def _get(session: AsyncSession, tenant_id: uuid.UUID, invitation_id: uuid.UUID) -> Invitation:
+    inv = await session.get(Invitation, invitation_id)
+    if inv is None or inv.tenant_id != tenant_id:
+        raise NotFound("Invitation not found")
+    return inv
+
+
+async def revoke(
+    session: AsyncSession, subject: AuthSubject, invitation_id: uuid.UUID, request: Request
+) -> None:
+    """Withdraw an invitation (its link stops working).
+
+    Raises:
+        NotFound: no such invitation in this tenant.
+        Conflict: it was already accepted.
+    """
+    inv = await _get(session, subject.tenant_id, invitation_id)
+    if inv.accepted_at is not None:
+        raise Conflict("This invitation was already accepted; remove the member instead")
+    await session.delete(inv)
+    await session.flush()
+    record(
+        session,
+        "invitation.revoked",
+        request=request,
+        tenant_id=subject.tenant_id,
+        actor_user_id=subject.user_id,
+        target_type="invitation",
+        target_id=invitation_id,
+        data={"email": inv.email},
+    )
+
+
+async def resend(
+    session: AsyncSession,
+    settings: Settings,
+    subject: AuthSubject,
+    invitation_id: uuid.UUID,
+    request: Request,
+) -> Invitation:
+    """Mail a fresh link (the old one stops working) valid for another 7 days.
+
+    Raises:
+        NotFound: no such invitation in this tenant.
+        Conflict: it was already accepted.
+    """
+    inv = await _get(session, subject.tenant_id, invitation_id)
+    if inv.accepted_at is not None:
+        raise Conflict("This invitation was already accepted")
+    token = secrets.token_urlsafe(32)
+    inv.token_hash = hash_token(token)
+    inv.expires_at = utcnow() + INVITATION_TTL
+    await session.flush()
+    tenant = await session.get(Tenant, subject.tenant_id)
+    inviter = await session.get(User, subject.user_id) if subject.user_id else None
+    assert tenant is not None
+    await _send(session, settings, inv, token, tenant, inviter)
+    record(
+        session,
+        "invitation.resent",
+        request=request,
+        tenant_id=subject.tenant_id,
+        actor_user_id=subject.user_id,
+        target_type="invitation",
+        target_id=inv.id,
+        data={"email": inv.email},
+    )
+    return inv
+
+
+async def find_usable(session: AsyncSession, token: str) -> tuple[Invitation, Tenant]:
+    """The invitation of ``token`` if it can still be accepted.
+
+    Raises:
+        NotFound: no invitation has this token (wrong, withdrawn or replaced by a resend).
+        Gone: it was already used, or expired.
+        Forbidden: its tenant is suspended.
+    """
+    inv = (
+        await session.execute(
+            select(Invitation).where(Invitation.token_hash == hash_token(token)).with_for_update()
+        )
+    ).scalar_one_or_none()
+    if inv is None:
+        raise NotFound(
+            "This invitation link is not valid: it may have been withdrawn or replaced by a "
+            "newer one"
+        )
+    if inv.accepted_at is not None:
+        raise Gone("This invitation was already used")
+    if inv.expires_at <= utcnow():
+        raise Gone("This invitation has expired; ask for a new one")
+    tenant = await session.get(Tenant, inv.tenant_id)
+    if tenant is None:
+        raise NotFound("This invitation's tenant no longer exists")
+    ensure_tenant_usable(tenant.status)
+    return inv, tenant
+
+
+async def accept(
+    session: AsyncSession, inv: Invitation, tenant: Tenant, user: User, request: Request
+) -> Role:
+    """Make ``user`` a member as the invitation says; it is then spent.
+
+    Raises:
+        Forbidden: the invitation was sent to another address.
+    """
+    if user.email.strip().lower() != inv.email:
+        raise Forbidden(
+            "This invitation was sent to another e-mail address; sign in with that address "
+            "to accept it"
+        )
+    existing = await session.get(Membership, (tenant.id, user.id))
+    role = inv.role
+    if existing is None:
+        session.add(Membership(tenant_id=tenant.id, user_id=user.id, role=role))
+    else:
+        role = existing.role  # already a member: keep the role they have
+    inv.accepted_at = utcnow()
+    inv.accepted_by_user_id = user.id
+    await session.flush()
+    record(
+        session,
+        "invitation.accepted",
+        request=request,
+        tenant_id=tenant.id,
+        actor_user_id=user.id,
+        target_type="invitation",
+        target_id=inv.id,
+        data={"email": inv.email, "role": role.value},
+    )
+    return role

@@ -1,0 +1,354 @@
+"""Tenants and their members. Every function takes the tenant id it acts in; nothing commits."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import Request
+from psycopg_pool import AsyncConnectionPool
+from sqlalchemy import Select, case, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from atrium.audit.service import record
+from atrium.auth.subject import AuthSubject
+from atrium.kit.enqueue import enqueue
+from atrium.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
+from atrium.kit.vectordb import ensure_tenant_partition
+from atrium.models import AuditEvent, Membership, Role, Tenant, TenantStatus, User
+from atrium.models.accounts import user_id_col
+from atrium.tenants import schemas
+
+PURGE_TASK = "atrium.tenants.purge"
+
+
+async def create_tenant(
+    session: AsyncSession,
+    vector_pool: AsyncConnectionPool,
+    owner: User,
+    name: str,
+    request: Request | None = None,
+) -> Tenant:
+    """Create a tenant owned by ``owner``, with its vector partition.
+
+    The partition is created before the account database commits: if that commit fails, an
+    empty partition is left behind, which is harmless (creation is idempotent, purge drops it).
+    """
+    tenant = Tenant(id=uuid.uuid4(), name=name, status=TenantStatus.active)
+    session.add(tenant)
+    await session.flush()
+    session.add(Membership(tenant_id=tenant.id, user_id=owner.id, role=Role.owner))
+    await session.flush()
+    async with vector_pool.connection() as conn:
+        await ensure_tenant_partition(conn, tenant.id)
+    record(
+        session,
+        "tenant.created",
+        request=request,
+        tenant_id=tenant.id,
+        actor_user_id=owner.id,
+        target_type="tenant",
+        target_id=tenant.id,
+        data={"name": name},
+    )
+    return tenant
+
+
+def user_tenants_query(user_id: uuid.UUID) -> Select[tuple[Tenant, Role]]:
+    """The tenants ``user_id`` belongs to (not those being deleted), with their role."""
+    return (
+        select(Tenant, Membership.role)
+        .join(Membership, Membership.tenant_id == Tenant.id)
+        .where(Membership.user_id == user_id, Tenant.status != TenantStatus.deleting)
+        .order_by(Tenant.created_at, Tenant.id)
+    )
+
+
+def with_role(rows: Sequence[Any]) -> list[schemas.TenantWithRole]:
+    """Turn ``(Tenant, Role)`` rows into response items."""
+    return [
+        schemas.TenantWithRole(
+            id=t.id, name=t.name, status=t.status, plan=t.plan, created_at=t.created_at, role=r
+        )
+        for t, r in rows
+    ]
+
+
+async def get_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
+    """The tenant (the caller's access was already checked by ``require``).
+
+    Raises:
+        NotFound: when it does not exist (or is being deleted).
+    """
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is None or tenant.status is TenantStatus.deleting:
+        raise NotFound("Tenant not found")
+    return tenant
+
+
+async def update_tenant(
+    session: AsyncSession, subject: AuthSubject, update: schemas.TenantUpdate, request: Request
+) -> Tenant:
+    """Rename the subject's tenant."""
+    tenant = await get_tenant(session, subject.tenant_id)
+    old = tenant.name
+    tenant.name = update.name
+    await session.flush()
+    record(
+        session,
+        "tenant.updated",
+        request=request,
+        tenant_id=tenant.id,
+        actor_user_id=subject.user_id,
+        target_type="tenant",
+        target_id=tenant.id,
+        data={"name": {"from": old, "to": update.name}},
+    )
+    return tenant
+
+
+async def schedule_purge(
+    session: AsyncSession,
+    tenant: Tenant,
+    *,
+    actor_user_id: uuid.UUID | None,
+    request: Request | None,
+    reason: str,
+) -> None:
+    """Mark ``tenant`` as being deleted and enqueue its purge (after commit).
+
+    From this moment its members and keys get 404; the worker drops its vector partition,
+    stored files and cache keys, then the row (every tenant-owned table cascades).
+    """
+    tenant.status = TenantStatus.deleting
+    await session.flush()
+    record(
+        session,
+        "tenant.deletion_requested",
+        request=request,
+        actor_user_id=actor_user_id,
+        target_type="tenant",
+        target_id=tenant.id,
+        data={"name": tenant.name, "reason": reason},
+    )
+    enqueue(session, PURGE_TASK, tenant_id=str(tenant.id))
+
+
+# Members -----------------------------------------------------------------------------------
+
+
+def members_query(tenant_id: uuid.UUID) -> Select[tuple[Membership, User]]:
+    """The tenant's members, owners first."""
+    rank = case({"owner": 0, "admin": 1, "member": 2, "viewer": 3}, value=Membership.role, else_=4)
+    return (
+        select(Membership, User)
+        .join(User, Membership.user_id == user_id_col)
+        .where(Membership.tenant_id == tenant_id)
+        .order_by(rank, Membership.created_at, user_id_col)
+    )
+
+
+def to_members(rows: Sequence[Any]) -> list[schemas.Member]:
+    """Turn ``(Membership, User)`` rows into response items."""
+    return [
+        schemas.Member(
+            user_id=u.id, email=u.email, name=u.name, role=m.role, joined_at=m.created_at
+        )
+        for m, u in rows
+    ]
+
+
+async def _membership(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID
+) -> Membership:
+    m = await session.get(Membership, (tenant_id, user_id))
+    if m is None:
+        raise NotFound("This user is not a member of the tenant")
+    return m
+
+
+async def _owner_count(session: AsyncSession, tenant_id: uuid.UUID) -> int:
+    n = await session.scalar(
+        select(func.count())
+        .select_from(Membership)
+        .where(Membership.tenant_id == tenant_id, Membership.role == Role.owner)
+    )
+    return int(n or 0)
+
+
+async def _member_out(session: AsyncSession, m: Membership) -> schemas.Member:
+    user = await session.get(User, m.user_id)
+    assert user is not None
+    return schemas.Member(
+        user_id=user.id, email=user.email, name=user.name, role=m.role, joined_at=m.created_at
+    )
+
+
+async def change_role(
+    session: AsyncSession,
+    subject: AuthSubject,
+    user_id: uuid.UUID,
+    role: schemas.AssignableRole,
+    request: Request,
+) -> schemas.Member:
+    """Give a member another role.
+
+    Raises:
+        NotFound: the user is not a member.
+        Forbidden: an admin tried to change an owner.
+        Conflict: it would leave the tenant without an owner.
+    """
+    m = await _membership(session, subject.tenant_id, user_id)
+    new_role = Role(role.value)
+    if m.role is Role.owner:
+        if subject.role is not Role.owner:
+            raise Forbidden("Only an owner can change an owner's role")
+        if await _owner_count(session, subject.tenant_id) <= 1:
+            raise Conflict(
+                "The tenant would have no owner; transfer ownership to another member first"
+            )
+    old = m.role
+    if old is not new_role:
+        m.role = new_role
+        await session.flush()
+        record(
+            session,
+            "member.role_changed",
+            request=request,
+            tenant_id=subject.tenant_id,
+            actor_user_id=subject.user_id,
+            target_type="user",
+            target_id=user_id,
+            data={"from": old.value, "to": new_role.value},
+        )
+    return await _member_out(session, m)
+
+
+async def remove_member(
+    session: AsyncSession, subject: AuthSubject, user_id: uuid.UUID, request: Request
+) -> None:
+    """Remove a member from the tenant.
+
+    Raises:
+        NotFound: the user is not a member.
+        Forbidden: an admin tried to remove an owner.
+        Conflict: it would leave the tenant without an owner.
+    """
+    m = await _membership(session, subject.tenant_id, user_id)
+    if m.role is Role.owner:
+        if subject.role is not Role.owner:
+            raise Forbidden("Only an owner can remove an owner")
+        if await _owner_count(session, subject.tenant_id) <= 1:
+            raise Conflict(
+                "The tenant would have no owner; transfer ownership first or delete the tenant"
+            )
+    await session.delete(m)
+    await session.flush()
+    record(
+        session,
+        "member.removed",
+        request=request,
+        tenant_id=subject.tenant_id,
+        actor_user_id=subject.user_id,
+        target_type="user",
+        target_id=user_id,
+        data={"role": m.role.value},
+    )
+
+
+async def leave(session: AsyncSession, subject: AuthSubject, request: Request) -> None:
+    """The caller leaves the tenant.
+
+    Raises:
+        Conflict: the caller is its only owner.
+    """
+    assert subject.user_id is not None
+    m = await _membership(session, subject.tenant_id, subject.user_id)
+    if m.role is Role.owner and await _owner_count(session, subject.tenant_id) <= 1:
+        raise Conflict(
+            "You are the only owner: transfer ownership to another member or delete the "
+            "tenant before leaving"
+        )
+    await session.delete(m)
+    await session.flush()
+    record(
+        session,
+        "member.left",
+        request=request,
+        tenant_id=subject.tenant_id,
+        actor_user_id=subject.user_id,
+        target_type="user",
+        target_id=subject.user_id,
+    )
+
+
+async def transfer_ownership(
+    session: AsyncSession, subject: AuthSubject, user_id: uuid.UUID, request: Request
+) -> list[schemas.Member]:
+    """Make ``user_id`` an owner; the caller becomes an admin.
+
+    Raises:
+        NotFound: the user is not a member.
+        Unprocessable: the caller named themselves.
+    """
+    assert subject.user_id is not None
+    if user_id == subject.user_id:
+        raise Unprocessable("You already own this tenant; name another member")
+    target = await _membership(session, subject.tenant_id, user_id)
+    me = await _membership(session, subject.tenant_id, subject.user_id)
+    old = target.role
+    target.role = Role.owner
+    me.role = Role.admin
+    await session.flush()
+    record(
+        session,
+        "tenant.ownership_transferred",
+        request=request,
+        tenant_id=subject.tenant_id,
+        actor_user_id=subject.user_id,
+        target_type="user",
+        target_id=user_id,
+        data={"from_user_id": str(subject.user_id), "previous_role": old.value},
+    )
+    return [await _member_out(session, target), await _member_out(session, me)]
+
+
+async def sole_owner_tenants(session: AsyncSession, user_id: uuid.UUID) -> list[tuple[Tenant, int]]:
+    """Tenants whose only owner is ``user_id``, with how many other members each has."""
+    owned = select(Membership.tenant_id).where(
+        Membership.user_id == user_id, Membership.role == Role.owner
+    )
+    tenants = list(
+        (
+            await session.execute(
+                select(Tenant).where(Tenant.id.in_(owned), Tenant.status != TenantStatus.deleting)
+            )
+        ).scalars()
+    )
+    out: list[tuple[Tenant, int]] = []
+    for t in tenants:
+        rows = (
+            await session.execute(
+                select(Membership.role, func.count())
+                .where(Membership.tenant_id == t.id, Membership.user_id != user_id)
+                .group_by(Membership.role)
+            )
+        ).all()
+        others = sum(int(n) for _, n in rows)
+        other_owners = sum(int(n) for r, n in rows if r == Role.owner)
+        if other_owners == 0:
+            out.append((t, others))
+    return out
+
+
+# Audit log ---------------------------------------------------------------------------------
+
+
+def audit_query(tenant_id: uuid.UUID) -> Select[tuple[AuditEvent]]:
+    """The tenant's audit events, newest first."""
+    return (
+        select(AuditEvent)
+        .where(AuditEvent.tenant_id == tenant_id)
+        .order_by(AuditEvent.created_at.desc(), AuditEvent.id)
+    )
