@@ -39,6 +39,7 @@ class UserDatabase(SQLAlchemyUserDatabase[User, uuid.UUID]):
         user = User(**create_dict)
         self.session.add(user)
         await self.session.flush()
+        await self.session.refresh(user)  # the stored timestamps (MySQL keeps whole seconds)
         return user
 
     async def update(self, user: User, update_dict: dict[str, Any]) -> User:

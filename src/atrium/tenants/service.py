@@ -40,6 +40,7 @@ async def create_tenant(
     await session.flush()
     session.add(Membership(tenant_id=tenant.id, user_id=owner.id, role=Role.owner))
     await session.flush()
+    await session.refresh(tenant)  # the stored timestamps (MySQL keeps whole seconds)
     async with vector_pool.connection() as conn:
         await ensure_tenant_partition(conn, tenant.id)
     record(
