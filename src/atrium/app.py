@@ -52,6 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await pool.close()
             await redis.aclose()
             await redis_bytes.aclose()
+            if getattr(app.state, "quota_engine", None) is not None:
+                await app.state.quota_engine.dispose()  # billing's own small pool
             await engine.dispose()
 
     app = FastAPI(
@@ -109,4 +111,5 @@ V1_ROUTER_MODULES: list[str] = [
     "atrium.tenants.endpoints",
     "atrium.admin.endpoints",
     "atrium.apikeys.endpoints",
+    "atrium.billing.endpoints",
 ]

@@ -12,6 +12,7 @@ from atrium.config import get_settings
 
 TASK_MODULES = [
     "atrium.kit.tasks",
+    "atrium.billing.tasks",
     "atrium.accounts.tasks",
     "atrium.tenants.tasks",
     "atrium.apikeys.tasks",
@@ -47,6 +48,11 @@ def create_celery() -> Celery:
         beat_schedule={},
         timezone="UTC",
     )
+    # Billing periods start on time: atrium.billing.tasks.roll_periods, every minute.
+    app.conf.beat_schedule["billing-roll-periods"] = {
+        "task": "atrium.billing.roll_periods",
+        "schedule": 60.0,
+    }
     return app
 
 

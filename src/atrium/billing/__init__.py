@@ -1,0 +1,1 @@
+"""Plans, quotas, usage metering and rate-limit policy."""

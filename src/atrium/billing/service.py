@@ -1,0 +1,233 @@
+"""Billing services: the plan catalog, plan changes by superusers, usage figures and history,
+and the tenant-route rate limit (which takes its numbers from the plan)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from fastapi import Request
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from atrium.audit.service import record
+from atrium.auth.subject import AuthSubject
+from atrium.billing import schemas
+from atrium.billing.plans import Limit, PlanCatalog, get_catalog
+from atrium.billing.quota import Metric, Quota, ensure_account, roll_period
+from atrium.kit import metrics
+from atrium.kit.errors import NotFound, TooManyRequests, Unprocessable
+from atrium.kit.ratelimit import enforce_subject_rate_limit
+from atrium.models import Tenant, utcnow
+from atrium.models.billing import UsageDaily
+
+
+def catalog_schema(catalog: PlanCatalog | None = None) -> schemas.PlanCatalog:
+    """Every plan as the public API shows it."""
+    catalog = catalog or get_catalog()
+    return schemas.PlanCatalog(
+        default_plan=catalog.default_plan,
+        plans=[
+            schemas.Plan(
+                name=p.name,
+                title=p.title,
+                description=p.description,
+                price_usd_per_month=p.price_usd_per_month,
+                limits=schemas.PlanLimits.of(p.limits),
+            )
+            for p in catalog.plans.values()
+        ],
+    )
+
+
+async def _tenant_or_404(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
+    tenant = await session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound("Tenant not found")
+    return tenant
+
+
+async def get_tenant_plan(
+    session: AsyncSession, tenant_id: uuid.UUID, catalog: PlanCatalog | None = None
+) -> schemas.TenantPlan:
+    """A tenant's plan, overrides and effective limits.
+
+    Raises:
+        NotFound: no such tenant.
+    """
+    catalog = catalog or get_catalog()
+    tenant = await _tenant_or_404(session, tenant_id)
+    account = await ensure_account(session, tenant_id)
+    await roll_period(session, account, utcnow())
+    overrides = dict(account.overrides or {})
+    limits = dict(catalog.get(tenant.plan).limits)
+    for key, value in overrides.items():
+        if key in Limit.__members__:
+            limits[Limit(key)] = value
+    return schemas.TenantPlan(
+        tenant_id=tenant_id,
+        plan=tenant.plan,
+        overrides=overrides,
+        limits=schemas.PlanLimits.of(limits),
+        period_start=account.period_start,
+        period_end=account.period_end,
+    )
+
+
+async def change_plan(
+    session: AsyncSession,
+    quota: Quota,
+    tenant_id: uuid.UUID,
+    data: schemas.TenantPlanUpdate,
+    *,
+    actor_user_id: uuid.UUID,
+    request: Request | None = None,
+) -> schemas.TenantPlan:
+    """Put a tenant on a plan and set its limit overrides (superusers only); audited.
+
+    The cached snapshot is dropped now; the caller drops it again once the transaction
+    committed, so no request can re-cache the old plan in between.
+
+    Raises:
+        NotFound: no such tenant.
+        Unprocessable: unknown plan.
+    """
+    catalog = quota.catalog
+    if data.plan not in catalog.plans:
+        raise Unprocessable(
+            f"Unknown plan '{data.plan}'; plans are: {', '.join(sorted(catalog.plans))}",
+            detail={
+                "message": f"Unknown plan '{data.plan}'",
+                "plans": sorted(catalog.plans),
+            },
+        )
+    tenant = await _tenant_or_404(session, tenant_id)
+    account = await ensure_account(session, tenant_id)
+    before = {"plan": tenant.plan, "overrides": dict(account.overrides or {})}
+    tenant.plan = data.plan
+    if data.overrides is not None:
+        account.overrides = {k.value: v for k, v in data.overrides.items()}
+    after = {"plan": tenant.plan, "overrides": dict(account.overrides or {})}
+    record(
+        session,
+        "billing.plan_changed",
+        request=request,
+        tenant_id=tenant_id,
+        actor_user_id=actor_user_id,
+        target_type="tenant",
+        target_id=tenant_id,
+        data={"before": before, "after": after},
+    )
+    await session.flush()
+    await quota.forget_billing(tenant_id)
+    return await get_tenant_plan(session, tenant_id, catalog)
+
+
+async def usage(quota: Quota, tenant_id: uuid.UUID) -> schemas.Usage:
+    """Where the tenant stands on every metric this period."""
+    billing = await quota.billing(tenant_id)
+    limits = billing.limits(quota.catalog)
+    figures = await quota.usage(tenant_id)
+    return schemas.Usage(
+        tenant_id=tenant_id,
+        plan=billing.plan,
+        period_start=billing.period.start,
+        period_end=billing.period.end,
+        metrics=[
+            schemas.MetricUsage(
+                metric=f.metric.value,
+                kind="level" if f.metric.is_level else "monthly",
+                used=f.used,
+                reserved=f.reserved,
+                limit=f.limit,
+                percent=f.percent,
+                resets_at=f.resets_at,
+            )
+            for f in figures
+        ],
+        requests_per_minute_per_key=limits[Limit.requests_per_minute_per_key],
+        requests_per_minute_per_user=limits[Limit.requests_per_minute_per_user],
+        max_upload_bytes=limits[Limit.max_upload_bytes],
+    )
+
+
+async def usage_history(
+    session: AsyncSession, tenant_id: uuid.UUID, days: int
+) -> schemas.UsageHistory:
+    """Daily figures for the last ``days`` days (today included), oldest first.
+
+    Monthly metrics show what each day consumed (0 on quiet days); levels show the level at
+    the end of each day, carried forward over days without change.
+    """
+    today = utcnow().date()
+    first = today - dt.timedelta(days=days - 1)
+    rows = (
+        await session.execute(
+            select(UsageDaily.metric, UsageDaily.day, UsageDaily.value).where(
+                UsageDaily.tenant_id == tenant_id, UsageDaily.day >= first
+            )
+        )
+    ).all()
+    by_day: dict[tuple[str, dt.date], int] = {(r.metric, r.day): int(r.value) for r in rows}
+    # Where each level stood before the window opened.
+    levels: dict[str, int] = {}
+    for metric in Metric:
+        if not metric.is_level:
+            continue
+        before = (
+            await session.execute(
+                select(UsageDaily.value)
+                .where(
+                    UsageDaily.tenant_id == tenant_id,
+                    UsageDaily.metric == metric.value,
+                    UsageDaily.day < first,
+                )
+                .order_by(UsageDaily.day.desc())
+                .limit(1)
+            )
+        ).scalar_one_or_none()
+        levels[metric.value] = int(before or 0)
+    out: list[schemas.UsageDay] = []
+    for i in range(days):
+        day = first + dt.timedelta(days=i)
+        values: dict[str, int] = {}
+        for metric in Metric:
+            value = by_day.get((metric.value, day))
+            if metric.is_level:
+                if value is not None:
+                    levels[metric.value] = value
+                values[metric.value] = levels[metric.value]
+            else:
+                values[metric.value] = value or 0
+        out.append(schemas.UsageDay(date=day, values=values))
+    return schemas.UsageHistory(tenant_id=tenant_id, days=out)
+
+
+async def enforce_tenant_rate_limit(request: Request, subject: AuthSubject) -> None:
+    """Count a tenant-route request against the caller's per-minute limit.
+
+    API keys use their own ``rate_limit_per_minute`` when set, else the plan's per-key limit;
+    people use the plan's per-user limit. Each key and each user has its own bucket.
+
+    Raises:
+        TooManyRequests: over the limit (429 with ``Retry-After`` and ``X-RateLimit-*``).
+    """
+    quota = Quota.of(request)
+    limits = await quota.limits(subject.tenant_id)
+    if subject.kind == "api_key":
+        kind, who = "key", subject.api_key_id
+        per_minute = subject.rate_limit_per_minute or limits[Limit.requests_per_minute_per_key]
+    else:
+        kind, who = "user", subject.user_id
+        per_minute = limits[Limit.requests_per_minute_per_user]
+    try:
+        await enforce_subject_rate_limit(
+            request,
+            tenant_id=str(subject.tenant_id),
+            kind=kind,
+            subject_id=str(who),
+            per_minute=per_minute,
+        )
+    except TooManyRequests:
+        metrics.record_rate_limit_rejection("api_key" if kind == "key" else "user")
+        raise

@@ -1,0 +1,100 @@
+"""Billing tasks: the periodic rollover of billing periods (Celery beat, every minute)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+
+from atrium.billing.quota import (
+    Metric,
+    Quota,
+    _tag,
+    alerts_key,
+    ensure_account,
+    reservations_key,
+    roll_period,
+    usage_key,
+)
+from atrium.kit import runtime
+from atrium.kit.db import unit_of_work
+from atrium.models import Tenant, TenantStatus, utcnow
+from atrium.models.billing import BillingAccount
+from atrium.worker import celery_app
+
+log = structlog.get_logger("atrium.billing.tasks")
+
+ROLL_TASK = "atrium.billing.roll_periods"
+#: How often beat runs the rollover: a period starts at most this late.
+ROLL_INTERVAL_SECONDS = 60.0
+_BATCH = 500
+
+
+async def roll_periods(now: dt.datetime | None = None) -> dict[str, Any]:
+    """Start the new period of every tenant whose period ended, and open billing accounts for
+    tenants that have none yet. Idempotent (each move is conditional on the period it read).
+
+    Returns:
+        ``{"rolled": [tenant ids], "opened": n}``.
+    """
+    res = await runtime.resources()
+    quota = Quota.of(res)
+    now = now or utcnow()
+    rolled: list[tuple[str, dt.datetime]] = []
+    opened = 0
+    async with unit_of_work(res.sessionmaker) as session:
+        missing = (
+            await session.execute(
+                select(Tenant.id)
+                .outerjoin(BillingAccount, BillingAccount.tenant_id == Tenant.id)
+                .where(BillingAccount.tenant_id.is_(None), Tenant.status != TenantStatus.deleting)
+                .limit(_BATCH)
+            )
+        ).scalars()
+        for missing_id in list(missing):
+            await ensure_account(session, missing_id, now)
+            opened += 1
+    while True:
+        async with unit_of_work(res.sessionmaker) as session:
+            due = list(
+                (
+                    await session.execute(
+                        select(BillingAccount)
+                        .where(BillingAccount.period_end <= now)
+                        .order_by(BillingAccount.period_end)
+                        .limit(_BATCH)
+                    )
+                ).scalars()
+            )
+            batch: list[tuple[str, dt.datetime]] = []
+            for account in due:
+                old_start = account.period_start
+                if await roll_period(session, account, now):
+                    batch.append((str(account.tenant_id), old_start))
+        # After commit: drop cached snapshots and the finished period's Redis state.
+        for tenant_id, old_start in batch:
+            old = _tag(old_start)
+            keys = [usage_key(tenant_id, old), alerts_key(tenant_id, old)]
+            keys += [reservations_key(tenant_id, old, m) for m in Metric if not m.is_level]
+            await res.redis.delete(*keys)
+            await quota.forget_billing(tenant_id)
+        rolled.extend(batch)
+        if len(due) < _BATCH:
+            break
+    if rolled or opened:
+        log.info("billing_periods_rolled", rolled=len(rolled), opened=opened)
+    return {"rolled": [t for t, _ in rolled], "opened": opened}
+
+
+@celery_app.task(name=ROLL_TASK)
+def roll_periods_task() -> dict[str, Any]:
+    """Beat entry: roll over the billing periods that ended (see :func:`roll_periods`)."""
+    return runtime.run(roll_periods())
+
+
+#: Registered in ``atrium.worker`` (``beat_schedule``).
+BEAT_SCHEDULE = {
+    "billing-roll-periods": {"task": ROLL_TASK, "schedule": ROLL_INTERVAL_SECONDS},
+}

@@ -1,0 +1,302 @@
+"""The quota engine: exact under concurrency, reservations given back on failure, MySQL as the
+source of truth (Redis rebuilt after a flush), monthly rollover by the beat task."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from sqlalchemy import select, update
+
+from atrium.billing.quota import (
+    Metric,
+    Quota,
+    QuotaExceeded,
+    add_months,
+    period_containing,
+    usage_key,
+)
+from atrium.models.billing import BillingAccount, UsageCounter
+from tests.test_quota_helpers import (
+    build_quota_app,
+    serve_http,
+    set_plan,
+    superuser_headers,
+    tenant_with_owner,
+    usage_of,
+)
+
+
+@pytest.fixture(scope="module")
+async def quota_app(test_env: dict[str, Any]) -> AsyncIterator[Any]:
+    app = build_quota_app()
+    async with LifespanManager(app, startup_timeout=60):
+        yield app
+
+
+@pytest.fixture
+async def qclient(quota_app: Any, clean_state: None) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=quota_app, client=("127.0.0.1", 50001))
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
+        yield c
+
+
+async def _limited_tenant(
+    app: Any, client: httpx.AsyncClient, **overrides: int | None
+) -> tuple[Any, dict[str, str]]:
+    tenant, _, headers = await tenant_with_owner(app)
+    admin = await superuser_headers(app)
+    # Per-user rate limit off: these tests are about quotas, not request rates.
+    await set_plan(
+        client,
+        admin,
+        tenant.id,
+        "free",
+        {"requests_per_minute_per_user": None, **overrides},
+    )
+    return tenant, headers
+
+
+async def _db_used(app: Any, tenant_id: uuid.UUID, metric: Metric) -> int:
+    async with app.state.sessionmaker() as s:
+        rows = (
+            await s.execute(
+                select(UsageCounter.used).where(
+                    UsageCounter.tenant_id == tenant_id, UsageCounter.metric == metric.value
+                )
+            )
+        ).scalars()
+        return sum(int(v) for v in rows)
+
+
+async def test_64_concurrent_http_requests_admit_exactly_what_is_left(
+    quota_app: Any, qclient: httpx.AsyncClient
+) -> None:
+    tenant, headers = await _limited_tenant(quota_app, qclient, searches_per_month=12)
+    # Two searches already used this period: 10 are left.
+    for _ in range(2):
+        r = await qclient.post(f"/v1/tenants/{tenant.id}/_quota_test/search", headers=headers)
+        assert r.status_code == 200, r.text
+
+    async with (
+        serve_http(quota_app) as base_url,
+        httpx.AsyncClient(
+            base_url=base_url,
+            timeout=60,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        ) as http,
+    ):
+        url = f"/v1/tenants/{tenant.id}/_quota_test/search?delay=0.05"
+        responses = await asyncio.gather(*[http.post(url, headers=headers) for _ in range(64)])
+
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) == 10, statuses
+    assert statuses.count(402) == 54, statuses
+    refused = next(r for r in responses if r.status_code == 402).json()
+    assert refused["error"] == "QuotaExceeded"
+    detail = refused["detail"]
+    assert detail["metric"] == "searches"
+    assert detail["limit"] == 12
+    assert 10 <= detail["used"] <= 12
+    assert dt.datetime.fromisoformat(detail["resets_at"]) > dt.datetime.now(dt.UTC)
+
+    usage = (await qclient.get(f"/v1/tenants/{tenant.id}/usage", headers=headers)).json()
+    searches = usage_of(usage, "searches")
+    assert (searches["used"], searches["reserved"], searches["limit"]) == (12, 0, 12)
+    assert searches["percent"] == 100.0
+    assert await _db_used(quota_app, tenant.id, Metric.searches) == 12
+
+
+async def test_failed_work_gives_its_reservation_back(
+    quota_app: Any, qclient: httpx.AsyncClient
+) -> None:
+    tenant, headers = await _limited_tenant(quota_app, qclient, searches_per_month=5)
+    url = f"/v1/tenants/{tenant.id}/_quota_test/search"
+    # Five at once take the whole quota, fail, and give it back; then three more, one by one.
+    failures = await asyncio.gather(
+        *[qclient.post(url + "?fail=true", headers=headers) for _ in range(5)]
+    )
+    failures += [await qclient.post(url + "?fail=true", headers=headers) for _ in range(3)]
+    assert [r.status_code for r in failures] == [502] * 8
+    usage = (await qclient.get(f"/v1/tenants/{tenant.id}/usage", headers=headers)).json()
+    assert (usage_of(usage, "searches")["used"], usage_of(usage, "searches")["reserved"]) == (0, 0)
+    assert await _db_used(quota_app, tenant.id, Metric.searches) == 0
+    # Nothing was lost: the whole quota is still there, and no more.
+    for _ in range(5):
+        assert (await qclient.post(url, headers=headers)).status_code == 200
+    assert (await qclient.post(url, headers=headers)).status_code == 402
+
+
+async def test_settle_records_the_actual_amount(quota_app: Any, qclient: httpx.AsyncClient) -> None:
+    tenant, headers = await _limited_tenant(quota_app, qclient, llm_tokens_per_month=1000)
+    url = f"/v1/tenants/{tenant.id}/_quota_test/tokens"
+    r = await qclient.post(url, params={"reserve_n": 600, "actual": 37}, headers=headers)
+    assert r.status_code == 200
+    # Failed before the model answered: nothing counted.
+    r = await qclient.post(
+        url, params={"reserve_n": 600, "actual": 500, "fail": "before"}, headers=headers
+    )
+    assert r.status_code == 502
+    # Failed after the tokens were spent (settled): they count.
+    r = await qclient.post(
+        url, params={"reserve_n": 600, "actual": 100, "fail": "after"}, headers=headers
+    )
+    assert r.status_code == 502
+    usage = (await qclient.get(f"/v1/tenants/{tenant.id}/usage", headers=headers)).json()
+    tokens = usage_of(usage, "llm_tokens")
+    assert (tokens["used"], tokens["reserved"]) == (137, 0)
+    # 863 left: a reservation of 900 does not fit.
+    r = await qclient.post(url, params={"reserve_n": 900, "actual": 1}, headers=headers)
+    assert r.status_code == 402
+    assert r.json()["detail"]["used"] == 137
+    assert await _db_used(quota_app, tenant.id, Metric.llm_tokens) == 137
+
+
+async def test_levels_go_up_and_down(quota_app: Any, qclient: httpx.AsyncClient) -> None:
+    tenant, headers = await _limited_tenant(quota_app, qclient, documents=2)
+    url = f"/v1/tenants/{tenant.id}/_quota_test/documents"
+    assert (await qclient.post(url, params={"size": 1000}, headers=headers)).status_code == 200
+    assert (await qclient.post(url, params={"size": 500}, headers=headers)).status_code == 200
+    refused = await qclient.post(url, headers=headers)
+    assert refused.status_code == 402
+    assert refused.json()["detail"] == {
+        "metric": "documents",
+        "limit": 2,
+        "used": 2,
+        "resets_at": None,
+        "message": refused.json()["detail"]["message"],
+    }
+    # The refused document reserved its bytes first? No: the documents reservation failed
+    # first, so stored bytes are exactly what the two documents hold.
+    usage = (await qclient.get(f"/v1/tenants/{tenant.id}/usage", headers=headers)).json()
+    assert usage_of(usage, "stored_bytes")["used"] == 1500
+    assert usage_of(usage, "documents")["resets_at"] is None
+    assert (await qclient.delete(url, params={"size": 1000}, headers=headers)).status_code == 200
+    usage = (await qclient.get(f"/v1/tenants/{tenant.id}/usage", headers=headers)).json()
+    assert usage_of(usage, "documents")["used"] == 1
+    assert usage_of(usage, "stored_bytes")["used"] == 500
+    assert (await qclient.post(url, headers=headers)).status_code == 200
+
+
+async def test_an_abandoned_reservation_lapses(quota_app: Any, qclient: httpx.AsyncClient) -> None:
+    tenant, _ = await _limited_tenant(quota_app, qclient, answers_per_month=3)
+    quota = Quota.of(quota_app)
+    # A worker that died mid-work never settles nor releases: its hold expires.
+    held = quota.reserve(tenant.id, Metric.answers, 3, ttl_seconds=1)
+    await held.acquire()
+    with pytest.raises(QuotaExceeded):
+        await quota.reserve(tenant.id, Metric.answers, 1).acquire()
+    await asyncio.sleep(1.2)
+    async with quota.reserve(tenant.id, Metric.answers, 3):
+        pass
+    assert (await quota.usage_of(tenant.id, Metric.answers)).used == 3
+
+
+async def test_counters_are_rebuilt_from_mysql_after_a_redis_flush(
+    quota_app: Any, qclient: httpx.AsyncClient
+) -> None:
+    tenant, headers = await _limited_tenant(quota_app, qclient, searches_per_month=10)
+    url = f"/v1/tenants/{tenant.id}/_quota_test/search"
+    docs = f"/v1/tenants/{tenant.id}/_quota_test/documents"
+    for _ in range(7):
+        assert (await qclient.post(url, headers=headers)).status_code == 200
+    assert (await qclient.post(docs, params={"size": 4096}, headers=headers)).status_code == 200
+    before = (await qclient.get(f"/v1/tenants/{tenant.id}/usage", headers=headers)).json()
+
+    await quota_app.state.redis.flushdb()
+
+    after = (await qclient.get(f"/v1/tenants/{tenant.id}/usage", headers=headers)).json()
+    assert after["metrics"] == before["metrics"]
+    assert usage_of(after, "searches")["used"] == 7
+    assert usage_of(after, "stored_bytes")["used"] == 4096
+    # The Redis counters themselves are back, and enforcement continues exactly.
+    tag = dt.datetime.fromisoformat(after["period_start"]).strftime("%Y%m%dT%H%M%S")
+    assert await quota_app.state.redis.hget(usage_key(tenant.id, tag), "searches") == "7"
+    for _ in range(3):
+        assert (await qclient.post(url, headers=headers)).status_code == 200
+    assert (await qclient.post(url, headers=headers)).status_code == 402
+
+
+async def test_period_rolls_over_by_the_beat_task(
+    quota_app: Any, qclient: httpx.AsyncClient, celery_worker: Any
+) -> None:
+    from atrium.worker import celery_app
+
+    entry = celery_app.conf.beat_schedule["billing-roll-periods"]
+    assert entry["task"] == "atrium.billing.roll_periods"
+    assert entry["schedule"] <= 60
+
+    tenant, headers = await _limited_tenant(quota_app, qclient, searches_per_month=3)
+    url = f"/v1/tenants/{tenant.id}/_quota_test/search"
+    docs = f"/v1/tenants/{tenant.id}/_quota_test/documents"
+    for _ in range(3):
+        assert (await qclient.post(url, headers=headers)).status_code == 200
+    assert (await qclient.post(docs, headers=headers)).status_code == 200
+    assert (await qclient.post(url, headers=headers)).status_code == 402
+
+    # Put the tenant in a period that ended an hour ago, as if a month had passed.
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    new_start = now - dt.timedelta(hours=1)
+    old_start = add_months(new_start, -1)
+    async with quota_app.state.sessionmaker() as s:
+        await s.execute(
+            update(BillingAccount)
+            .where(BillingAccount.tenant_id == tenant.id)
+            .values(period_anchor=new_start, period_start=old_start, period_end=new_start)
+        )
+        await s.execute(
+            update(UsageCounter)
+            .where(UsageCounter.tenant_id == tenant.id, UsageCounter.metric == "searches")
+            .values(period_start=old_start)
+        )
+        await s.commit()
+    await Quota.of(quota_app).forget_billing(tenant.id)
+
+    result = await asyncio.to_thread(
+        lambda: celery_app.send_task("atrium.billing.roll_periods").get(timeout=60)
+    )
+    assert str(tenant.id) in result["rolled"]
+
+    usage = (await qclient.get(f"/v1/tenants/{tenant.id}/usage", headers=headers)).json()
+    assert dt.datetime.fromisoformat(usage["period_start"]) == new_start
+    assert dt.datetime.fromisoformat(usage["period_end"]) == add_months(new_start, 1)
+    searches = usage_of(usage, "searches")
+    assert searches["used"] == 0
+    assert dt.datetime.fromisoformat(searches["resets_at"]) == dt.datetime.fromisoformat(
+        usage["period_end"]
+    )
+    # Levels do not reset.
+    assert usage_of(usage, "documents")["used"] == 1
+    # The new period has its full quota; the old one stays on record in MySQL.
+    for _ in range(3):
+        assert (await qclient.post(url, headers=headers)).status_code == 200
+    assert (await qclient.post(url, headers=headers)).status_code == 402
+    assert await _db_used(quota_app, tenant.id, Metric.searches) == 6
+
+    # Running it again changes nothing.
+    again = await asyncio.to_thread(
+        lambda: celery_app.send_task("atrium.billing.roll_periods").get(timeout=60)
+    )
+    assert str(tenant.id) not in again["rolled"]
+
+
+def test_periods_follow_the_anchor_day_clamped_to_short_months() -> None:
+    anchor = dt.datetime(2026, 1, 31, 9, 30, tzinfo=dt.UTC)
+    assert add_months(anchor, 1) == dt.datetime(2026, 2, 28, 9, 30, tzinfo=dt.UTC)
+    assert add_months(anchor, 2) == dt.datetime(2026, 3, 31, 9, 30, tzinfo=dt.UTC)
+    assert add_months(anchor, 13) == dt.datetime(2027, 2, 28, 9, 30, tzinfo=dt.UTC)
+    p = period_containing(anchor, dt.datetime(2026, 3, 5, tzinfo=dt.UTC))
+    assert (p.start, p.end) == (
+        dt.datetime(2026, 2, 28, 9, 30, tzinfo=dt.UTC),
+        dt.datetime(2026, 3, 31, 9, 30, tzinfo=dt.UTC),
+    )
+    p = period_containing(anchor, dt.datetime(2026, 3, 31, 9, 30, tzinfo=dt.UTC))
+    assert p.start == dt.datetime(2026, 3, 31, 9, 30, tzinfo=dt.UTC)
+    p = period_containing(anchor, dt.datetime(2026, 1, 31, 9, 29, tzinfo=dt.UTC))
+    assert p.end == anchor
