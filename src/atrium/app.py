@@ -111,5 +111,7 @@ V1_ROUTER_MODULES: list[str] = [
     "atrium.tenants.endpoints",
     "atrium.admin.endpoints",
     "atrium.apikeys.endpoints",
+    "atrium.collections.endpoints",
+    "atrium.ingestion.endpoints",
     "atrium.billing.endpoints",
 ]

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
     celery_always_eager: bool = Field(
         False, description="Run Celery tasks in-process (only for debugging; never in production)."
     )
+    celery_visibility_timeout: int = Field(
+        7200,
+        ge=1,
+        description="Seconds before Redis hands an unacknowledged task (its worker died) to "
+        "another worker; keep it above the longest task.",
+    )
 
     smtp_host: str = Field(
         "", description="SMTP server. Empty: mail is written to data_dir/outbox."
@@ -120,6 +126,17 @@ class Settings(BaseSettings):
     embedding_threads: int = Field(0, ge=0, description="ONNX threads (0: all cores).")
     chunk_tokens: int = Field(256, ge=16, description="Target chunk size in model tokens.")
     chunk_overlap_tokens: int = Field(32, ge=0, description="Overlap between chunks in tokens.")
+    ingestion_stuck_after_seconds: int = Field(
+        900,
+        ge=30,
+        description="A document queued or processing this long without progress is requeued.",
+    )
+    ingestion_max_attempts: int = Field(
+        5, ge=1, description="Processing runs a document may start before it is marked failed."
+    )
+    ingestion_sweep_interval_seconds: int = Field(
+        300, ge=5, description="How often beat looks for stuck documents and deletions."
+    )
 
     llm_model: str = Field(
         "", description="litellm model for answers (e.g. openai/gpt-4o-mini). Empty: extractive."

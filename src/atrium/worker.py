@@ -16,6 +16,8 @@ TASK_MODULES = [
     "atrium.accounts.tasks",
     "atrium.tenants.tasks",
     "atrium.apikeys.tasks",
+    "atrium.collections.tasks",
+    "atrium.ingestion.tasks",
 ]
 
 
@@ -41,11 +43,16 @@ def create_celery() -> Celery:
         result_expires=3600,
         task_always_eager=settings.celery_always_eager,
         # Longer than the longest task, or Redis would hand an unacked task to a second worker.
-        broker_transport_options={"visibility_timeout": 7200},
+        broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout},
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
-        beat_schedule={},
+        beat_schedule={
+            "ingestion-sweep": {
+                "task": "atrium.ingestion.sweep",
+                "schedule": float(settings.ingestion_sweep_interval_seconds),
+            },
+        },
         timezone="UTC",
     )
     # Billing periods start on time: atrium.billing.tasks.roll_periods, every minute.

@@ -1,0 +1,121 @@
+"""Routes: create, list, read, change and delete a tenant's collections."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request, status
+
+from atrium.auth.dependencies import require
+from atrium.auth.permissions import Permission
+from atrium.auth.subject import AuthSubject
+from atrium.collections import service
+from atrium.collections.repository import CollectionRepository
+from atrium.collections.schemas import Collection, CollectionCreate, CollectionUpdate
+from atrium.kit.db import DBSession
+from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized, error_responses
+from atrium.kit.pagination import Page, Params, paginate_query
+
+router = APIRouter(prefix="/tenants/{tenant_id}/collections", tags=["collections"])
+
+_AUTH_ERRORS = (Unauthorized, Forbidden, NotFound)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Collection,
+    summary="Create a collection",
+    responses=error_responses(*_AUTH_ERRORS, Conflict),
+)
+async def create_collection(
+    tenant_id: uuid.UUID,
+    data: CollectionCreate,
+    request: Request,
+    session: DBSession,
+    subject: AuthSubject = Depends(require(Permission.collections_write)),
+) -> Collection:
+    """Create an empty collection. Names are unique in the tenant, regardless of case (409)."""
+    collection = await service.create(session, subject, data, request)
+    return service.to_schema(collection)
+
+
+@router.get(
+    "",
+    response_model=Page[Collection],
+    summary="List collections",
+    responses=error_responses(*_AUTH_ERRORS),
+)
+async def list_collections(
+    tenant_id: uuid.UUID,
+    session: DBSession,
+    params: Annotated[Params, Depends()],
+    subject: AuthSubject = Depends(require(Permission.collections_read)),
+) -> Any:
+    """The tenant's collections, newest first, with document, chunk and byte totals."""
+    query = CollectionRepository(session, subject.tenant_id).list_query()
+    return await paginate_query(session, query, params, service.rows_to_schemas)
+
+
+@router.get(
+    "/{collection_id}",
+    response_model=Collection,
+    summary="Get a collection",
+    responses=error_responses(*_AUTH_ERRORS),
+)
+async def get_collection(
+    tenant_id: uuid.UUID,
+    collection_id: uuid.UUID,
+    session: DBSession,
+    subject: AuthSubject = Depends(require(Permission.collections_read)),
+) -> Collection:
+    """One collection with its totals. While it is being deleted its status is `deleting`."""
+    collection = await service.get(session, subject, collection_id)
+    return await service.with_totals(session, subject, collection)
+
+
+@router.patch(
+    "/{collection_id}",
+    response_model=Collection,
+    summary="Change a collection",
+    responses=error_responses(*_AUTH_ERRORS, Conflict),
+)
+async def update_collection(
+    tenant_id: uuid.UUID,
+    collection_id: uuid.UUID,
+    data: CollectionUpdate,
+    request: Request,
+    session: DBSession,
+    subject: AuthSubject = Depends(require(Permission.collections_write)),
+) -> Collection:
+    """Rename a collection or change its description or metadata.
+
+    409 when the new name is taken or the collection is being deleted.
+    """
+    collection = await service.update(session, subject, collection_id, data, request)
+    return await service.with_totals(session, subject, collection)
+
+
+@router.delete(
+    "/{collection_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Collection,
+    summary="Delete a collection",
+    responses=error_responses(*_AUTH_ERRORS),
+)
+async def delete_collection(
+    tenant_id: uuid.UUID,
+    collection_id: uuid.UUID,
+    request: Request,
+    session: DBSession,
+    subject: AuthSubject = Depends(require(Permission.collections_write)),
+) -> Collection:
+    """Delete a collection with all its documents, chunks and files.
+
+    Answers 202 at once: the removal runs in the background. Until it is done the collection
+    is listed with status `deleting` (and accepts no uploads); then it answers 404. Its name
+    can be used for a new collection immediately.
+    """
+    collection = await service.delete(session, subject, collection_id, request)
+    return await service.with_totals(session, subject, collection)

@@ -1,0 +1,211 @@
+"""Collections: create, change, list, and delete (in the background, through Celery)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from atrium.audit.service import record
+from atrium.auth.subject import AuthSubject
+from atrium.collections import schemas
+from atrium.collections.repository import CollectionRepository, CollectionTotals, name_key
+from atrium.kit.enqueue import enqueue
+from atrium.kit.errors import Conflict, NotFound
+from atrium.models.ingestion import Collection, CollectionStatus
+
+#: The Celery task that removes a collection's documents, chunks and files.
+DELETE_TASK = "atrium.collections.delete"
+
+
+def to_schema(collection: Collection, totals: CollectionTotals | None = None) -> schemas.Collection:
+    """The response body of a collection."""
+    totals = totals or CollectionTotals()
+    return schemas.Collection(
+        id=collection.id,
+        name=collection.name,
+        description=collection.description,
+        metadata=collection.metadata_ or {},
+        status=collection.status,
+        document_count=totals.documents,
+        chunk_count=totals.chunks,
+        total_bytes=totals.bytes,
+        created_at=collection.created_at,
+        updated_at=collection.updated_at,
+    )
+
+
+def rows_to_schemas(rows: Sequence[Any]) -> list[schemas.Collection]:
+    """Turn ``CollectionRepository.list_query`` rows into response bodies."""
+    return [
+        to_schema(
+            row[0],
+            CollectionTotals(int(row[1] or 0), int(row[2] or 0), int(row[3] or 0)),
+        )
+        for row in rows
+    ]
+
+
+def _name_taken(name: str) -> Conflict:
+    return Conflict(f"A collection named '{name}' already exists in this tenant; pick another name")
+
+
+async def _flush_unique(session: AsyncSession, collection: Collection, name: str) -> None:
+    # The unique key settles a race between two requests creating the same name.
+    try:
+        async with session.begin_nested():
+            session.add(collection)
+            await session.flush()
+    except IntegrityError:
+        raise _name_taken(name) from None
+
+
+async def get(session: AsyncSession, subject: AuthSubject, collection_id: uuid.UUID) -> Collection:
+    """A collection of the subject's tenant (also while it is being deleted).
+
+    Raises:
+        NotFound: when it does not exist in this tenant.
+    """
+    collection = await CollectionRepository(session, subject.tenant_id).get(collection_id)
+    if collection is None:
+        raise NotFound("Collection not found")
+    return collection
+
+
+async def get_writable(
+    session: AsyncSession, tenant_id: uuid.UUID, collection_id: uuid.UUID
+) -> Collection:
+    """A collection that may receive changes (not being deleted).
+
+    Raises:
+        NotFound: when it does not exist in this tenant.
+        Conflict: when it is being deleted.
+    """
+    collection = await CollectionRepository(session, tenant_id).get(collection_id)
+    if collection is None:
+        raise NotFound("Collection not found")
+    if collection.status is CollectionStatus.deleting:
+        raise Conflict("This collection is being deleted; it accepts no more changes")
+    return collection
+
+
+async def with_totals(
+    session: AsyncSession, subject: AuthSubject, collection: Collection
+) -> schemas.Collection:
+    """The response body of one collection, totals included."""
+    totals = await CollectionRepository(session, subject.tenant_id).totals([collection.id])
+    return to_schema(collection, totals.get(collection.id))
+
+
+async def create(
+    session: AsyncSession,
+    subject: AuthSubject,
+    data: schemas.CollectionCreate,
+    request: Request | None = None,
+) -> Collection:
+    """Create a collection.
+
+    Raises:
+        Conflict: when the tenant already has a collection of that name.
+    """
+    repo = CollectionRepository(session, subject.tenant_id)
+    if await repo.by_name(data.name) is not None:
+        raise _name_taken(data.name)
+    collection = Collection(
+        tenant_id=subject.tenant_id,
+        name=data.name,
+        name_key=name_key(data.name),
+        description=data.description,
+        metadata_=data.metadata,
+        status=CollectionStatus.active,
+    )
+    await _flush_unique(session, collection, data.name)
+    _audit(session, subject, "collection.created", collection, request, {"name": data.name})
+    return collection
+
+
+async def update(
+    session: AsyncSession,
+    subject: AuthSubject,
+    collection_id: uuid.UUID,
+    data: schemas.CollectionUpdate,
+    request: Request | None = None,
+) -> Collection:
+    """Change a collection's name, description or metadata.
+
+    Raises:
+        NotFound: when it does not exist in this tenant.
+        Conflict: when it is being deleted, or the new name is taken.
+    """
+    collection = await get_writable(session, subject.tenant_id, collection_id)
+    changes = data.model_dump(exclude_unset=True, exclude_none=True)
+    if "name" in changes and name_key(changes["name"]) != collection.name_key:
+        other = await CollectionRepository(session, subject.tenant_id).by_name(changes["name"])
+        if other is not None and other.id != collection.id:
+            raise _name_taken(changes["name"])
+    if "name" in changes:
+        collection.name = changes["name"]
+        collection.name_key = name_key(changes["name"])
+    if "description" in changes:
+        collection.description = changes["description"]
+    if "metadata" in changes:
+        collection.metadata_ = changes["metadata"]
+    await _flush_unique(session, collection, collection.name)
+    _audit(session, subject, "collection.updated", collection, request, {"fields": sorted(changes)})
+    return collection
+
+
+async def delete(
+    session: AsyncSession,
+    subject: AuthSubject,
+    collection_id: uuid.UUID,
+    request: Request | None = None,
+) -> Collection:
+    """Mark a collection as being deleted and enqueue the removal of everything in it.
+
+    The name is free again at once; the collection answers with status ``deleting`` until the
+    task has removed its documents, chunks and files, and 404 after that. Deleting a collection
+    that is already being deleted changes nothing.
+
+    Raises:
+        NotFound: when it does not exist in this tenant.
+    """
+    collection = await get(session, subject, collection_id)
+    if collection.status is CollectionStatus.deleting:
+        return collection
+    collection.status = CollectionStatus.deleting
+    collection.name_key = None
+    await session.flush()
+    _audit(session, subject, "collection.deleted", collection, request, {"name": collection.name})
+    enqueue(
+        session,
+        DELETE_TASK,
+        tenant_id=str(subject.tenant_id),
+        collection_id=str(collection.id),
+    )
+    return collection
+
+
+def _audit(
+    session: AsyncSession,
+    subject: AuthSubject,
+    action: str,
+    collection: Collection,
+    request: Request | None,
+    data: dict[str, Any],
+) -> None:
+    record(
+        session,
+        action,
+        request=request,
+        tenant_id=subject.tenant_id,
+        actor_user_id=subject.user_id,
+        actor_api_key_id=subject.api_key_id,
+        target_type="collection",
+        target_id=collection.id,
+        data=data,
+    )

@@ -1,0 +1,306 @@
+"""The ingestion pipeline of one document: extract → chunk → embed → store.
+
+Runs inside a Celery task (``atrium.ingestion.process_document``). Each run claims the document
+with a fresh ``run_id``; all its later writes are fenced on it (see ``repository``), and the
+chunks are replaced in one transaction (see ``vectorstore``). So a task delivered twice, a run
+interrupted by a crash and then re-run, or a re-index racing a running job all end with exactly
+one set of chunks and a consistent row.
+
+The row is updated at stage boundaries, at most about once a second (a small document goes
+from ``processing`` to ``ready`` without intermediate writes; a large one shows its stage and
+percent, and its heartbeat keeps the stuck-job sweeper away).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+import psycopg_pool
+import redis.exceptions
+import sqlalchemy.exc
+import structlog
+
+from atrium.ingestion import extract as extraction
+from atrium.ingestion.embedders import Tools
+from atrium.ingestion.embedding import EmbeddingError
+from atrium.ingestion.exceptions import BadDocument, Superseded
+from atrium.ingestion.repository import DocumentRepository
+from atrium.ingestion.vectorstore import replace_document_chunks
+from atrium.kit.blobstore import get_blobstore
+from atrium.kit.cache_versions import bump_collection_version
+from atrium.kit.db import unit_of_work
+from atrium.kit.runtime import Resources
+
+log = structlog.get_logger("atrium.ingestion")
+
+#: Percent reached when each stage starts.
+STAGE_PERCENT = {"extract": 0, "chunk": 10, "embed": 20, "store": 90}
+#: Texts per embedder call: large enough to batch well, small enough to report progress.
+EMBED_SLICE = 128
+#: Minimum seconds between two progress writes of one run.
+PROGRESS_INTERVAL = 1.0
+#: Above this many characters of text a document takes seconds: every stage boundary is shown.
+LARGE_TEXT_CHARS = 20_000
+
+
+class TransientFailure(Exception):
+    """A fault that may go away (database, broker, provider): the task retries later.
+
+    Attributes:
+        run_id: the run that met it (None before the document was claimed).
+    """
+
+    def __init__(self, message: str, run_id: str | None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying later may succeed."""
+    if isinstance(exc, EmbeddingError):
+        return exc.transient
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc,
+        (
+            sqlalchemy.exc.OperationalError,
+            sqlalchemy.exc.InterfaceError,
+            sqlalchemy.exc.TimeoutError,
+            psycopg.OperationalError,
+            psycopg_pool.PoolTimeout,
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ) or (isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError))
+
+
+@dataclass
+class Outcome:
+    """How a run ended: ``ready``, ``failed``, ``skipped`` (nothing to do) or ``superseded``."""
+
+    status: str
+    chunks: int = 0
+    tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+class _Run:
+    """One processing run of one document."""
+
+    def __init__(
+        self, res: Resources, tools: Tools, tenant_id: uuid.UUID, document_id: uuid.UUID
+    ) -> None:
+        self.res = res
+        self.tools = tools
+        self.tenant_id = tenant_id
+        self.document_id = document_id
+        self.run_id = str(uuid.uuid4())
+        self.timings: dict[str, float] = {}
+        self._last_write = time.monotonic()
+        self._large = False
+
+    async def _progress(self, stage: str, percent: int, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not (force or self._large) and now - self._last_write < PROGRESS_INTERVAL:
+            return
+        async with unit_of_work(self.res.sessionmaker) as session:
+            mine = await DocumentRepository(session, self.tenant_id).progress(
+                self.document_id, self.run_id, stage, percent
+            )
+        self._last_write = now
+        if not mine:
+            raise Superseded()
+
+    async def _still_owned(self) -> bool:
+        async with self.res.sessionmaker() as session:
+            return await DocumentRepository(session, self.tenant_id).owned(
+                self.document_id, self.run_id
+            )
+
+    async def _embed(self, texts: list[str]) -> np.ndarray[Any, Any]:
+        embedder = self.tools.embedder
+        parts = []
+        for start in range(0, len(texts), EMBED_SLICE):
+            parts.append(embedder.embed(texts[start : start + EMBED_SLICE]))
+            done = min(len(texts), start + EMBED_SLICE)
+            if done < len(texts):
+                span = STAGE_PERCENT["store"] - STAGE_PERCENT["embed"]
+                await self._progress("embed", STAGE_PERCENT["embed"] + span * done // len(texts))
+        return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+    async def run(self, max_attempts: int) -> Outcome:
+        started = time.perf_counter()
+        async with unit_of_work(self.res.sessionmaker) as session:
+            repo = DocumentRepository(session, self.tenant_id)
+            claimed = await repo.claim(self.document_id, self.run_id)
+            if claimed is None:
+                return Outcome("skipped")
+            document, queued_since = claimed
+            if document.attempts > max_attempts:
+                reason = (
+                    f"Processing was started {document.attempts - 1} times without finishing "
+                    "(the worker stopped each time, e.g. out of memory or time); the document "
+                    "may be too large. Split it into smaller files, or re-index it to try again."
+                )
+                await repo.fail(self.document_id, self.run_id, reason, {})
+                return Outcome("failed", error=reason)
+            collection_id = document.collection_id
+            blob_key = document.blob_key
+            content_type = document.content_type
+            metadata = {**(document.metadata_ or {}), "title": document.title}
+            if queued_since is not None and document.started_at is not None:
+                wait = (document.started_at - queued_since).total_seconds()
+                self.timings["queue_ms"] = _ms(max(0.0, wait))
+
+        # extract
+        mark = time.perf_counter()
+        try:
+            data = await get_blobstore(self.res.settings).get(blob_key)
+        except FileNotFoundError:
+            raise BadDocument(
+                "The uploaded file is missing from storage; delete this document and upload "
+                "the file again"
+            ) from None
+        extracted = extraction.extract(data, content_type)
+        del data
+        self._large = len(extracted.text) > LARGE_TEXT_CHARS
+        self.timings["extract_ms"] = _ms(time.perf_counter() - mark)
+        await self._progress("chunk", STAGE_PERCENT["chunk"])
+
+        # chunk
+        mark = time.perf_counter()
+        chunks = self.tools.chunker.split(extracted.text, markdown=extracted.markdown)
+        if not chunks:
+            raise BadDocument("The document has no text to index")
+        texts = [chunk.text for chunk in chunks]
+        token_counts = [chunk.token_count for chunk in chunks]
+        self.timings["chunk_ms"] = _ms(time.perf_counter() - mark)
+        await self._progress("embed", STAGE_PERCENT["embed"])
+
+        # embed
+        mark = time.perf_counter()
+        vectors = await self._embed(texts)
+        self.timings["embed_ms"] = _ms(time.perf_counter() - mark)
+        await self._progress("store", STAGE_PERCENT["store"])
+
+        # store
+        mark = time.perf_counter()
+        async with self.res.vector_pool.connection() as conn:
+            written = await replace_document_chunks(
+                conn,
+                tenant_id=self.tenant_id,
+                collection_id=collection_id,
+                document_id=self.document_id,
+                texts=texts,
+                token_counts=token_counts,
+                embeddings=vectors,
+                metadata=metadata,
+                still_owned=self._still_owned,
+            )
+        if not written:
+            raise Superseded()
+        self.timings["store_ms"] = _ms(time.perf_counter() - mark)
+        self.timings["total_ms"] = _ms(time.perf_counter() - started)
+        tokens = sum(token_counts)
+        async with unit_of_work(self.res.sessionmaker) as session:
+            finished = await DocumentRepository(session, self.tenant_id).finish(
+                self.document_id,
+                self.run_id,
+                chunk_count=len(texts),
+                token_count=tokens,
+                timings=self.timings,
+                title=None,
+            )
+        # The chunks are in: searches must not be answered from the cache any longer, even if
+        # a newer run took the row over meanwhile.
+        await bump_collection_version(self.res.redis, self.tenant_id, collection_id)
+        if not finished:
+            raise Superseded()
+        return Outcome("ready", len(texts), tokens, self.timings)
+
+    async def fail(self, reason: str) -> None:
+        """Mark the document failed, if this run still owns it."""
+        self.timings.pop("total_ms", None)
+        async with unit_of_work(self.res.sessionmaker) as session:
+            await DocumentRepository(session, self.tenant_id).fail(
+                self.document_id, self.run_id, reason, self.timings
+            )
+
+
+async def process(
+    res: Resources,
+    tools: Tools,
+    tenant_id: uuid.UUID,
+    document_id: uuid.UUID,
+    *,
+    max_attempts: int,
+) -> Outcome:
+    """Process one document end to end.
+
+    Returns:
+        The outcome (``ready``, ``failed``, ``skipped`` or ``superseded``).
+
+    Raises:
+        TransientFailure: for faults worth retrying later; the document is left to the retry.
+    """
+    run = _Run(res, tools, tenant_id, document_id)
+    try:
+        return await run.run(max_attempts)
+    except Superseded:
+        log.info("ingestion_superseded", tenant_id=str(tenant_id), document_id=str(document_id))
+        return Outcome("superseded")
+    except BadDocument as exc:
+        await run.fail(exc.message)
+        return Outcome("failed", timings=run.timings, error=exc.message)
+    except EmbeddingError as exc:
+        if exc.transient:
+            raise TransientFailure(str(exc), run.run_id) from exc
+        reason = f"The embedding provider refused this document: {exc}"
+        await run.fail(reason)
+        return Outcome("failed", timings=run.timings, error=reason)
+    except Exception as exc:
+        if is_transient(exc):
+            raise TransientFailure(f"{type(exc).__name__}: {exc}", run.run_id) from exc
+        log.exception("ingestion_error", tenant_id=str(tenant_id), document_id=str(document_id))
+        reason = (
+            f"An unexpected error stopped processing ({type(exc).__name__}); re-index the "
+            f"document to try again, or contact support quoting document id {document_id}"
+        )
+        try:
+            await run.fail(reason)
+        except Exception:  # the original error matters more than this one
+            log.exception("ingestion_fail_write_error", document_id=str(document_id))
+        raise
+
+
+async def note_retry(
+    res: Resources,
+    tenant_id: uuid.UUID,
+    document_id: uuid.UUID,
+    run_id: str | None,
+    note: str,
+) -> None:
+    """Put the document back in ``queued`` with a note saying why and that a retry is coming."""
+    async with unit_of_work(res.sessionmaker) as session:
+        await DocumentRepository(session, tenant_id).requeue(document_id, run_id, note)
+
+
+async def give_up(
+    res: Resources, tenant_id: uuid.UUID, document_id: uuid.UUID, reason: str
+) -> None:
+    """Fail the document after the last retry."""
+    async with unit_of_work(res.sessionmaker) as session:
+        await DocumentRepository(session, tenant_id).fail(document_id, None, reason, {})

@@ -1,0 +1,325 @@
+"""Documents: upload (validated, stored, queued), read, re-index and delete.
+
+Uploads are checked completely before anything is stored: one bad file in a multipart request
+refuses the whole request with a 4xx naming that file. The raw bytes go to the blob store, the
+row is committed as ``queued``, and only then is the processing task sent (enqueue after commit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.concurrency import run_in_threadpool
+
+from atrium.audit.service import record
+from atrium.auth.subject import AuthSubject
+from atrium.collections.service import get_writable
+from atrium.config import Settings
+from atrium.ingestion import extract, schemas
+from atrium.ingestion.exceptions import BadDocument
+from atrium.ingestion.limits import human_bytes, max_upload_bytes
+from atrium.ingestion.repository import DocumentRepository
+from atrium.kit.blobstore import BlobStore, tenant_prefix
+from atrium.kit.enqueue import enqueue
+from atrium.kit.errors import (
+    AtriumError,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    Unprocessable,
+    UnsupportedMediaType,
+)
+from atrium.models.base import utcnow
+from atrium.models.ingestion import Document, DocumentStatus
+
+PROCESS_TASK = "atrium.ingestion.process_document"
+DELETE_TASK = "atrium.ingestion.delete_document"
+
+
+@dataclass
+class Incoming:
+    """One document of an upload request, before validation.
+
+    Attributes:
+        label: how messages name it (``File 'a.pdf'`` or ``The text``).
+        read: returns the bytes (may be called twice: to check, then to store).
+        size: the size in bytes.
+        declared_type: the Content-Type the client sent for it, if any.
+        filename: the uploaded file's name, if any.
+        title: a title the client gave (wins over the document's own).
+        fallback_title: used when neither the client nor the document gives a title.
+        metadata: validated metadata.
+    """
+
+    label: str
+    read: Callable[[], Awaitable[bytes]]
+    size: int
+    declared_type: str | None = None
+    filename: str | None = None
+    title: str | None = None
+    fallback_title: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Checked:
+    incoming: Incoming
+    sha256: str
+    content_type: str
+    title: str
+    size: int
+
+
+def to_schema(document: Document) -> schemas.Document:
+    """The response body of a document."""
+    stage = document.stage if document.status is DocumentStatus.processing else None
+    return schemas.Document(
+        id=document.id,
+        collection_id=document.collection_id,
+        title=document.title,
+        filename=document.filename,
+        content_type=document.content_type,
+        size_bytes=document.size_bytes,
+        sha256=document.sha256,
+        metadata=document.metadata_ or {},
+        status=document.status,
+        stage=schemas.Stage(stage) if stage else None,
+        progress=document.progress,
+        error=document.error,
+        chunk_count=document.chunk_count,
+        token_count=document.token_count,
+        timings=document.timings or {},
+        attempts=document.attempts,
+        created_at=document.created_at,
+        updated_at=document.updated_at,
+        processed_at=document.processed_at,
+    )
+
+
+def rows_to_schemas(rows: Sequence[Any]) -> list[schemas.Document]:
+    """Turn ``DocumentRepository.list_query`` rows into response bodies."""
+    return [to_schema(row) for row in rows]
+
+
+def blob_key(tenant_id: uuid.UUID, collection_id: uuid.UUID, document_id: uuid.UUID) -> str:
+    """Where a document's raw bytes live; a collection's documents share one prefix."""
+    return f"{collection_prefix(tenant_id, collection_id)}documents/{document_id}"
+
+
+def collection_prefix(tenant_id: uuid.UUID, collection_id: uuid.UUID) -> str:
+    """The blob prefix of everything in a collection."""
+    return f"{tenant_prefix(tenant_id)}collections/{collection_id}/"
+
+
+def _to_http(exc: BadDocument) -> AtriumError:
+    if exc.status_code == 415:
+        return UnsupportedMediaType(exc.message)
+    if exc.status_code == 413:
+        return PayloadTooLarge(exc.message)
+    return Unprocessable(exc.message)
+
+
+def _too_large(label: str, size: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"{label} is {human_bytes(size)}; the largest upload allowed is {human_bytes(limit)}. "
+        "Split it into smaller documents."
+    )
+
+
+async def _check(item: Incoming, limit: int) -> _Checked:
+    if item.size > limit:
+        raise _too_large(item.label, item.size, limit)
+    data = await item.read()
+    if len(data) > limit:
+        raise _too_large(item.label, len(data), limit)
+    try:
+        detected = await run_in_threadpool(
+            extract.inspect_upload, data, item.declared_type, item.label
+        )
+    except BadDocument as exc:
+        raise _to_http(exc) from None
+    title = item.title or detected.title or item.filename or item.fallback_title or "Untitled"
+    return _Checked(
+        item, hashlib.sha256(data).hexdigest(), detected.content_type, title[:500], len(data)
+    )
+
+
+async def upload(
+    session: AsyncSession,
+    subject: AuthSubject,
+    collection_id: uuid.UUID,
+    items: Sequence[Incoming],
+    *,
+    settings: Settings,
+    blobs: BlobStore,
+    request: Request | None = None,
+) -> list[tuple[Document, bool]]:
+    """Validate, store and queue documents; the same bytes already in the collection are
+    returned instead of stored twice.
+
+    Returns:
+        ``(document, duplicate)`` per item, in order.
+
+    Raises:
+        NotFound: no such collection in the tenant.
+        Conflict: the collection is being deleted.
+        PayloadTooLarge, UnsupportedMediaType, Unprocessable: a bad item (nothing is stored).
+    """
+    collection = await get_writable(session, subject.tenant_id, collection_id)
+    limit = await max_upload_bytes(session, subject.tenant_id, settings)
+    checked = [await _check(item, limit) for item in items]
+
+    repo = DocumentRepository(session, subject.tenant_id)
+    results: list[tuple[Document, bool]] = []
+    for item in checked:
+        existing = await repo.by_sha(collection.id, item.sha256)
+        if existing is not None:
+            results.append((existing, True))
+            continue
+        document = Document(
+            id=uuid.uuid4(),
+            tenant_id=subject.tenant_id,
+            collection_id=collection.id,
+            title=item.title,
+            filename=(item.incoming.filename or None) and item.incoming.filename[:500],
+            content_type=item.content_type,
+            size_bytes=item.size,
+            sha256=item.sha256,
+            metadata_=item.incoming.metadata,
+            status=DocumentStatus.queued,
+            progress=0,
+            chunk_count=0,
+            token_count=0,
+            timings={},
+            attempts=0,
+            heartbeat_at=utcnow(),
+        )
+        document.blob_key = blob_key(subject.tenant_id, collection.id, document.id)
+        try:
+            # A concurrent upload of the same bytes may win the unique key: return its row.
+            async with session.begin_nested():
+                session.add(document)
+                await session.flush()
+        except IntegrityError:
+            winner = await repo.by_sha(collection.id, item.sha256)
+            if winner is None:
+                raise
+            results.append((winner, True))
+            continue
+        await blobs.put(document.blob_key, await item.incoming.read())
+        enqueue(
+            session,
+            PROCESS_TASK,
+            tenant_id=str(subject.tenant_id),
+            document_id=str(document.id),
+        )
+        _audit(session, subject, "document.uploaded", document, request)
+        results.append((document, False))
+    return results
+
+
+async def get(
+    session: AsyncSession,
+    subject: AuthSubject,
+    collection_id: uuid.UUID,
+    document_id: uuid.UUID,
+) -> Document:
+    """A document of the collection.
+
+    Raises:
+        NotFound: when the tenant has no such document in that collection.
+    """
+    document = await DocumentRepository(session, subject.tenant_id).get(document_id, collection_id)
+    if document is None:
+        raise NotFound("Document not found")
+    return document
+
+
+async def reindex(
+    session: AsyncSession,
+    subject: AuthSubject,
+    collection_id: uuid.UUID,
+    document_id: uuid.UUID,
+    request: Request | None = None,
+) -> Document:
+    """Process the document again from its stored bytes (e.g. after a failure or a settings
+    change). Its current chunks stay searchable until the new ones replace them. A document
+    already queued or processing is left as it is.
+
+    Raises:
+        NotFound: no such document.
+        Conflict: the document or its collection is being deleted.
+    """
+    await get_writable(session, subject.tenant_id, collection_id)
+    document = await get(session, subject, collection_id, document_id)
+    if document.status is DocumentStatus.deleting:
+        raise Conflict("This document is being deleted")
+    if document.status in (DocumentStatus.queued, DocumentStatus.processing):
+        return document
+    document.status = DocumentStatus.queued
+    document.stage = None
+    document.progress = 0
+    document.error = None
+    document.attempts = 0
+    document.run_id = None
+    document.heartbeat_at = utcnow()
+    await session.flush()
+    enqueue(session, PROCESS_TASK, tenant_id=str(subject.tenant_id), document_id=str(document.id))
+    _audit(session, subject, "document.reindexed", document, request)
+    return document
+
+
+async def delete(
+    session: AsyncSession,
+    subject: AuthSubject,
+    collection_id: uuid.UUID,
+    document_id: uuid.UUID,
+    request: Request | None = None,
+) -> Document:
+    """Mark a document as being deleted and enqueue the removal of its chunks and file.
+
+    Its processing stops; the same bytes may be uploaded again at once. Deleting twice is
+    harmless.
+
+    Raises:
+        NotFound: no such document.
+    """
+    document = await get(session, subject, collection_id, document_id)
+    if document.status is DocumentStatus.deleting:
+        return document
+    document.status = DocumentStatus.deleting
+    document.sha256 = None
+    document.stage = None
+    document.run_id = None
+    document.heartbeat_at = utcnow()
+    await session.flush()
+    enqueue(session, DELETE_TASK, tenant_id=str(subject.tenant_id), document_id=str(document.id))
+    _audit(session, subject, "document.deleted", document, request)
+    return document
+
+
+def _audit(
+    session: AsyncSession,
+    subject: AuthSubject,
+    action: str,
+    document: Document,
+    request: Request | None,
+) -> None:
+    record(
+        session,
+        action,
+        request=request,
+        tenant_id=subject.tenant_id,
+        actor_user_id=subject.user_id,
+        actor_api_key_id=subject.api_key_id,
+        target_type="document",
+        target_id=document.id,
+        data={"collection_id": str(document.collection_id), "title": document.title[:200]},
+    )

@@ -1,0 +1,215 @@
+"""Celery tasks of ingestion: process a document, delete a document, sweep stuck work.
+
+Recovery from a crash, in production:
+
+* a worker *process* that dies mid-task (OOM, segfault): Celery's main process notices and,
+  with ``task_reject_on_worker_lost``, requeues the message at once;
+* a whole worker (machine) that dies: its unacknowledged message goes back to the queue after
+  ``ATRIUM_CELERY_VISIBILITY_TIMEOUT`` (Redis' redelivery; 2 h by default, above the longest
+  task);
+* and whatever is lost on the way (a message never sent because the broker was down right
+  after the upload committed, a redelivery that never comes): the sweeper (beat, every
+  ``ATRIUM_INGESTION_SWEEP_INTERVAL_SECONDS``) requeues documents queued or processing without a
+  heartbeat for ``ATRIUM_INGESTION_STUCK_AFTER_SECONDS``, and fails those that have already been
+  started ``ATRIUM_INGESTION_MAX_ATTEMPTS`` times.
+
+Every path may run a document twice; runs are fenced and chunk writes replace, so the end state
+is the same (see ``pipeline``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import random
+import uuid
+from typing import Any
+
+import structlog
+from celery import Task
+from celery.signals import worker_init
+
+from atrium.ingestion import pipeline
+from atrium.ingestion.embedders import PROCESSES_ENV, worker_tools
+from atrium.ingestion.repository import DocumentRepository, stuck_collections, stuck_documents
+from atrium.ingestion.service import DELETE_TASK, PROCESS_TASK
+from atrium.ingestion.vectorstore import delete_document_chunks
+from atrium.kit import runtime
+from atrium.kit.blobstore import get_blobstore
+from atrium.kit.cache_versions import bump_collection_version
+from atrium.kit.db import unit_of_work
+from atrium.kit.enqueue import enqueue
+from atrium.models.base import utcnow
+from atrium.models.ingestion import DocumentStatus
+from atrium.worker import celery_app
+
+log = structlog.get_logger("atrium.ingestion")
+
+#: Retries of a document after transient faults, and the longest wait between two.
+MAX_RETRIES = 5
+MAX_BACKOFF_SECONDS = 300
+
+
+@worker_init.connect
+def _export_process_count(sender: Any = None, **_: Any) -> None:
+    # Runs in the worker's main process before the pool forks: children size their ONNX thread
+    # pools from it (see ``embedders.onnx_threads``).
+    concurrency = getattr(sender, "concurrency", None)
+    if isinstance(concurrency, int) and concurrency > 0:
+        os.environ[PROCESSES_ENV] = str(concurrency)
+
+
+def backoff(retries: int) -> float:
+    """Seconds before retry number ``retries + 1``: exponential, with jitter, capped."""
+    base = min(MAX_BACKOFF_SECONDS, 5 * 2**retries)
+    return float(base * (0.5 + random.random() / 2))  # noqa: S311  # nosec B311
+
+
+@celery_app.task(name=PROCESS_TASK, bind=True, max_retries=MAX_RETRIES)
+def process_document(self: Task, *, tenant_id: str, document_id: str) -> dict[str, Any]:
+    """Extract, chunk, embed and store one document (see ``ingestion.pipeline``).
+
+    Transient faults (databases, broker, embedding provider) retry with backoff; a bad document
+    fails at once with a reason a person can act on.
+    """
+    tenant, document = uuid.UUID(tenant_id), uuid.UUID(document_id)
+
+    async def _run() -> pipeline.Outcome:
+        res = await runtime.resources()
+        tools = worker_tools(res.settings)
+        return await pipeline.process(
+            res, tools, tenant, document, max_attempts=res.settings.ingestion_max_attempts
+        )
+
+    try:
+        outcome = runtime.run(_run())
+    except pipeline.TransientFailure as exc:
+        retries = int(self.request.retries or 0)
+        if retries >= MAX_RETRIES:
+            reason = (
+                f"A temporary problem persisted after {retries + 1} attempts ({exc}); "
+                "re-index the document later to try again"
+            )
+            _best_effort(pipeline.give_up, tenant, document, reason)
+            return {"status": "failed", "error": reason}
+        delay = backoff(retries)
+        note = (
+            f"Retrying in {delay:.0f} s after a temporary problem ({exc}); "
+            f"attempt {retries + 2} of {MAX_RETRIES + 1}"
+        )
+        _best_effort(pipeline.note_retry, tenant, document, exc.run_id, note)
+        raise self.retry(countdown=delay, exc=exc) from None
+    log.info(
+        "ingestion_done",
+        tenant_id=tenant_id,
+        document_id=document_id,
+        status=outcome.status,
+        chunks=outcome.chunks,
+        tokens=outcome.tokens,
+        **outcome.timings,
+    )
+    return {"status": outcome.status, "chunks": outcome.chunks, "tokens": outcome.tokens}
+
+
+def _best_effort(fn: Any, *args: Any) -> None:
+    # The database may be what is failing: recording the state must not hide the retry.
+    async def _call() -> None:
+        res = await runtime.resources()
+        await fn(res, *args)
+
+    try:
+        runtime.run(_call())
+    except Exception as exc:
+        log.warning("ingestion_state_write_failed", error=f"{type(exc).__name__}: {exc}")
+
+
+def _is_transient(exc: BaseException) -> bool:
+    return pipeline.is_transient(exc)
+
+
+@celery_app.task(
+    name=DELETE_TASK,
+    bind=True,
+    max_retries=10,
+)
+def delete_document(self: Task, *, tenant_id: str, document_id: str) -> dict[str, Any]:
+    """Remove a document marked ``deleting``: its chunks, its file, then its row."""
+    tenant, document_id_ = uuid.UUID(tenant_id), uuid.UUID(document_id)
+
+    async def _run() -> dict[str, Any]:
+        res = await runtime.resources()
+        async with res.sessionmaker() as session:
+            document = await DocumentRepository(session, tenant).get(document_id_)
+            if document is None or document.status is not DocumentStatus.deleting:
+                return {"deleted": False}
+            collection_id, blob_key = document.collection_id, document.blob_key
+        async with res.vector_pool.connection() as conn:
+            chunks = await delete_document_chunks(conn, tenant, document_id_)
+        await get_blobstore(res.settings).delete(blob_key)
+        async with unit_of_work(res.sessionmaker) as session:
+            document = await DocumentRepository(session, tenant).get(document_id_)
+            if document is not None and document.status is DocumentStatus.deleting:
+                await session.delete(document)
+        await bump_collection_version(res.redis, tenant, collection_id)
+        return {"deleted": True, "chunks": chunks}
+
+    try:
+        return runtime.run(_run())
+    except Exception as exc:
+        if _is_transient(exc):
+            raise self.retry(countdown=backoff(int(self.request.retries or 0)), exc=exc) from exc
+        raise
+
+
+@celery_app.task(name="atrium.ingestion.sweep")
+def sweep() -> dict[str, int]:
+    """Requeue (or fail) documents stuck in ``queued``/``processing``, and restart deletions
+    that stopped. Runs from beat; touches every tenant, so it only enqueues tenant tasks."""
+
+    async def _run() -> dict[str, int]:
+        res = await runtime.resources()
+        settings = res.settings
+        now = utcnow()
+        older_than = now - dt.timedelta(seconds=settings.ingestion_stuck_after_seconds)
+        counts = {"requeued": 0, "failed": 0, "deletions": 0}
+        async with unit_of_work(res.sessionmaker) as session:
+            for document in await stuck_documents(session, older_than):
+                tenant_id, document_id = str(document.tenant_id), str(document.id)
+                document.heartbeat_at = now
+                if document.status is DocumentStatus.deleting:
+                    enqueue(session, DELETE_TASK, tenant_id=tenant_id, document_id=document_id)
+                    counts["deletions"] += 1
+                elif document.attempts >= settings.ingestion_max_attempts:
+                    document.status = DocumentStatus.failed
+                    document.stage = None
+                    document.run_id = None
+                    document.error = (
+                        f"Processing was started {document.attempts} times without finishing "
+                        "(the worker stopped each time); the document may be too large. Split "
+                        "it into smaller files, or re-index it to try again."
+                    )
+                    counts["failed"] += 1
+                else:
+                    was = document.status.value
+                    document.status = DocumentStatus.queued
+                    document.stage = None
+                    document.run_id = None
+                    document.error = f"Requeued: it was {was} with no progress for a while"
+                    enqueue(session, PROCESS_TASK, tenant_id=tenant_id, document_id=document_id)
+                    counts["requeued"] += 1
+            from atrium.collections.service import DELETE_TASK as DELETE_COLLECTION
+
+            for collection in await stuck_collections(session, older_than):
+                collection.updated_at = now
+                enqueue(
+                    session,
+                    DELETE_COLLECTION,
+                    tenant_id=str(collection.tenant_id),
+                    collection_id=str(collection.id),
+                )
+                counts["deletions"] += 1
+        if any(counts.values()):
+            log.warning("ingestion_sweep", **counts)
+        return counts
+
+    return runtime.run(_run())

@@ -1,0 +1,448 @@
+"""Documents through HTTP and a real Celery worker: every format to ``ready``, with chunks in the
+tenant's partition only; every bad input refused with its 4xx; duplicates, re-index, delete."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from atrium.ingestion.extract import DOCX
+from atrium.kit.blobstore import get_blobstore
+from atrium.kit.cache_versions import collection_versions
+from atrium.kit.vectordb import partition_name
+from atrium.models import Role
+from tests.support.factories import add_member, bearer, create_tenant, create_user
+from tests.test_extract import (
+    PNG,
+    PROSE,
+    encrypt_pdf,
+    make_docx,
+    make_image_only_pdf,
+    make_pdf,
+)
+
+# Helpers shared with the other ingestion tests ---------------------------------------------
+
+
+class Ctx:
+    """A tenant with an owner, a collection, and the owner's headers."""
+
+    def __init__(self, tenant: Any, headers: dict[str, str], collection_id: str) -> None:
+        self.tenant = tenant
+        self.headers = headers
+        self.collection_id = collection_id
+
+    @property
+    def base(self) -> str:
+        return f"/v1/tenants/{self.tenant.id}/collections/{self.collection_id}"
+
+    @property
+    def docs(self) -> str:
+        return f"{self.base}/documents"
+
+
+async def setup_tenant(app: Any, client: httpx.AsyncClient, name: str = "Docs") -> Ctx:
+    owner = await create_user(app)
+    tenant = await create_tenant(app, owner)
+    headers = await bearer(owner)
+    r = await client.post(
+        f"/v1/tenants/{tenant.id}/collections", json={"name": name}, headers=headers
+    )
+    assert r.status_code == 201, r.text
+    return Ctx(tenant, headers, r.json()["id"])
+
+
+async def wait_document(
+    client: httpx.AsyncClient,
+    ctx: Ctx,
+    document_id: str,
+    until: tuple[str, ...] = ("ready", "failed"),
+    timeout: float = 120.0,
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    body: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        r = await client.get(f"{ctx.docs}/{document_id}", headers=ctx.headers)
+        if r.status_code == 404 and "gone" in until:
+            return {"status": "gone"}
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["status"] in until:
+            return body
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"document did not reach {until}: {body}")
+
+
+async def chunk_rows(settings: Any, document_id: str) -> list[tuple[str, int, str]]:
+    """(partition, ordinal, text) of every chunk of the document, in any tenant's partition."""
+    async with await psycopg.AsyncConnection.connect(settings.vector_conninfo) as conn:
+        cur = await conn.execute(
+            "SELECT tableoid::regclass::text, ordinal, text FROM chunks WHERE document_id = %s"
+            " ORDER BY ordinal",
+            (uuid.UUID(document_id),),
+        )
+        return [(r[0], r[1], r[2]) for r in await cur.fetchall()]
+
+
+async def partition_count(settings: Any, tenant_id: uuid.UUID) -> int:
+    async with await psycopg.AsyncConnection.connect(settings.vector_conninfo) as conn:
+        cur = await conn.execute("SELECT count(*) FROM chunks WHERE tenant_id = %s", (tenant_id,))
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+def prose(words: int) -> str:
+    sentences = PROSE.split(". ")
+    out: list[str] = []
+    count = 0
+    i = 0
+    while count < words:
+        sentence = f"Item {i}: " + sentences[i % 2].strip().rstrip(".") + "."
+        out.append(sentence)
+        count += len(sentence.split())
+        i += 1
+        if i % 6 == 0:
+            out.append("\n\n")
+    return " ".join(out)
+
+
+async def upload_files(
+    client: httpx.AsyncClient,
+    ctx: Ctx,
+    files: list[tuple[str, bytes, str | None]],
+    **data: str,
+) -> httpx.Response:
+    parts = [
+        ("files", (name, content, ctype) if ctype else (name, content))
+        for name, content, ctype in files
+    ]
+    return await client.post(ctx.docs, files=parts, data=data, headers=ctx.headers)
+
+
+# Tests -------------------------------------------------------------------------------------
+
+
+FORMATS = [
+    ("notes.txt", prose(400).encode(), "text/plain", "text/plain"),
+    (
+        "guide.md",
+        ("# Guide\n\n## Part one\n\n" + prose(300) + "\n\n## Part two\n\n" + prose(300)).encode(),
+        "text/markdown",
+        "text/markdown",
+    ),
+    (
+        "page.html",
+        f"<html><head><title>Page</title></head><body><h1>Intro</h1><p>{prose(300)}</p>"
+        "</body></html>".encode(),
+        None,
+        "text/html",
+    ),
+    (
+        "report.pdf",
+        make_pdf([[f"Line {i} of the report about rainfall" for i in range(40)]] * 3),
+        "application/pdf",
+        "application/pdf",
+    ),
+    ("policy.docx", make_docx(paragraphs=12), None, DOCX),
+]
+
+
+async def test_every_format_becomes_ready_in_the_tenants_partition_only(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any, settings: Any
+) -> None:
+    ctx = await setup_tenant(app, client)
+    other = await setup_tenant(app, client, "Other")
+    before = (
+        await collection_versions(app.state.redis, ctx.tenant.id, [uuid.UUID(ctx.collection_id)])
+    )[0]
+    r = await upload_files(
+        client,
+        ctx,
+        [(name, data, ctype) for name, data, ctype, _ in FORMATS],
+        metadata='{"source": "tests", "year": 2024}',
+    )
+    assert r.status_code == 202, r.text
+    uploaded = r.json()["documents"]
+    assert [d["status"] for d in uploaded] == ["queued"] * len(FORMATS)
+    assert [d["content_type"] for d in uploaded] == [f[3] for f in FORMATS]
+    assert not any(d["duplicate"] for d in uploaded)
+    # Also one JSON text in the other tenant, which must keep its chunks to itself.
+    r = await client.post(
+        other.docs, json={"title": "Other text", "text": prose(200)}, headers=other.headers
+    )
+    assert r.status_code == 202, r.text
+    other_doc = r.json()["documents"][0]
+
+    for doc in uploaded:
+        final = await wait_document(client, ctx, doc["id"])
+        assert final["status"] == "ready", final
+        assert final["progress"] == 100 and final["stage"] is None
+        assert final["chunk_count"] >= 1 and final["token_count"] > 0
+        assert {"extract_ms", "chunk_ms", "embed_ms", "store_ms", "total_ms"} <= set(
+            final["timings"]
+        )
+        rows = await chunk_rows(settings, doc["id"])
+        assert {part for part, _, _ in rows} == {partition_name(ctx.tenant.id)}
+        assert [ordinal for _, ordinal, _ in rows] == list(range(final["chunk_count"]))
+    final_other = await wait_document(client, other, other_doc["id"])
+    assert final_other["status"] == "ready"
+    other_rows = await chunk_rows(settings, other_doc["id"])
+    assert {part for part, _, _ in other_rows} == {partition_name(other.tenant.id)}
+    assert await partition_count(settings, other.tenant.id) == final_other["chunk_count"]
+
+    # Titles come from the documents themselves; metadata and title ride on every chunk.
+    titles = {d["filename"]: d["title"] for d in uploaded}
+    assert titles["guide.md"] == "Guide" and titles["page.html"] == "Page"
+    assert titles["report.pdf"] == "Quarterly report" and titles["notes.txt"] == "notes.txt"
+    async with await psycopg.AsyncConnection.connect(settings.vector_conninfo) as conn:
+        cur = await conn.execute(
+            "SELECT DISTINCT metadata FROM chunks WHERE document_id = %s",
+            (uuid.UUID(uploaded[1]["id"]),),
+        )
+        assert [r[0] for r in await cur.fetchall()] == [
+            {"source": "tests", "year": 2024, "title": "Guide"}
+        ]
+    # Every completed upload moved the collection's cache version.
+    after = (
+        await collection_versions(app.state.redis, ctx.tenant.id, [uuid.UUID(ctx.collection_id)])
+    )[0]
+    assert after >= before + len(FORMATS)
+    # The collection adds it all up.
+    r = await client.get(ctx.base, headers=ctx.headers)
+    body = r.json()
+    assert body["document_count"] == len(FORMATS)
+    assert body["chunk_count"] == await partition_count(settings, ctx.tenant.id)
+    assert body["total_bytes"] == sum(len(f[1]) for f in FORMATS)
+    # Listing, filtered by status.
+    r = await client.get(ctx.docs, params={"status": "ready", "size": 2}, headers=ctx.headers)
+    assert r.status_code == 200
+    assert r.json()["total"] == len(FORMATS) and len(r.json()["items"]) == 2
+    r = await client.get(ctx.docs, params={"status": "failed"}, headers=ctx.headers)
+    assert r.json()["total"] == 0
+
+
+async def test_json_text_and_duplicates(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any
+) -> None:
+    ctx = await setup_tenant(app, client)
+    text = "# Release notes\n\n" + prose(150)
+    r = await client.post(ctx.docs, json={"text": text, "metadata": {"v": 2}}, headers=ctx.headers)
+    assert r.status_code == 202, r.text
+    first = r.json()["documents"][0]
+    assert first["title"] == "Release notes" and first["content_type"] == "text/markdown"
+    assert first["metadata"] == {"v": 2}
+    # The same bytes again (as JSON or as a file): the existing document, 200, no new work.
+    r = await client.post(ctx.docs, json={"text": text}, headers=ctx.headers)
+    assert r.status_code == 200
+    assert r.json()["documents"][0]["id"] == first["id"]
+    assert r.json()["documents"][0]["duplicate"] is True
+    r = await upload_files(client, ctx, [("notes.md", text.encode(), None)])
+    assert r.status_code == 200 and r.json()["documents"][0]["id"] == first["id"]
+    # Twice in one request, next to a new file: one new document, one duplicate → 202.
+    new = prose(50).encode()
+    r = await upload_files(client, ctx, [("a.txt", new, None), ("b.txt", new, None)])
+    assert r.status_code == 202
+    a, b = r.json()["documents"]
+    assert a["id"] == b["id"] and (a["duplicate"], b["duplicate"]) == (False, True)
+    # Another collection does not share documents.
+    r = await client.post(
+        f"/v1/tenants/{ctx.tenant.id}/collections", json={"name": "Second"}, headers=ctx.headers
+    )
+    second = r.json()["id"]
+    r = await client.post(
+        f"/v1/tenants/{ctx.tenant.id}/collections/{second}/documents",
+        json={"text": text},
+        headers=ctx.headers,
+    )
+    assert r.status_code == 202 and r.json()["documents"][0]["id"] != first["id"]
+    assert (await wait_document(client, ctx, first["id"]))["status"] == "ready"
+
+
+BAD_UPLOADS = [
+    # (files, form fields, status, words in the detail)
+    ([("empty.txt", b"", None)], {}, 422, "empty"),
+    ([("blank.txt", b"   \n  ", None)], {}, 422, "only whitespace"),
+    ([("latin.txt", "Café crème brûlée".encode("latin-1"), None)], {}, 422, "not valid UTF-8"),
+    ([("pic.png", PNG, None)], {}, 415, "image/png"),
+    ([("pic.txt", PNG, "text/plain")], {}, 415, "image/png"),
+    ([("a.pdf", b"hello there", "application/pdf")], {}, 415, "sent as application/pdf"),
+    ([("x.txt", make_pdf([["text"]]), "text/plain")], {}, 415, "its content is a PDF"),
+    ([("locked.pdf", encrypt_pdf(make_pdf([["t"]]), "pw"), None)], {}, 422, "encrypted"),
+    ([("scan.pdf", make_image_only_pdf(), None)], {}, 422, "without extractable text"),
+    ([("bad.pdf", b"%PDF-1.7 garbage", None)], {}, 422, "could not be read as a PDF"),
+    ([("ok.txt", b"fine words", None)], {"metadata": "[1, 2]"}, 422, "must be a JSON object"),
+    ([("ok.txt", b"fine words", None)], {"metadata": "{not json"}, 422, "not valid JSON"),
+    (
+        [("ok.txt", b"fine words", None)],
+        {"metadata": '{"a": {"nested": 1}}'},
+        422,
+        "nested objects are not allowed",
+    ),
+    (
+        [("ok.txt", b"fine words", None)],
+        {
+            "metadata": '{"big": "'
+            + "x" * 900
+            + '", '
+            + ", ".join(f'"k{i}": "{"y" * 300}"' for i in range(30))
+            + "}"
+        },
+        422,
+        "at most 8192",
+    ),
+    (
+        [("ok.txt", b"fine words", None), ("two.txt", b"other words", None)],
+        {"title": "One title"},
+        422,
+        "single file",
+    ),
+    # One bad file refuses the whole request, naming it.
+    ([("good.txt", b"fine words", None), ("bad.png", PNG, None)], {}, 415, "File 'bad.png'"),
+]
+
+
+@pytest.mark.parametrize(("files", "fields", "status", "words"), BAD_UPLOADS)
+async def test_bad_uploads_get_a_4xx_that_says_why(
+    app: Any,
+    client: httpx.AsyncClient,
+    files: list[tuple[str, bytes, str | None]],
+    fields: dict[str, str],
+    status: int,
+    words: str,
+) -> None:
+    ctx = await setup_tenant(app, client)
+    r = await upload_files(client, ctx, files, **fields)
+    assert r.status_code == status, r.text
+    assert words in str(r.json()["detail"]), r.json()
+    r = await client.get(ctx.docs, headers=ctx.headers)
+    assert r.json()["total"] == 0
+
+
+async def test_bad_json_and_other_bodies(app: Any, client: httpx.AsyncClient) -> None:
+    ctx = await setup_tenant(app, client)
+    cases: list[tuple[bytes, int, str]] = [
+        (b'{"text": ""}', 422, "at least 1 character"),
+        (b'{"text": "   "}', 422, "only whitespace"),
+        (b'{"text": "fine", "metadata": ["a"]}', 422, "should be an object"),
+        (b'{"text": "fine", "metadata": {"k": NaN}}', 422, "finite number"),
+        (b'{"title": "x"}', 422, "Field required"),
+        (b'{"text": "fine", "extra": 1}', 422, "Extra inputs"),
+        (b'{"text": ', 422, "JSON"),
+    ]
+    for body, status, words in cases:
+        r = await client.post(
+            ctx.docs, content=body, headers={**ctx.headers, "content-type": "application/json"}
+        )
+        assert r.status_code == status, (body, r.text)
+        assert words in str(r.json()["detail"]), r.json()
+    r = await client.post(
+        ctx.docs, content=b"raw text", headers={**ctx.headers, "content-type": "text/plain"}
+    )
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+    r = await client.post(ctx.docs, data={"metadata": "{}"}, headers=ctx.headers, files=[])
+    assert r.status_code in (415, 422)
+
+
+async def test_too_large_uploads_get_413(
+    app: Any, client: httpx.AsyncClient, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = await setup_tenant(app, client)
+    monkeypatch.setattr(settings, "max_upload_bytes", 4096)
+    r = await upload_files(client, ctx, [("big.txt", b"word " * 1000, None)])
+    assert r.status_code == 413, r.text
+    assert "largest upload allowed is 4.0 KB" in r.json()["detail"]
+    r = await client.post(ctx.docs, json={"text": "word " * 1000}, headers=ctx.headers)
+    assert r.status_code == 413
+    r = await client.post(ctx.docs, json={"text": "word " * 100}, headers=ctx.headers)
+    assert r.status_code == 202
+
+
+async def test_delete_document_removes_chunks_and_file(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any, settings: Any
+) -> None:
+    ctx = await setup_tenant(app, client)
+    data = make_docx(paragraphs=20)
+    r = await upload_files(client, ctx, [("policy.docx", data, None)])
+    doc = r.json()["documents"][0]
+    ready = await wait_document(client, ctx, doc["id"])
+    assert ready["status"] == "ready" and len(await chunk_rows(settings, doc["id"])) > 0
+    key = f"tenants/{ctx.tenant.id}/collections/{ctx.collection_id}/documents/{doc['id']}"
+    assert await get_blobstore(settings).get(key) == data
+    version = (
+        await collection_versions(app.state.redis, ctx.tenant.id, [uuid.UUID(ctx.collection_id)])
+    )[0]
+
+    r = await client.delete(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)
+    assert r.status_code == 202 and r.json()["status"] == "deleting"
+    assert (await wait_document(client, ctx, doc["id"], until=("gone",)))["status"] == "gone"
+    assert await chunk_rows(settings, doc["id"]) == []
+    with pytest.raises(FileNotFoundError):
+        await get_blobstore(settings).get(key)
+    assert (
+        await collection_versions(app.state.redis, ctx.tenant.id, [uuid.UUID(ctx.collection_id)])
+    )[0] > version
+    # The same file can come back as a new document.
+    r = await upload_files(client, ctx, [("policy.docx", data, None)])
+    assert r.status_code == 202 and r.json()["documents"][0]["id"] != doc["id"]
+
+
+async def test_delete_while_processing_leaves_no_chunk(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any, settings: Any
+) -> None:
+    ctx = await setup_tenant(app, client)
+    r = await client.post(ctx.docs, json={"text": prose(6000)}, headers=ctx.headers)
+    doc = r.json()["documents"][0]
+    await wait_document(client, ctx, doc["id"], until=("processing", "ready"))
+    r = await client.delete(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)
+    assert r.status_code == 202
+    await wait_document(client, ctx, doc["id"], until=("gone",))
+    # Give a run that was mid-way the time to reach its store stage: it must write nothing.
+    await asyncio.sleep(3)
+    assert await chunk_rows(settings, doc["id"]) == []
+
+
+async def test_reindex_replaces_chunks_exactly(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any, settings: Any
+) -> None:
+    ctx = await setup_tenant(app, client)
+    r = await client.post(ctx.docs, json={"text": prose(900)}, headers=ctx.headers)
+    doc = r.json()["documents"][0]
+    first = await wait_document(client, ctx, doc["id"])
+    rows = await chunk_rows(settings, doc["id"])
+    r = await client.post(f"{ctx.docs}/{doc['id']}/reindex", headers=ctx.headers)
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    # A second request while queued changes nothing.
+    r = await client.post(f"{ctx.docs}/{doc['id']}/reindex", headers=ctx.headers)
+    assert r.status_code == 202
+    second = await wait_document(client, ctx, doc["id"])
+    assert second["status"] == "ready" and second["chunk_count"] == first["chunk_count"]
+    again = await chunk_rows(settings, doc["id"])
+    assert [(o, t) for _, o, t in again] == [(o, t) for _, o, t in rows]
+
+
+async def test_roles_and_other_tenants(app: Any, client: httpx.AsyncClient) -> None:
+    ctx = await setup_tenant(app, client)
+    r = await client.post(ctx.docs, json={"text": "A short note."}, headers=ctx.headers)
+    doc_id = r.json()["documents"][0]["id"]
+    viewer = await create_user(app)
+    await add_member(app, ctx.tenant, viewer, Role.viewer)
+    vh = await bearer(viewer)
+    assert (await client.get(ctx.docs, headers=vh)).status_code == 200
+    assert (await client.get(f"{ctx.docs}/{doc_id}", headers=vh)).status_code == 200
+    r = await client.post(ctx.docs, json={"text": "x"}, headers=vh)
+    assert r.status_code == 403 and r.json()["detail"]["missing_permission"] == "documents:write"
+    assert (await client.delete(f"{ctx.docs}/{doc_id}", headers=vh)).status_code == 403
+    # Another tenant's owner sees nothing, whatever the path says.
+    other = await setup_tenant(app, client, "Mine")
+    assert (await client.get(f"{ctx.docs}/{doc_id}", headers=other.headers)).status_code == 404
+    wrong = f"/v1/tenants/{other.tenant.id}/collections/{ctx.collection_id}/documents/{doc_id}"
+    assert (await client.get(wrong, headers=other.headers)).status_code == 404
+    wrong_coll = f"{other.docs}/{doc_id}"
+    assert (await client.get(wrong_coll, headers=other.headers)).status_code == 404
+    assert (await client.get(ctx.docs)).status_code == 401

@@ -1,0 +1,203 @@
+"""Type detection by content and text extraction, on files made by the real libraries."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+
+from atrium.ingestion import extract
+from atrium.ingestion.exceptions import BadDocument
+
+PROSE = (
+    "The lighthouse keeper logged every passing ship in a leather-bound journal. "
+    "Rainfall in the northern valleys was twice the seasonal average. "
+)
+
+
+def make_pdf(pages: list[list[str]], title: str | None = "Quarterly report") -> bytes:
+    """A real PDF (reportlab) with the given lines of text on each page."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfgen import canvas
+
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer, pagesize=A4)
+    if title:
+        pdf.setTitle(title)
+    for lines in pages:
+        y = 800
+        for line in lines:
+            pdf.drawString(50, y, line)
+            y -= 16
+        pdf.showPage()
+    pdf.save()
+    return buffer.getvalue()
+
+
+def make_image_only_pdf() -> bytes:
+    """A PDF whose only page holds a drawing and no text (like a scan)."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfgen import canvas
+
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer, pagesize=A4)
+    pdf.rect(100, 100, 300, 400, fill=1)
+    pdf.circle(300, 600, 80, fill=0)
+    pdf.showPage()
+    pdf.save()
+    return buffer.getvalue()
+
+
+def encrypt_pdf(data: bytes, user_password: str, owner_password: str = "owner-secret") -> bytes:
+    """The same PDF encrypted by pypdf."""
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter()
+    for page in PdfReader(io.BytesIO(data)).pages:
+        writer.add_page(page)
+    writer.encrypt(user_password=user_password, owner_password=owner_password, algorithm="AES-128")
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def make_docx(title: str = "Travel policy", paragraphs: int = 3) -> bytes:
+    """A real DOCX (python-docx) with a heading, paragraphs, a list and a table."""
+    import docx
+
+    document = docx.Document()
+    document.core_properties.title = title
+    document.add_heading(title, level=1)
+    for i in range(paragraphs):
+        document.add_paragraph(f"Paragraph {i}: {PROSE}")
+    document.add_paragraph("Book trains before flights", style="List Bullet")
+    table = document.add_table(rows=2, cols=2)
+    table.cell(0, 0).text = "Class"
+    table.cell(0, 1).text = "Allowed"
+    table.cell(1, 0).text = "Economy"
+    table.cell(1, 1).text = "Always"
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()
+
+
+def make_zip(names: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in names.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+PNG = (
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00"
+    b"\x1f\x15\xc4\x89\x00\x00\x00\rIDATx\x9cc\xf8\xff\xff?\x00\x05\xfe\x02\xfe\xa7\x35\x81\x84"
+    b"\x00\x00\x00\x00IEND\xaeB`\x82"
+)
+
+
+def test_pdf_is_detected_and_extracted_with_its_title() -> None:
+    data = make_pdf([["First page line one", "First page line two"], ["Second page text"]])
+    assert extract.detect(data) == extract.PDF
+    result = extract.extract(data, extract.PDF)
+    assert "First page line one" in result.text and "Second page text" in result.text
+    assert result.pages == 2
+    assert result.title == "Quarterly report"
+    assert extract.inspect_upload(data, "application/pdf").title == "Quarterly report"
+
+
+def test_docx_is_detected_and_keeps_structure_as_markdown() -> None:
+    data = make_docx()
+    assert extract.detect(data) == extract.DOCX
+    result = extract.extract(data, extract.DOCX)
+    assert result.markdown
+    assert result.title == "Travel policy"
+    assert "## Travel policy" in result.text
+    assert "- Book trains before flights" in result.text
+    assert "| Economy | Always |" in result.text
+
+
+def test_html_is_sniffed_and_converted() -> None:
+    page = (
+        b"<!DOCTYPE html><html><head><title>Handbook</title><style>p{}</style></head><body>"
+        b"<h1>Welcome</h1><p>Hello <b>there</b>.</p><script>alert(1)</script>"
+        b"<ul><li>one</li><li>two</li></ul></body></html>"
+    )
+    assert extract.detect(page) == extract.HTML
+    result = extract.extract(page, extract.HTML)
+    assert result.title == "Handbook"
+    assert "# Welcome" in result.text and "Hello there." in result.text
+    assert "- one" in result.text
+    assert "alert" not in result.text and "p{}" not in result.text
+
+
+def test_html_in_another_charset_is_accepted() -> None:
+    page = '<html><head><meta charset="iso-8859-1"></head><body><p>Café</p></body></html>'
+    data = page.encode("latin-1")
+    assert extract.detect(data) == extract.HTML
+    assert "Café" in extract.extract(data, extract.HTML).text
+
+
+def test_markdown_and_plain_text() -> None:
+    markdown = b"# Guide\n\nSome *text*.\n\n- a\n- b\n"
+    assert extract.detect(markdown) == extract.MARKDOWN
+    result = extract.extract(markdown, extract.MARKDOWN)
+    assert result.markdown and result.title == "Guide"
+    assert extract.detect(PROSE.encode()) == extract.TEXT
+    assert not extract.extract(PROSE.encode(), extract.TEXT).markdown
+
+
+def test_type_comes_from_content_not_from_the_declared_name() -> None:
+    # A PDF declared as octet-stream (no information) is a PDF.
+    assert extract.inspect_upload(make_pdf([["x y z"]]), "application/octet-stream")
+    assert extract.inspect_upload(b"plain words", None).content_type == extract.TEXT
+
+
+def test_text_with_byte_order_marks() -> None:
+    assert extract.extract("\ufeffhello".encode(), extract.TEXT).text == "hello"
+    utf16 = "\ufeffhello wörld".encode("utf-16-le")
+    assert extract.detect(b"\xff\xfe" + utf16[2:]) == extract.TEXT
+
+
+@pytest.mark.parametrize(
+    ("data", "declared", "status", "words"),
+    [
+        (b"", None, 422, "empty"),
+        (b"  \n\t ", None, 422, "only whitespace"),
+        ("Café crème".encode("latin-1"), None, 422, "not valid UTF-8"),
+        (PNG, None, 415, "image/png"),
+        (PNG, "image/png", 415, "image/png"),
+        (b"\x00\x01\x02binary\xff\xfe\x00", None, 415, "binary data"),
+        (make_zip({"a.txt": b"x"}), None, 415, "ZIP archive"),
+        (make_zip({"xl/workbook.xml": b"<x/>"}), None, 415, "Excel"),
+        (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 64, None, 415, "legacy Microsoft Office"),
+        (b"PK\x03\x04 broken", None, 422, "damaged"),
+        (b"%PDF-1.4 this is no pdf", None, 422, "could not be read as a PDF"),
+        (make_image_only_pdf(), None, 422, "without extractable text"),
+        (encrypt_pdf(make_pdf([["secret text"]]), "pw"), None, 422, "encrypted"),
+        (b"just text", "application/pdf", 415, "sent as application/pdf"),
+        (make_pdf([["text"]]), "text/plain", 415, "its content is a PDF"),
+        (make_docx(), "application/pdf", 415, "Word (DOCX)"),
+        (b"<html><body></body></html>", None, 422, "without any text"),
+    ],
+)
+def test_bad_documents_are_refused_with_a_reason(
+    data: bytes, declared: str | None, status: int, words: str
+) -> None:
+    with pytest.raises(BadDocument) as info:
+        extract.inspect_upload(data, declared, "File 'x'")
+    assert info.value.status_code == status
+    assert words in info.value.message
+    assert info.value.message.startswith("File 'x'")
+
+
+def test_pdf_with_only_an_owner_password_is_readable() -> None:
+    data = encrypt_pdf(make_pdf([["open to read"]]), user_password="")
+    assert extract.inspect_upload(data, None).content_type == extract.PDF
+    assert "open to read" in extract.extract(data, extract.PDF).text
+
+
+def test_extracted_text_never_holds_nul() -> None:
+    result = extract.extract(b"<p>a\x00b</p>", extract.HTML)
+    assert "\x00" not in result.text
