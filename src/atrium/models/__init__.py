@@ -4,8 +4,8 @@ from atrium.models.accounts import AuthSession, DataExport, ExportStatus, Invita
 from atrium.models.apikeys import ApiKey
 from atrium.models.audit import AuditEvent
 from atrium.models.base import Base, IDMixin, TimestampMixin, utcnow
-from atrium.models.ingestion import Collection, CollectionStatus, Document, DocumentStatus
 from atrium.models.billing import BillingAccount, UsageAlert, UsageCounter, UsageDaily  # noqa: F401
+from atrium.models.ingestion import Collection, CollectionStatus, Document, DocumentStatus
 from atrium.models.tenancy import Membership, Role, Tenant, TenantStatus, User
 
 __all__ = [
