@@ -1,0 +1,255 @@
+"""Tenants, members, roles, ownership, the audit log and the purge, through HTTP."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from atrium.models import Role, Tenant, TenantStatus, User
+from tests.support.factories import add_member, bearer, create_tenant, create_user
+from tests.test_accounts_support import eventually, partition_exists, tenant_row_count
+
+
+async def _team(app: Any) -> dict[str, Any]:
+    """A tenant with an owner, an admin, a member and a viewer."""
+    people = {role: await create_user(app, name=role.value.title()) for role in Role}
+    tenant = await create_tenant(app, people[Role.owner], name="Team")
+    for role in (Role.admin, Role.member, Role.viewer):
+        await add_member(app, tenant, people[role], role)
+    headers = {role: await bearer(u) for role, u in people.items()}
+    return {"tenant": tenant, "people": people, "h": headers, "url": f"/v1/tenants/{tenant.id}"}
+
+
+# Tenants -----------------------------------------------------------------------------------
+
+
+async def test_create_list_get_and_rename(
+    app: Any, client: httpx.AsyncClient, settings: Any
+) -> None:
+    user = await create_user(app)
+    h = await bearer(user)
+    r = await client.post("/v1/tenants", json={"name": "  Acme  "}, headers=h)
+    assert r.status_code == 201, r.text
+    t = r.json()
+    assert t["name"] == "Acme" and t["role"] == "owner" and t["status"] == "active"
+    assert await partition_exists(settings, t["id"])
+    for bad in ({"name": ""}, {"name": "   "}, {"name": "x" * 201}, {}):
+        assert (await client.post("/v1/tenants", json=bad, headers=h)).status_code == 422
+    assert (await client.post("/v1/tenants", json={"name": "A"})).status_code == 401
+
+    await client.post("/v1/tenants", json={"name": "Second"}, headers=h)
+    pages = [(await client.get(f"/v1/tenants?size=1&page={p}", headers=h)).json() for p in (1, 2)]
+    assert [p["total"] for p in pages] == [2, 2]
+    assert sorted(i["name"] for p in pages for i in p["items"]) == ["Acme", "Second"]
+
+    r = await client.get(f"/v1/tenants/{t['id']}", headers=h)
+    assert r.status_code == 200 and r.json()["plan"] == "free"
+    r = await client.patch(f"/v1/tenants/{t['id']}", json={"name": "Acme Ltd"}, headers=h)
+    assert r.status_code == 200 and r.json()["name"] == "Acme Ltd"
+    r = await client.patch(f"/v1/tenants/{t['id']}", json={"name": ""}, headers=h)
+    assert r.status_code == 422
+    r = await client.get(f"/v1/tenants/{uuid.uuid4()}", headers=h)
+    assert r.status_code == 404
+    r = await client.get("/v1/tenants/not-a-uuid", headers=h)
+    assert r.status_code == 422
+
+
+async def test_roles_decide_who_may_do_what(app: Any, client: httpx.AsyncClient) -> None:
+    team = await _team(app)
+    url, h = team["url"], team["h"]
+    r = await client.patch(url, json={"name": "X"}, headers=h[Role.member])
+    assert r.status_code == 403 and r.json()["detail"]["missing_permission"] == "tenant:update"
+    assert (await client.patch(url, json={"name": "X"}, headers=h[Role.admin])).status_code == 200
+    r = await client.delete(url, headers=h[Role.admin])
+    assert r.status_code == 403 and r.json()["detail"]["missing_permission"] == "tenant:delete"
+    assert (await client.get(f"{url}/members", headers=h[Role.viewer])).status_code == 200
+    r = await client.get(f"{url}/audit-events", headers=h[Role.member])
+    assert r.status_code == 403
+    stranger = await bearer(await create_user(app))
+    assert (await client.get(url, headers=stranger)).status_code == 404
+
+
+async def test_delete_tenant_purges_rows_and_partition(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any, settings: Any
+) -> None:
+    owner = await create_user(app)
+    h = await bearer(owner)
+    r = await client.post("/v1/tenants", json={"name": "Doomed"}, headers=h)
+    tid = r.json()["id"]
+    await add_member(app, await _get_tenant(app, tid), await create_user(app), Role.member)
+    await app.state.redis.set(f"atrium:t:{tid}:k", "v")
+    r = await client.delete(f"/v1/tenants/{tid}", headers=h)
+    assert r.status_code == 202
+    # Hidden at once.
+    assert (await client.get(f"/v1/tenants/{tid}", headers=h)).status_code == 404
+    assert (await client.get("/v1/tenants", headers=h)).json()["total"] == 0
+
+    async def gone() -> bool:
+        return await tenant_row_count(app, tid) == 0
+
+    await eventually(gone, what="tenant purge")
+    assert not await partition_exists(settings, tid)
+    assert await app.state.redis.get(f"atrium:t:{tid}:k") is None
+
+
+async def test_purge_is_idempotent_and_needs_a_tenant_id(app: Any, celery_worker: Any) -> None:
+    import asyncio
+
+    from atrium.worker import celery_app
+
+    res = celery_app.send_task("atrium.tenants.purge", kwargs={"tenant_id": str(uuid.uuid4())})
+    out = await asyncio.to_thread(res.get, timeout=60)
+    assert out["tenant_row"] == 0 and out["partition_dropped"] is False
+    res = celery_app.send_task("atrium.tenants.purge", kwargs={})
+    with pytest.raises(TypeError):
+        await asyncio.to_thread(res.get, timeout=60)
+
+
+async def _get_tenant(app: Any, tid: str) -> Tenant:
+    async with app.state.sessionmaker() as s:
+        t = await s.get(Tenant, uuid.UUID(tid))
+        assert t is not None
+        return t
+
+
+# Members -----------------------------------------------------------------------------------
+
+
+async def test_member_list_and_role_changes(app: Any, client: httpx.AsyncClient) -> None:
+    team = await _team(app)
+    url, h, people = team["url"], team["h"], team["people"]
+    r = await client.get(f"{url}/members", headers=h[Role.viewer])
+    assert [m["role"] for m in r.json()["items"]] == ["owner", "admin", "member", "viewer"]
+    assert r.json()["total"] == 4
+
+    member = people[Role.member].id
+    r = await client.patch(
+        f"{url}/members/{member}", json={"role": "viewer"}, headers=h[Role.admin]
+    )
+    assert r.status_code == 200 and r.json()["role"] == "viewer"
+    r = await client.patch(f"{url}/members/{member}", json={"role": "owner"}, headers=h[Role.owner])
+    assert r.status_code == 422  # ownership moves through transfer-ownership
+    r = await client.patch(f"{url}/members/{member}", json={"role": "boss"}, headers=h[Role.owner])
+    assert r.status_code == 422
+    r = await client.patch(f"{url}/members/{member}", json={}, headers=h[Role.owner])
+    assert r.status_code == 422
+    r = await client.patch(
+        f"{url}/members/{uuid.uuid4()}", json={"role": "viewer"}, headers=h[Role.owner]
+    )
+    assert r.status_code == 404
+    r = await client.patch(
+        f"{url}/members/{member}", json={"role": "admin"}, headers=h[Role.member]
+    )
+    assert r.status_code == 403
+
+    owner = people[Role.owner].id
+    r = await client.patch(f"{url}/members/{owner}", json={"role": "admin"}, headers=h[Role.admin])
+    assert r.status_code == 403 and "owner" in r.json()["detail"]
+    r = await client.patch(f"{url}/members/{owner}", json={"role": "admin"}, headers=h[Role.owner])
+    assert r.status_code == 409 and "no owner" in r.json()["detail"]
+
+
+async def test_remove_member_and_leave(app: Any, client: httpx.AsyncClient) -> None:
+    team = await _team(app)
+    url, h, people = team["url"], team["h"], team["people"]
+    viewer = people[Role.viewer].id
+    r = await client.delete(f"{url}/members/{viewer}", headers=h[Role.admin])
+    assert r.status_code == 204
+    assert (await client.get(url, headers=h[Role.viewer])).status_code == 404  # access gone
+    assert (
+        await client.delete(f"{url}/members/{viewer}", headers=h[Role.admin])
+    ).status_code == 404
+    owner = people[Role.owner].id
+    assert (await client.delete(f"{url}/members/{owner}", headers=h[Role.admin])).status_code == 403
+    r = await client.delete(f"{url}/members/{owner}", headers=h[Role.owner])
+    assert r.status_code == 409
+
+    r = await client.post(f"{url}/leave", headers=h[Role.owner])
+    assert r.status_code == 409 and "only owner" in r.json()["detail"]
+    assert (await client.post(f"{url}/leave", headers=h[Role.member])).status_code == 204
+    assert (await client.get(url, headers=h[Role.member])).status_code == 404
+
+
+async def test_transfer_ownership(app: Any, client: httpx.AsyncClient) -> None:
+    team = await _team(app)
+    url, h, people = team["url"], team["h"], team["people"]
+    owner, member = people[Role.owner].id, people[Role.member].id
+    r = await client.post(
+        f"{url}/transfer-ownership", json={"user_id": str(member)}, headers=h[Role.admin]
+    )
+    assert r.status_code == 403 and r.json()["detail"]["missing_permission"] == "ownership:transfer"
+    r = await client.post(
+        f"{url}/transfer-ownership", json={"user_id": str(owner)}, headers=h[Role.owner]
+    )
+    assert r.status_code == 422
+    r = await client.post(
+        f"{url}/transfer-ownership", json={"user_id": str(uuid.uuid4())}, headers=h[Role.owner]
+    )
+    assert r.status_code == 404
+    r = await client.post(f"{url}/transfer-ownership", json={"user_id": "x"}, headers=h[Role.owner])
+    assert r.status_code == 422
+    r = await client.post(
+        f"{url}/transfer-ownership", json={"user_id": str(member)}, headers=h[Role.owner]
+    )
+    assert r.status_code == 200
+    assert {m["user_id"]: m["role"] for m in r.json()} == {
+        str(member): "owner",
+        str(owner): "admin",
+    }
+    # The former owner can no longer delete; the new one can.
+    assert (await client.delete(url, headers=h[Role.owner])).status_code == 403
+    r = await client.post(f"{url}/leave", headers=h[Role.owner])
+    assert r.status_code == 204
+
+
+# Audit log and suspension ------------------------------------------------------------------
+
+
+async def test_audit_events_are_paginated_and_scoped(app: Any, client: httpx.AsyncClient) -> None:
+    team = await _team(app)
+    url, h, people = team["url"], team["h"], team["people"]
+    for role in ("viewer", "member", "admin"):
+        r = await client.patch(
+            f"{url}/members/{people[Role.member].id}",
+            json={"role": role},
+            headers=h[Role.owner],
+        )
+        assert r.status_code == 200
+    other = await create_tenant(app, people[Role.owner])
+    await client.patch(f"/v1/tenants/{other.id}", json={"name": "Elsewhere"}, headers=h[Role.owner])
+
+    r = await client.get(f"{url}/audit-events?size=2", headers=h[Role.admin])
+    assert r.status_code == 200
+    page = r.json()
+    assert page["total"] == 3 and len(page["items"]) == 2
+    first = page["items"][0]
+    assert first["action"] == "member.role_changed"
+    assert first["actor_user_id"] == str(people[Role.owner].id)
+    assert first["ip"] == "127.0.0.1" and first["tenant_id"] == str(team["tenant"].id)
+    assert {"created_at", "user_agent", "target_id", "data"} <= set(first)
+    rest = (await client.get(f"{url}/audit-events?size=2&page=2", headers=h[Role.admin])).json()
+    # MariaDB keeps whole seconds, so events of one second may come in any order among them.
+    seen = [e["data"]["to"] for e in page["items"] + rest["items"]]
+    assert sorted(seen) == ["admin", "member", "viewer"]
+    r = await client.get(f"{url}/audit-events?page=0", headers=h[Role.admin])
+    assert r.status_code == 422
+
+
+async def test_suspended_tenant_refuses_members_with_a_reason(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    owner = await create_user(app)
+    tenant = await create_tenant(app, owner, status=TenantStatus.suspended)
+    r = await client.get(f"/v1/tenants/{tenant.id}/members", headers=await bearer(owner))
+    assert r.status_code == 403 and "suspended" in r.json()["detail"]
+
+
+async def test_user_model_columns_are_exposed_safely(app: Any, client: httpx.AsyncClient) -> None:
+    user: User = await create_user(app, name="Zed")
+    tenant = await create_tenant(app, user)
+    r = await client.get(f"/v1/tenants/{tenant.id}/members", headers=await bearer(user))
+    member = r.json()["items"][0]
+    assert set(member) == {"user_id", "email", "name", "role", "joined_at"}
