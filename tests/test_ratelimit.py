@@ -171,3 +171,91 @@ async def test_subject_buckets_are_per_key_and_tenant_scoped(
         f"atrium:t:{TENANT}:rl:key:k2",
         f"atrium:t:{TENANT}:rl:user:k1",
     ]
+
+
+# Tenant routes: the real app, real API keys and users, limits from the plan -----------------
+
+
+async def _key(app: Any, tenant_id: Any, rpm: int | None = None) -> dict[str, str]:
+    from atrium.apikeys.service import issue_key
+
+    async with app.state.sessionmaker() as s:
+        _, secret = await issue_key(
+            s,
+            app.state.settings,
+            tenant_id,
+            name="k",
+            scopes=["usage:read"],
+            rate_limit_per_minute=rpm,
+        )
+        await s.commit()
+    return {"Authorization": f"Bearer {secret}"}
+
+
+async def test_two_api_keys_never_share_a_bucket(app: Any, client: httpx.AsyncClient) -> None:
+    from tests.support.factories import create_tenant, create_user
+
+    tenant = await create_tenant(app, await create_user(app))
+    slow = await _key(app, tenant.id, rpm=2)  # the key's own limit
+    other = await _key(app, tenant.id)  # the free plan's 60 per minute per key
+    url = f"/v1/tenants/{tenant.id}/usage"
+    for expected in (1, 0):
+        r = await client.get(url, headers=slow)
+        assert r.status_code == 200
+        assert r.headers["X-RateLimit-Limit"] == "2"
+        assert r.headers["X-RateLimit-Remaining"] == str(expected)
+    refused = await client.get(url, headers=slow)
+    assert refused.status_code == 429
+    assert refused.json()["error"] == "TooManyRequests"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+
+    r = await client.get(url, headers=other)
+    assert r.status_code == 200
+    assert r.headers["X-RateLimit-Limit"] == "60"
+    assert r.headers["X-RateLimit-Remaining"] == "59"
+    keys = [k async for k in app.state.redis.scan_iter(f"atrium:t:{tenant.id}:rl:*")]
+    assert len(keys) == 2
+
+
+async def test_plan_limits_apply_per_key_and_per_user(app: Any, client: httpx.AsyncClient) -> None:
+    from atrium.models import Role
+    from tests.support.factories import add_member, bearer, create_tenant, create_user
+    from tests.test_quota_helpers import set_plan, superuser_headers
+
+    owner = await create_user(app)
+    colleague = await create_user(app)
+    tenant = await create_tenant(app, owner)
+    await add_member(app, tenant, colleague, Role.viewer)
+    admin = await superuser_headers(app)
+    await set_plan(
+        client,
+        admin,
+        tenant.id,
+        "pro",
+        {"requests_per_minute_per_key": 3, "requests_per_minute_per_user": 2},
+    )
+    url = f"/v1/tenants/{tenant.id}/usage"
+
+    key = await _key(app, tenant.id)
+    assert [(await client.get(url, headers=key)).status_code for _ in range(4)] == [
+        200,
+        200,
+        200,
+        429,
+    ]
+    owner_h, colleague_h = await bearer(owner), await bearer(colleague)
+    assert [(await client.get(url, headers=owner_h)).status_code for _ in range(3)] == [
+        200,
+        200,
+        429,
+    ]
+    # Another person of the same tenant has a bucket of their own.
+    r = await client.get(url, headers=colleague_h)
+    assert r.status_code == 200
+    assert r.headers["X-RateLimit-Limit"] == "2"
+
+    # Refused for another reason (a missing permission): the limit headers are still there.
+    r = await client.get(f"/v1/tenants/{tenant.id}/audit-events", headers=colleague_h)
+    assert r.status_code == 403
+    assert r.headers["X-RateLimit-Remaining"] == "0"

@@ -103,6 +103,10 @@ class require:
         else:
             principal = await _authenticate_user(request, session, token)
             subject = await _member_subject(session, principal, tenant_id)
+        # Per API key / per user, with the plan's numbers (429 with Retry-After when over).
+        from atrium.billing.service import enforce_tenant_rate_limit
+
+        await enforce_tenant_rate_limit(request, subject)
         if not subject.can(self.permission):
             raise Forbidden(
                 f"Missing permission '{self.permission.value}'",

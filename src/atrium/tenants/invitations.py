@@ -276,7 +276,12 @@ async def accept(
     existing = await session.get(Membership, (tenant.id, user.id))
     role = inv.role
     if existing is None:
-        session.add(Membership(tenant_id=tenant.id, user_id=user.id, role=role))
+        # A seat is a plan limit: held before joining (402 when the plan is full), then counted.
+        from atrium.billing.quota import Metric, reserve
+
+        async with reserve(request, tenant.id, Metric.members, 1):
+            session.add(Membership(tenant_id=tenant.id, user_id=user.id, role=role))
+            await session.flush()
     else:
         role = existing.role  # already a member: keep the role they have
     inv.accepted_at = utcnow()

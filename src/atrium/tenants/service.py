@@ -226,6 +226,13 @@ async def change_role(
     return await _member_out(session, m)
 
 
+async def _free_seat(request: Request, tenant_id: uuid.UUID) -> None:
+    # Members are metered by billing (a plan limit); a departure gives the seat back.
+    from atrium.billing.quota import Metric, Quota
+
+    await Quota.of(request).adjust(tenant_id, Metric.members, -1)
+
+
 async def remove_member(
     session: AsyncSession, subject: AuthSubject, user_id: uuid.UUID, request: Request
 ) -> None:
@@ -246,6 +253,7 @@ async def remove_member(
             )
     await session.delete(m)
     await session.flush()
+    await _free_seat(request, subject.tenant_id)
     record(
         session,
         "member.removed",
@@ -273,6 +281,7 @@ async def leave(session: AsyncSession, subject: AuthSubject, request: Request) -
         )
     await session.delete(m)
     await session.flush()
+    await _free_seat(request, subject.tenant_id)
     record(
         session,
         "member.left",
