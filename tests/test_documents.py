@@ -329,7 +329,7 @@ async def test_bad_json_and_other_bodies(app: Any, client: httpx.AsyncClient) ->
     cases: list[tuple[bytes, int, str]] = [
         (b'{"text": ""}', 422, "at least 1 character"),
         (b'{"text": "   "}', 422, "only whitespace"),
-        (b'{"text": "fine", "metadata": ["a"]}', 422, "should be an object"),
+        (b'{"text": "fine", "metadata": ["a"]}', 422, "must be a JSON object"),
         (b'{"text": "fine", "metadata": {"k": NaN}}', 422, "finite number"),
         (b'{"title": "x"}', 422, "Field required"),
         (b'{"text": "fine", "extra": 1}', 422, "Extra inputs"),

@@ -53,7 +53,7 @@ async def list_collections(
     params: Annotated[Params, Depends()],
     subject: AuthSubject = Depends(require(Permission.collections_read)),
 ) -> Any:
-    """The tenant's collections, newest first, with document, chunk and byte totals."""
+    """The tenant's collections by name, with document, chunk and byte totals."""
     query = CollectionRepository(session, subject.tenant_id).list_query()
     return await paginate_query(session, query, params, service.rows_to_schemas)
 

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field
+from pydantic import BeforeValidator, Field
 
 MAX_KEYS = 32
 MAX_KEY_LENGTH = 64
@@ -86,7 +86,7 @@ def parse_metadata_json(raw: str | None, where: str = "metadata") -> dict[str, A
 #: A pydantic field type for metadata in request bodies.
 Metadata = Annotated[
     dict[str, Any],
-    AfterValidator(validate_metadata),
+    BeforeValidator(validate_metadata),
     Field(
         description=(
             f"A flat JSON object: at most {MAX_KEYS} keys; values are strings, numbers, "

@@ -52,13 +52,13 @@ class CollectionRepository:
         )
 
     def list_query(self) -> Select[Any]:
-        """Every collection of the tenant with its totals, newest first."""
+        """Every collection of the tenant with its totals, by name."""
         stats = self._stats()
         return (
             select(Collection, stats.c.documents, stats.c.chunks, stats.c.bytes)
             .outerjoin(stats, stats.c.collection_id == Collection.id)
             .where(Collection.tenant_id == self.tenant_id)
-            .order_by(Collection.created_at.desc(), Collection.id)
+            .order_by(Collection.name, Collection.id)
         )
 
     async def get(self, collection_id: uuid.UUID, *, for_update: bool = False) -> Collection | None:

@@ -1,0 +1,162 @@
+"""Crashes and stuck jobs: a worker killed in the middle of a document, a task delivered twice,
+and the sweeper for documents left behind. The end state is always exactly one set of chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import update
+from tokenizers import Tokenizer
+
+from atrium.ingestion.chunking import Chunker
+from atrium.ingestion.embedding import DEFAULT_MODEL_DIR
+from atrium.kit.vectordb import partition_name
+from atrium.models import Document
+from atrium.models.base import utcnow
+from tests.support.services import WorkerProcess
+from tests.test_documents import chunk_rows, prose, setup_tenant, wait_document
+
+#: Redis redelivers an unacknowledged task after this many seconds (production: 2 hours).
+VISIBILITY_TIMEOUT = 4
+
+
+def expected_chunks(settings: Any, text: str) -> list[str]:
+    """What the worker's chunker makes of ``text`` (same tokenizer, same settings)."""
+    tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
+    chunker = Chunker(
+        tokenizer,
+        min(settings.embedding_max_tokens, 512),
+        settings.chunk_tokens,
+        settings.chunk_overlap_tokens,
+    )
+    return [chunk.text for chunk in chunker.split(text)]
+
+
+@pytest.fixture
+def crash_worker(celery_worker: WorkerProcess, test_env: dict[str, Any]) -> Iterator[WorkerProcess]:
+    """A worker of our own, with a short visibility timeout, while the shared one is stopped
+    (otherwise the shared one would simply take the task over)."""
+    celery_worker.stop()
+    env = {**os.environ, "ATRIUM_CELERY_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT)}
+    worker = WorkerProcess(env, test_env["data_dir"] / "crash-worker.log")
+    worker.start()
+    try:
+        yield worker
+    finally:
+        worker.kill()
+        celery_worker.start()
+
+
+async def test_worker_killed_mid_document_finishes_with_exact_chunks(
+    app: Any, client: httpx.AsyncClient, crash_worker: WorkerProcess, settings: Any
+) -> None:
+    ctx = await setup_tenant(app, client)
+    text = prose(12000)
+    expected = expected_chunks(settings, text)
+    assert len(expected) > 60  # long enough to be killed while embedding
+    r = await client.post(ctx.docs, json={"title": "Big", "text": text}, headers=ctx.headers)
+    doc = r.json()["documents"][0]
+
+    # Kill the whole worker (main process and pool) while it embeds the document.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        body = (await client.get(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)).json()
+        if body["status"] == "processing" and body["stage"] == "embed":
+            break
+        assert body["status"] in ("queued", "processing"), body
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the document never reached the embed stage")
+    crash_worker.kill()
+    assert await chunk_rows(settings, doc["id"]) == []
+    stuck = (await client.get(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)).json()
+    assert stuck["status"] == "processing" and stuck["attempts"] == 1
+
+    # A new worker gets the unacknowledged task back once the visibility timeout has passed.
+    crash_worker.start()
+    final = await wait_document(client, ctx, doc["id"], timeout=180)
+    assert final["status"] == "ready", final
+    assert final["attempts"] == 2
+    rows = await chunk_rows(settings, doc["id"])
+    assert [text for _, _, text in rows] == expected
+    assert [ordinal for _, ordinal, _ in rows] == list(range(len(expected)))
+    assert {part for part, _, _ in rows} == {partition_name(ctx.tenant.id)}
+    assert final["chunk_count"] == len(expected)
+
+    # The same task delivered twice more (a duplicate message) changes nothing.
+    from atrium.worker import celery_app
+
+    r = await client.post(f"{ctx.docs}/{doc['id']}/reindex", headers=ctx.headers)
+    assert r.status_code == 202
+    result = celery_app.send_task(
+        "atrium.ingestion.process_document",
+        kwargs={"tenant_id": str(ctx.tenant.id), "document_id": doc["id"]},
+    )
+    await asyncio.to_thread(result.get, timeout=180)
+    final = await wait_document(client, ctx, doc["id"], timeout=180)
+    assert final["status"] == "ready"
+    rows = await chunk_rows(settings, doc["id"])
+    assert [text for _, _, text in rows] == expected
+
+
+async def _sweep() -> dict[str, int]:
+    from atrium.worker import celery_app
+
+    result = celery_app.send_task("atrium.ingestion.sweep")
+    value: dict[str, int] = await asyncio.to_thread(result.get, timeout=60)
+    return value
+
+
+async def test_sweeper_requeues_stuck_documents_and_fails_hopeless_ones(
+    app: Any, client: httpx.AsyncClient, celery_worker: WorkerProcess, settings: Any
+) -> None:
+    ctx = await setup_tenant(app, client)
+    r = await client.post(ctx.docs, json={"text": prose(600)}, headers=ctx.headers)
+    a = r.json()["documents"][0]
+    r = await client.post(ctx.docs, json={"text": prose(700)}, headers=ctx.headers)
+    b = r.json()["documents"][0]
+    ready_a = await wait_document(client, ctx, a["id"])
+    await wait_document(client, ctx, b["id"])
+    rows_a = await chunk_rows(settings, a["id"])
+
+    # Make both look abandoned mid-run an hour ago (as after a lost worker); B has used up
+    # its attempts.
+    long_ago = utcnow().replace(microsecond=0) - dt.timedelta(hours=1)
+    async with app.state.sessionmaker() as session:
+        for doc_id, attempts in ((a["id"], 1), (b["id"], settings.ingestion_max_attempts)):
+            await session.execute(
+                update(Document)
+                .where(Document.id == uuid.UUID(doc_id))
+                .values(
+                    status="processing",
+                    stage="embed",
+                    run_id=str(uuid.uuid4()),
+                    heartbeat_at=long_ago,
+                    attempts=attempts,
+                )
+            )
+        await session.commit()
+
+    counts = await _sweep()
+    assert counts["requeued"] >= 1 and counts["failed"] >= 1
+    final_a = await wait_document(client, ctx, a["id"])
+    assert final_a["status"] == "ready" and final_a["chunk_count"] == ready_a["chunk_count"]
+    assert [(o, t) for _, o, t in await chunk_rows(settings, a["id"])] == [
+        (o, t) for _, o, t in rows_a
+    ]
+    final_b = (await client.get(f"{ctx.docs}/{b['id']}", headers=ctx.headers)).json()
+    assert final_b["status"] == "failed"
+    assert "without finishing" in final_b["error"] and "re-index" in final_b["error"]
+    # Nothing stuck any more: a second sweep finds nothing of ours.
+    await _sweep()
+    assert (await client.get(f"{ctx.docs}/{a['id']}", headers=ctx.headers)).json()[
+        "status"
+    ] == "ready"
