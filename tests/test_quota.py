@@ -255,6 +255,12 @@ async def test_period_rolls_over_by_the_beat_task(
             .where(UsageCounter.tenant_id == tenant.id, UsageCounter.metric == "searches")
             .values(period_start=old_start)
         )
+        # A members level that drifted (a seat counted for a commit that then failed).
+        await s.execute(
+            update(UsageCounter)
+            .where(UsageCounter.tenant_id == tenant.id, UsageCounter.metric == "members")
+            .values(used=5)
+        )
         await s.commit()
     await Quota.of(quota_app).forget_billing(tenant.id)
 
@@ -271,8 +277,9 @@ async def test_period_rolls_over_by_the_beat_task(
     assert dt.datetime.fromisoformat(searches["resets_at"]) == dt.datetime.fromisoformat(
         usage["period_end"]
     )
-    # Levels do not reset.
+    # Levels do not reset; the members level is recounted from the memberships.
     assert usage_of(usage, "documents")["used"] == 1
+    assert usage_of(usage, "members")["used"] == 1
     # The new period has its full quota; the old one stays on record in MySQL.
     for _ in range(3):
         assert (await qclient.post(url, headers=headers)).status_code == 200

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from typing import Any
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from atrium.billing.quota import (
     Metric,
@@ -20,7 +21,7 @@ from atrium.billing.quota import (
 )
 from atrium.kit import runtime
 from atrium.kit.db import unit_of_work
-from atrium.models import Tenant, TenantStatus, utcnow
+from atrium.models import Membership, Tenant, TenantStatus, utcnow
 from atrium.models.billing import BillingAccount
 from atrium.worker import celery_app
 
@@ -69,10 +70,18 @@ async def roll_periods(now: dt.datetime | None = None) -> dict[str, Any]:
                 ).scalars()
             )
             batch: list[tuple[str, dt.datetime]] = []
+            seats: dict[str, int] = {}
             for account in due:
                 old_start = account.period_start
                 if await roll_period(session, account, now):
                     batch.append((str(account.tenant_id), old_start))
+                    seats[str(account.tenant_id)] = (
+                        await session.execute(
+                            select(func.count())
+                            .select_from(Membership)
+                            .where(Membership.tenant_id == account.tenant_id)
+                        )
+                    ).scalar_one()
         # After commit: drop cached snapshots and the finished period's Redis state.
         for tenant_id, old_start in batch:
             old = _tag(old_start)
@@ -80,6 +89,9 @@ async def roll_periods(now: dt.datetime | None = None) -> dict[str, Any]:
             keys += [reservations_key(tenant_id, old, m) for m in Metric if not m.is_level]
             await res.redis.delete(*keys)
             await quota.forget_billing(tenant_id)
+            # Once a period, the members level is recounted from the memberships themselves
+            # (a commit that failed after its seat was counted, an account deleted...).
+            await quota.set_level(uuid.UUID(tenant_id), Metric.members, seats[tenant_id])
         rolled.extend(batch)
         if len(due) < _BATCH:
             break
