@@ -124,7 +124,8 @@ async def _rows(session: AsyncSession, table: Table, tenant_id: uuid.UUID) -> li
 
 
 def _dump(data: Any) -> str:
-    return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True)
+    # default=str: other domains' columns (Decimal, time...) export as their text form.
+    return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True, default=str)
 
 
 async def build_zip(session: AsyncSession, user_id: uuid.UUID) -> bytes:
