@@ -153,7 +153,8 @@ class LocalOnnxEmbedder:
     max_tokens: int
 
     # The position-embedding table of the model has 512 rows; past that the
-    # graph fails. The model was trained at 256, which is the sensible limit.
+    # graph fails. sentence-transformers uses 256 for this model (it was
+    # fine-tuned on 128-token inputs), hence the default.
     _POSITION_LIMIT = 512
 
     def __init__(
