@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 import structlog
 from fastapi import APIRouter, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_cache import FastAPICache
+from fastapi_cache.backends.redis import RedisBackend
 
 from atrium.auth.tokens import configure_jwt
 from atrium.config import Settings, get_settings
@@ -45,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.vector_pool = pool
         app.state.redis = redis
         app.state.redis_bytes = redis_bytes
+        FastAPICache.reset()  # a class-level singleton: point it at this app's Redis
+        FastAPICache.init(RedisBackend(redis_bytes), prefix="atrium-cache")
         log.info("startup", environment=settings.environment.value)
         try:
             yield
@@ -114,4 +118,5 @@ V1_ROUTER_MODULES: list[str] = [
     "atrium.collections.endpoints",
     "atrium.ingestion.endpoints",
     "atrium.billing.endpoints",
+    "atrium.retrieval.endpoints",
 ]

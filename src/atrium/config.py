@@ -146,6 +146,16 @@ class Settings(BaseSettings):
     llm_temperature: float = Field(0.1, ge=0, le=2, description="Default temperature.")
     llm_max_tokens: int = Field(512, ge=1, description="Default answer length limit.")
     llm_timeout_seconds: float = Field(60.0, gt=0, description="LLM request time-out.")
+    llm_max_tokens_limit: int = Field(
+        4096, ge=1, description="Largest max_tokens an answer request may ask for."
+    )
+    llm_allowed_models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated litellm models an answer request may pick besides llm_model.",
+    )
+    search_cache_ttl_seconds: int = Field(
+        300, ge=0, description="How long search results stay cached (0: no cache)."
+    )
 
     blob_url: str = Field(
         "", description="Blob store (s3://bucket/prefix). Empty: local directory data_dir/blobs."
@@ -161,7 +171,7 @@ class Settings(BaseSettings):
     @classmethod
     def _split_lists(cls, data: object) -> object:
         if isinstance(data, dict):
-            for key in ("cors_origins", "previous_secret_keys"):
+            for key in ("cors_origins", "previous_secret_keys", "llm_allowed_models"):
                 value = data.get(key)
                 if isinstance(value, str):
                     data[key] = [v.strip() for v in value.split(",") if v.strip()]

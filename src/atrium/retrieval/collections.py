@@ -1,0 +1,88 @@
+"""Which chunks a search may see: the requested collections, checked against the tenant's.
+
+Deletion is asynchronous: a collection or document is first marked ``deleting`` (committed),
+and a task then removes its chunks. Searches leave out both from the moment of the mark, so a
+deleted document never shows up again, even before its chunks are gone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import and_, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from atrium.kit.errors import NotFound
+from atrium.models.ingestion import Collection, CollectionStatus, Document, DocumentStatus
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """The collections of one search.
+
+    Attributes:
+        ids: the searchable collections covered, sorted (for the cache key's versions).
+        restrict: the collection ids to put in the SQL, or None when the search covers every
+            chunk of the tenant's partition (no collection condition needed).
+        exclude_documents: documents being deleted in those collections (sorted).
+    """
+
+    ids: list[uuid.UUID]
+    restrict: list[uuid.UUID] | None
+    exclude_documents: list[uuid.UUID]
+
+
+async def resolve(
+    session: AsyncSession, tenant_id: uuid.UUID, requested: Sequence[uuid.UUID] | None
+) -> Wanted:
+    """The collections to search for ``tenant_id``.
+
+    Args:
+        session: the account-database session.
+        tenant_id: the caller's tenant.
+        requested: the request's ``collection_ids``, or None for all of the tenant's.
+
+    Raises:
+        NotFound: a requested collection is not an active collection of this tenant (another
+            tenant's collection is reported exactly like one that does not exist).
+    """
+    # One round trip: every collection of the tenant, joined with its documents being deleted.
+    rows = (
+        await session.execute(
+            select(Collection.id, Collection.status, Document.id)
+            .outerjoin(
+                Document,
+                and_(
+                    Document.collection_id == Collection.id,
+                    Document.tenant_id == tenant_id,
+                    Document.status == DocumentStatus.deleting,
+                ),
+            )
+            .where(Collection.tenant_id == tenant_id)
+        )
+    ).all()
+    statuses = {cid: status for cid, status, _ in rows}
+    active = sorted(cid for cid, status in statuses.items() if status is CollectionStatus.active)
+    if requested is None:
+        wanted = active
+        # Collections being deleted may still have chunks in the partition until the purge
+        # finishes; only then is an unrestricted query safe.
+        restrict = None if len(active) == len(statuses) else active
+    else:
+        wanted = sorted(set(requested))
+        active_set = set(active)
+        missing = [c for c in wanted if c not in active_set]
+        if missing:
+            raise NotFound(
+                f"Collection {missing[0]} not found",
+                detail={
+                    "message": f"Collection {missing[0]} not found",
+                    "collection_ids": [str(c) for c in missing],
+                },
+            )
+        restrict = None if len(wanted) == len(statuses) else wanted
+    wanted_set = set(wanted)
+    exclude = sorted({doc for cid, _, doc in rows if doc is not None and cid in wanted_set})
+    return Wanted(ids=wanted, restrict=restrict, exclude_documents=exclude)

@@ -1,0 +1,108 @@
+"""Query embeddings: the configured embedder, one per process, with a small LRU of recent queries.
+
+The model is the one ingestion used (same settings), so query and chunk vectors are comparable.
+Embedding is CPU-bound (local ONNX) or a network call (LiteLLM): both run in a worker thread so
+the event loop keeps serving other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import numpy.typing as npt
+
+from atrium.config import Settings
+from atrium.ingestion.embedding import Embedder, LiteLLMEmbedder, LocalOnnxEmbedder
+
+Vector = npt.NDArray[np.float32]
+
+_lock = threading.Lock()
+_embedders: dict[tuple[str, str, int], Embedder] = {}
+
+
+def get_embedder(settings: Settings) -> Embedder:
+    """The process-wide embedder for ``settings`` (loaded on first use)."""
+    key = (settings.embedding_provider, settings.embedding_model, settings.embedding_dimension)
+    embedder = _embedders.get(key)
+    if embedder is not None:
+        return embedder
+    with _lock:
+        embedder = _embedders.get(key)
+        if embedder is None:
+            if settings.embedding_provider == "local":
+                embedder = LocalOnnxEmbedder(
+                    max_tokens=min(settings.embedding_max_tokens, 512),
+                    threads=settings.embedding_threads or None,
+                )
+            else:
+                embedder = LiteLLMEmbedder(
+                    settings.embedding_model,
+                    settings.embedding_dimension,
+                    api_base=settings.embedding_api_base or None,
+                    api_key=settings.embedding_api_key.get_secret_value() or None,
+                    max_retries=1,
+                    timeout=min(settings.llm_timeout_seconds, 30.0),
+                )
+            _embedders[key] = embedder
+    return embedder
+
+
+class QueryVectorCache:
+    """A bounded LRU of query text → vector: repeated queries skip the model."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size = size
+        self._data: OrderedDict[tuple[str, str], Vector] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model: str, text: str) -> Vector | None:
+        """The cached vector, if any (and mark it recently used)."""
+        with self._lock:
+            vec = self._data.get((model, text))
+            if vec is not None:
+                self._data.move_to_end((model, text))
+            return vec
+
+    def put(self, model: str, text: str, vec: Vector) -> None:
+        """Remember a vector, evicting the least recently used beyond ``size``."""
+        with self._lock:
+            self._data[(model, text)] = vec
+            self._data.move_to_end((model, text))
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+
+_query_cache = QueryVectorCache()
+
+
+async def embed_query(settings: Settings, text: str) -> tuple[Vector, bool]:
+    """Embed one query.
+
+    Returns:
+        ``(vector, from_cache)``: a unit-length float32 vector, and whether it came from the LRU.
+
+    Raises:
+        atrium.ingestion.embedding.EmbeddingError: when a hosted embedder fails.
+    """
+    embedder = get_embedder(settings)
+    cached = _query_cache.get(embedder.model_name, text)
+    if cached is not None:
+        return cached, True
+    matrix = await asyncio.to_thread(embedder.embed, [text])
+    vec: Vector = np.ascontiguousarray(matrix[0], dtype=np.float32)
+    _query_cache.put(embedder.model_name, text, vec)
+    return vec, False
+
+
+async def embed_texts(settings: Settings, texts: list[str]) -> npt.NDArray[np.float32]:
+    """Embed several texts (extractive answers embed candidate sentences)."""
+    embedder = get_embedder(settings)
+    return await asyncio.to_thread(embedder.embed, texts)
+
+
+def vector_literal(vec: Vector) -> str:
+    """pgvector's text form, e.g. ``[0.1,0.2]`` (cast with ``::vector`` in SQL)."""
+    return "[" + ",".join(f"{x:.7g}" for x in vec.tolist()) + "]"

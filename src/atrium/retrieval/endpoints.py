@@ -1,0 +1,158 @@
+"""Search and answer routes: ``/v1/tenants/{tenant_id}/search`` and ``.../answer``."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request
+from sse_starlette import EventSourceResponse
+
+from atrium.auth.dependencies import require
+from atrium.auth.permissions import Permission
+from atrium.auth.subject import AuthSubject
+from atrium.kit.db import DBSession
+from atrium.kit.errors import (
+    BadGateway,
+    Forbidden,
+    GatewayTimeout,
+    NotFound,
+    PaymentRequired,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+    error_responses,
+)
+from atrium.llm import service as answers
+from atrium.llm.schemas import AnswerRequest, AnswerResponse
+from atrium.retrieval import metering
+from atrium.retrieval.metering import Metric
+from atrium.retrieval.schemas import SearchRequest, SearchResponse
+from atrium.retrieval.service import Resources, log_fields, search
+
+router = APIRouter(tags=["search"])
+log = structlog.get_logger("atrium.retrieval")
+
+
+def resources(request: Request) -> Resources:
+    """The app's pools for retrieval."""
+    state = request.app.state
+    return Resources(settings=state.settings, vector_pool=state.vector_pool, redis=state.redis)
+
+
+def _cache_flags(cache_control: str | None) -> tuple[bool, bool]:
+    """``(use_cache, store)`` from a request's Cache-Control header."""
+    directives = {d.strip().lower() for d in (cache_control or "").split(",")}
+    if "no-store" in directives:
+        return False, False
+    if "no-cache" in directives:
+        return False, True
+    return True, True
+
+
+@router.post(
+    "/tenants/{tenant_id}/search",
+    response_model=SearchResponse,
+    summary="Search the tenant's documents",
+    responses=error_responses(
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        PaymentRequired,
+        TooManyRequests,
+        BadGateway,
+        GatewayTimeout,
+    ),
+)
+async def search_route(
+    body: SearchRequest,
+    request: Request,
+    background: BackgroundTasks,
+    session: DBSession,
+    subject: Annotated[AuthSubject, Depends(require(Permission.search))],
+    res: Annotated[Resources, Depends(resources)],
+    cache_control: Annotated[str | None, Header()] = None,
+) -> SearchResponse:
+    """Find the chunks most relevant to `query` in the tenant's collections.
+
+    `mode=vector` ranks by cosine similarity of embeddings on the tenant's own HNSW index;
+    `mode=hybrid` fuses that ranking with PostgreSQL full-text rank by reciprocal rank fusion.
+    `filters` restrict results by document metadata (equals, `$in`, ranges, `$exists`); with
+    filters or a collection subset, iterative index scans still return `top_k` results.
+    Results are cached until a collection involved changes; send `Cache-Control: no-cache`
+    to bypass the cache (or `no-store` to neither read nor fill it). The response reports the
+    milliseconds spent embedding, searching and fusing.
+    """
+    start = time.perf_counter()
+    use_cache, store = _cache_flags(cache_control)
+    hold = await metering.reserve(request, subject.tenant_id, Metric.searches)
+    try:
+        outcome = await search(
+            res, session, subject.tenant_id, body, use_cache=use_cache, store=store
+        )
+    except BaseException:
+        await metering.release(hold)
+        raise
+    background.add_task(metering.settle, hold)
+    t = outcome.response.timings
+    metering.observe(
+        embedding_ms=t.embedding_ms,
+        search_ms=t.search_ms,
+        fusion_ms=t.fusion_ms,
+        hybrid=outcome.response.mode.value == "hybrid",
+    )
+    log.info(
+        "query",
+        kind="search",
+        tenant_id=str(subject.tenant_id),
+        top_k=body.top_k,
+        filtered=bool(body.filters),
+        **log_fields(outcome.response),
+        total_ms=round((time.perf_counter() - start) * 1000, 3),
+    )
+    return outcome.response
+
+
+@router.post(
+    "/tenants/{tenant_id}/answer",
+    response_model=AnswerResponse,
+    summary="Answer a question from the tenant's documents, with citations",
+    responses={
+        **error_responses(
+            Unauthorized,
+            Forbidden,
+            NotFound,
+            PaymentRequired,
+            Unprocessable,
+            TooManyRequests,
+            BadGateway,
+            GatewayTimeout,
+        ),
+        200: {
+            "description": "The answer, or with `stream: true` a `text/event-stream`.",
+            "content": {"text/event-stream": {}},
+        },
+    },
+)
+async def answer_route(
+    body: AnswerRequest,
+    request: Request,
+    background: BackgroundTasks,
+    session: DBSession,
+    subject: Annotated[AuthSubject, Depends(require(Permission.answer))],
+    res: Annotated[Resources, Depends(resources)],
+) -> Any:
+    """Retrieve the chunks relevant to `query`, then answer from them with numbered citations.
+
+    With an LLM configured the answer is written by it (`mode: generative`), following the
+    versioned prompt `answer_v1`; every `[n]` in the answer points to `sources[n-1]`. Without
+    one the answer quotes the retrieved sentences most similar to the question
+    (`mode: extractive`). With `stream: true` the reply is Server-Sent Events: `retrieval`
+    (the sources), `delta` (text pieces), then `done` (answer, citations, token usage) or
+    `error`. A provider that fails or times out gives 502 or 504.
+    """
+    if body.stream:
+        events = await answers.answer_events(res, request, session, subject.tenant_id, body)
+        return EventSourceResponse(events, ping=15)
+    return await answers.answer(res, request, session, subject.tenant_id, body, background)

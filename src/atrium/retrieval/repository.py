@@ -1,0 +1,199 @@
+"""SQL of search, against one tenant's partition of ``chunks``.
+
+Every statement names the tenant's partition directly (``chunks_<tenant hex>``), so the planner
+never considers another tenant's rows or indexes (no run-time pruning over hundreds of
+partitions, whatever the plan cache does) and keeps ``tenant_id = %s`` as a second guard.
+A tenant without a partition (nothing ingested yet) simply has no results.
+
+HNSW settings are changed with ``SET LOCAL`` inside the statement's transaction, so pooled
+connections go back to the pool as they came.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import AsyncConnection, errors, sql
+
+from atrium.kit.vectordb import partition_name
+from atrium.retrieval.filters import Condition, compile_filters
+
+#: Candidates taken from each ranking before reciprocal rank fusion (hybrid mode).
+HYBRID_CANDIDATES_MIN = 40
+HYBRID_CANDIDATES_MAX = 200
+
+
+def ef_search_for(top_k: int) -> int:
+    """HNSW candidate list size for ``top_k`` results.
+
+    40 (pgvector's default) is enough for 10 results on real embeddings; larger requests get
+    twice ``top_k`` so the k-th result is still found reliably. pgvector caps it at 1000.
+    """
+    return max(40, min(1000, 2 * top_k))
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    """A chunk as search returns it."""
+
+    id: uuid.UUID
+    document_id: uuid.UUID
+    collection_id: uuid.UUID
+    ordinal: int
+    text: str
+    metadata: dict[str, Any]
+    distance: float
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which chunks of the tenant's partition a search may return.
+
+    Attributes:
+        collection_ids: only these collections (None: every collection).
+        exclude_documents: never these documents (being deleted).
+        conditions: parsed metadata filters.
+    """
+
+    collection_ids: Sequence[uuid.UUID] | None = None
+    exclude_documents: Sequence[uuid.UUID] = ()
+    conditions: Sequence[Condition] = ()
+
+
+def _where(tenant_id: uuid.UUID, scope: Scope) -> tuple[sql.Composable, list[Any]]:
+    parts: list[sql.Composable] = [sql.SQL("c.tenant_id = %s")]
+    params: list[Any] = [tenant_id]
+    if scope.collection_ids is not None:
+        parts.append(sql.SQL("c.collection_id = ANY(%s::uuid[])"))
+        params.append(list(scope.collection_ids))
+    if scope.exclude_documents:
+        parts.append(sql.SQL("c.document_id <> ALL(%s::uuid[])"))
+        params.append(list(scope.exclude_documents))
+    fragments, fparams = compile_filters(list(scope.conditions), sql.SQL("c.metadata"))
+    parts.extend(fragments)
+    params.extend(fparams)
+    return sql.SQL(" AND ").join(parts), params
+
+
+_COLUMNS = sql.SQL("c.id, c.document_id, c.collection_id, c.ordinal, c.text, c.metadata")
+
+
+def _rows(raw: Sequence[tuple[Any, ...]]) -> list[ChunkRow]:
+    return [
+        ChunkRow(
+            id=r[0],
+            document_id=r[1],
+            collection_id=r[2],
+            ordinal=r[3],
+            text=r[4],
+            metadata=r[5] or {},
+            distance=float(r[6]),
+        )
+        for r in raw
+    ]
+
+
+async def vector_search(
+    conn: AsyncConnection,
+    tenant_id: uuid.UUID,
+    vector: str,
+    *,
+    top_k: int,
+    scope: Scope,
+) -> list[ChunkRow]:
+    """The ``top_k`` chunks nearest to ``vector`` (cosine distance), nearest first.
+
+    Args:
+        conn: a pooled connection (not in autocommit); the transaction is ended here.
+        tenant_id: whose partition to search.
+        vector: the query vector in pgvector's text form.
+        top_k: how many chunks.
+        scope: collections, excluded documents and metadata filters.
+    """
+    where, params = _where(tenant_id, scope)
+    # With iterative scans in relaxed order the index may return rows slightly out of order;
+    # the materialized CTE plus an outer sort restores exact order (pgvector's advice).
+    query = sql.SQL(
+        "WITH hits AS MATERIALIZED ("
+        " SELECT {cols}, c.embedding <=> %s::vector AS distance FROM {part} c"
+        " WHERE {where} ORDER BY distance LIMIT %s"
+        ") SELECT * FROM hits ORDER BY distance + 0"
+    ).format(cols=_COLUMNS, part=sql.Identifier(partition_name(tenant_id)), where=where)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search_for(top_k)))
+            )
+            cur = await conn.execute(query, [vector, *params, top_k])
+            return _rows(await cur.fetchall())
+    except errors.UndefinedTable:
+        return []
+
+
+async def hybrid_candidates(
+    conn: AsyncConnection,
+    tenant_id: uuid.UUID,
+    vector: str,
+    text_query: str,
+    *,
+    candidates: int,
+    scope: Scope,
+) -> tuple[list[tuple[uuid.UUID, float]], list[tuple[uuid.UUID, float]]]:
+    """Two rankings for fusion: nearest vectors and best full-text matches.
+
+    Full text uses ``websearch_to_tsquery('english', ...)`` (quotes, ``or``, ``-word``) on the
+    stored ``tsv`` column and ranks with ``ts_rank_cd`` (cover density).
+
+    Returns:
+        ``(vector_ranking, text_ranking)``: ``(chunk id, distance)`` nearest first, and
+        ``(chunk id, rank)`` best first.
+    """
+    where, params = _where(tenant_id, scope)
+    part = sql.Identifier(partition_name(tenant_id))
+    query = sql.SQL(
+        "WITH v AS MATERIALIZED ("
+        " SELECT c.id, c.embedding <=> %s::vector AS score FROM {part} c"
+        " WHERE {where} ORDER BY score LIMIT %s"
+        "), t AS MATERIALIZED ("
+        " SELECT c.id, ts_rank_cd(c.tsv, q) AS score"
+        " FROM {part} c, websearch_to_tsquery('english', %s) q"
+        " WHERE c.tsv @@ q AND {where} ORDER BY score DESC LIMIT %s"
+        ") SELECT true, id, score FROM v UNION ALL SELECT false, id, score FROM t"
+    ).format(part=part, where=where)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                sql.SQL("SET LOCAL hnsw.ef_search = {}").format(
+                    sql.Literal(ef_search_for(candidates))
+                )
+            )
+            cur = await conn.execute(
+                query, [vector, *params, candidates, text_query, *params, candidates]
+            )
+            raw = await cur.fetchall()
+    except errors.UndefinedTable:
+        return [], []
+    vec = sorted(((r[1], float(r[2])) for r in raw if r[0]), key=lambda x: x[1])
+    txt = sorted(((r[1], float(r[2])) for r in raw if not r[0]), key=lambda x: -x[1])
+    return vec, txt
+
+
+async def fetch_chunks(
+    conn: AsyncConnection, tenant_id: uuid.UUID, vector: str, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, ChunkRow]:
+    """The chunks with ``ids`` (and their distance to ``vector``), by id."""
+    if not ids:
+        return {}
+    query = sql.SQL(
+        "SELECT {cols}, c.embedding <=> %s::vector FROM {part} c"
+        " WHERE c.tenant_id = %s AND c.id = ANY(%s::uuid[])"
+    ).format(cols=_COLUMNS, part=sql.Identifier(partition_name(tenant_id)))
+    try:
+        async with conn.transaction():
+            cur = await conn.execute(query, [vector, tenant_id, list(ids)])
+            return {row.id: row for row in _rows(await cur.fetchall())}
+    except errors.UndefinedTable:
+        return {}

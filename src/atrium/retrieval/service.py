@@ -1,0 +1,239 @@
+"""Search: resolve collections, consult the cache, embed, query the tenant's partition, fuse.
+
+Everything is scoped by the tenant id of the caller's :class:`AuthSubject`; the SQL only ever
+names that tenant's partition, so no filter or collection id can reach another tenant's chunks.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from atrium.config import Settings
+from atrium.ingestion.embedding import EmbeddingError
+from atrium.kit.cache_versions import collection_versions
+from atrium.kit.errors import BadGateway, GatewayTimeout
+from atrium.retrieval import cache, collections, repository
+from atrium.retrieval.embedding import Vector, embed_query, vector_literal
+from atrium.retrieval.filters import canonical, parse_filters
+from atrium.retrieval.schemas import (
+    SearchMode,
+    SearchParams,
+    SearchResponse,
+    SearchResult,
+    SearchTimings,
+)
+
+log = structlog.get_logger("atrium.retrieval")
+
+#: Reciprocal rank fusion constant (Cormack et al. 2009): score = sum of 1 / (K + rank).
+RRF_K = 60
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What search needs from the running app."""
+
+    settings: Settings
+    vector_pool: AsyncConnectionPool
+    redis: Redis
+
+
+@dataclass
+class SearchOutcome:
+    """A search's response plus what the caller needs afterwards (query vector, log fields)."""
+
+    response: SearchResponse
+    query_vector: Vector | None = None
+    log_fields: dict[str, Any] = field(default_factory=dict)
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 3)
+
+
+def _result(row: repository.ChunkRow, score: float, text_score: float | None) -> SearchResult:
+    # Chunks carry the document's metadata plus its title (ingestion's contract); the title
+    # is returned on its own.
+    metadata = dict(row.metadata)
+    title = metadata.pop("title", None)
+    return SearchResult(
+        chunk_id=row.id,
+        document_id=row.document_id,
+        collection_id=row.collection_id,
+        title=title if isinstance(title, str) and title else None,
+        ordinal=row.ordinal,
+        score=round(score, 6),
+        vector_score=round(1.0 - row.distance, 6),
+        text_score=None if text_score is None else round(text_score, 6),
+        text=row.text,
+        metadata=metadata,
+    )
+
+
+def normalised_request(
+    params: SearchParams, collection_ids: Sequence[uuid.UUID] | None
+) -> dict[str, Any]:
+    """The parts of a request that decide its results, in canonical form (for the cache key)."""
+    return {
+        "q": params.query,
+        "k": params.top_k,
+        "mode": params.mode.value,
+        "min": params.min_score,
+        "f": canonical(parse_filters(params.filters)),
+        "all": collection_ids is None,
+    }
+
+
+def fuse(
+    vector_ranking: Sequence[tuple[uuid.UUID, float]],
+    text_ranking: Sequence[tuple[uuid.UUID, float]],
+    top_k: int,
+) -> list[tuple[uuid.UUID, float, float | None]]:
+    """Reciprocal rank fusion of two rankings.
+
+    Returns:
+        Up to ``top_k`` ``(chunk id, fused score, text rank or None)``, best first. The fused
+        score is normalised to 0-1: 1 means first in both rankings.
+    """
+    scores: dict[uuid.UUID, float] = {}
+    text_scores: dict[uuid.UUID, float] = {}
+    for rank, (cid, _) in enumerate(vector_ranking, start=1):
+        scores[cid] = scores.get(cid, 0.0) + 1.0 / (RRF_K + rank)
+    for rank, (cid, ts) in enumerate(text_ranking, start=1):
+        scores[cid] = scores.get(cid, 0.0) + 1.0 / (RRF_K + rank)
+        text_scores[cid] = ts
+    best = 2.0 / (RRF_K + 1)
+    ranked = sorted(scores.items(), key=lambda kv: kv[1], reverse=True)[:top_k]
+    return [(cid, s / best, text_scores.get(cid)) for cid, s in ranked]
+
+
+async def search(
+    res: Resources,
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    params: SearchParams,
+    *,
+    use_cache: bool = True,
+    store: bool = True,
+) -> SearchOutcome:
+    """Run a search for ``tenant_id``.
+
+    Args:
+        res: the app's pools and settings.
+        session: the request's account-database session (to resolve collections).
+        tenant_id: the caller's tenant (from its AuthSubject).
+        params: the validated request.
+        use_cache: look the request up in the result cache first.
+        store: store a fresh result in the cache.
+
+    Raises:
+        NotFound: a requested collection is not one of the tenant's.
+        BadGateway, GatewayTimeout: a hosted embedding model failed.
+    """
+    start = time.perf_counter()
+    timings = SearchTimings()
+    conditions = parse_filters(params.filters)
+    wanted = await collections.resolve(session, tenant_id, params.collection_ids)
+    model = f"{res.settings.embedding_provider}:{res.settings.embedding_model}"
+
+    key = None
+    if use_cache or store:
+        t = time.perf_counter()
+        ids = wanted.ids
+        versions = await collection_versions(res.redis, tenant_id, ids)
+        request = normalised_request(params, wanted.restrict)
+        request["x"] = [str(d) for d in wanted.exclude_documents]
+        key = cache.cache_key(tenant_id, request, ids, versions, model)
+        if use_cache:
+            body = await cache.get(key)
+            timings.cache_ms = _ms(t)
+            if body is not None:
+                response = SearchResponse.model_validate(body)
+                response.cache_hit = True
+                timings.total_ms = _ms(start)
+                response.timings = timings
+                return SearchOutcome(response, None, {"cache_hit": True})
+
+    if not wanted.ids:
+        # A tenant without collections (or a request naming none) has nothing to search.
+        timings.total_ms = _ms(start)
+        response = SearchResponse(results=[], mode=params.mode, timings=timings)
+        return SearchOutcome(response, None, {"cache_hit": False})
+
+    t = time.perf_counter()
+    try:
+        qvec, vec_cached = await embed_query(res.settings, params.query)
+    except EmbeddingError as exc:
+        if exc.transient:
+            raise GatewayTimeout(f"The embedding model did not answer: {exc}") from exc
+        raise BadGateway(f"The embedding model failed: {exc}") from exc
+    timings.embedding_ms = _ms(t)
+    literal = vector_literal(qvec)
+    scope = repository.Scope(wanted.restrict, wanted.exclude_documents, conditions)
+
+    t = time.perf_counter()
+    results: list[SearchResult]
+    async with res.vector_pool.connection() as conn:
+        if params.mode is SearchMode.vector:
+            rows = await repository.vector_search(
+                conn,
+                tenant_id,
+                literal,
+                top_k=params.top_k,
+                scope=scope,
+            )
+            timings.search_ms = _ms(t)
+            results = [_result(r, 1.0 - r.distance, None) for r in rows]
+        else:
+            n = max(
+                repository.HYBRID_CANDIDATES_MIN,
+                min(repository.HYBRID_CANDIDATES_MAX, 4 * params.top_k),
+            )
+            vrank, trank = await repository.hybrid_candidates(
+                conn,
+                tenant_id,
+                literal,
+                params.query,
+                candidates=n,
+                scope=scope,
+            )
+            search_ms = _ms(t)
+            t = time.perf_counter()
+            fused = fuse(vrank, trank, params.top_k)
+            timings.fusion_ms = _ms(t)
+            t = time.perf_counter()
+            by_id = await repository.fetch_chunks(conn, tenant_id, literal, [f[0] for f in fused])
+            timings.search_ms = round(search_ms + _ms(t), 3)
+            results = [_result(by_id[cid], score, ts) for cid, score, ts in fused if cid in by_id]
+    if params.min_score is not None:
+        results = [r for r in results if r.score >= params.min_score]
+    timings.total_ms = _ms(start)
+    response = SearchResponse(results=results, mode=params.mode, timings=timings)
+    if store and key is not None:
+        await cache.put(
+            key, response.model_dump(mode="json"), res.settings.search_cache_ttl_seconds
+        )
+    return SearchOutcome(response, qvec, {"cache_hit": False, "query_vector_cached": vec_cached})
+
+
+def log_fields(response: SearchResponse) -> dict[str, Any]:
+    """The stage timings of a search, for the one log line of the request."""
+    t = response.timings
+    return {
+        "mode": response.mode.value,
+        "results": len(response.results),
+        "cache_hit": response.cache_hit,
+        "embedding_ms": t.embedding_ms,
+        "search_ms": t.search_ms,
+        "fusion_ms": t.fusion_ms,
+        "cache_ms": t.cache_ms,
+    }

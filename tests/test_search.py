@@ -1,0 +1,353 @@
+"""Search through HTTP against the real services: ranking, filters, hybrid, scoping, cache."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from atrium.auth.permissions import Scope
+from tests.support.apikeys import create_api_key, key_header
+from tests.support.retrieval import (
+    World,
+    make_tenant,
+    seed_corpus,
+    upload,
+    usage,
+    wait_ready,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def _search(client: httpx.AsyncClient, world: World, **body: Any) -> dict[str, Any]:
+    headers = {**world.headers, **body.pop("headers", {})}
+    r = await client.post(world.url("search"), json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()  # type: ignore[no-any-return]
+
+
+def _titles(body: dict[str, Any]) -> list[str]:
+    return [r["title"] for r in body["results"]]
+
+
+@pytest.fixture
+async def world(client: httpx.AsyncClient, app: Any, celery_worker: Any) -> World:
+    """A tenant whose corpus went through upload, the Celery worker and the vector store."""
+    return await seed_corpus(client, await make_tenant(app, client))
+
+
+async def test_vector_search_ranks_by_meaning(client: httpx.AsyncClient, world: World) -> None:
+    body = await _search(client, world, query="How do plants make food from light?", top_k=3)
+    assert body["mode"] == "vector"
+    assert body["cache_hit"] is False
+    first = body["results"][0]
+    assert first["title"] == "Photosynthesis"
+    assert first["document_id"] == str(world.documents["Photosynthesis"])
+    assert first["collection_id"] == str(world.collections["general"])
+    assert "chloroplasts" in first["text"]
+    assert first["metadata"] == {"lang": "en", "year": 2021, "tags": ["biology"]}
+    assert 0 < first["score"] <= 1
+    assert first["score"] == first["vector_score"]
+    scores = [r["score"] for r in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert len(body["results"]) == 3
+    timings = body["timings"]
+    for stage in ("embedding_ms", "search_ms", "fusion_ms", "cache_ms", "total_ms"):
+        assert timings[stage] >= 0
+    assert timings["search_ms"] > 0
+    assert timings["total_ms"] >= timings["search_ms"]
+
+
+async def test_top_k_and_min_score(client: httpx.AsyncClient, world: World) -> None:
+    body = await _search(client, world, query="tallest mountain in Germany", top_k=1)
+    assert _titles(body) == ["Zugspitze"]
+    everything = await _search(client, world, query="tallest mountain in Germany", top_k=100)
+    assert len(everything["results"]) == len(world.documents)
+    cut = everything["results"][2]["score"]
+    body = await _search(
+        client, world, query="tallest mountain in Germany", top_k=100, min_score=cut
+    )
+    assert len(body["results"]) == 3
+    assert all(r["score"] >= cut for r in body["results"])
+    for bad in ({"top_k": 0}, {"top_k": 101}, {"min_score": 2}, {"query": "   "}, {"mode": "x"}):
+        r = await client.post(
+            world.url("search"), json={"query": "q", **bad}, headers=world.headers
+        )
+        assert r.status_code == 422, (bad, r.text)
+        assert r.json()["error"] == "ValidationError"
+
+
+async def test_collections_restrict_and_unknown_ones_are_404(
+    client: httpx.AsyncClient, app: Any, world: World
+) -> None:
+    support = world.collections["support"]
+    body = await _search(
+        client, world, query="famous tower in Paris", collection_ids=[str(support)], top_k=10
+    )
+    assert set(_titles(body)) == {"Zugspitze", "Widget XJ-9000 manual"}
+    missing = uuid.uuid4()
+    r = await client.post(
+        world.url("search"),
+        json={"query": "q", "collection_ids": [str(support), str(missing)]},
+        headers=world.headers,
+    )
+    assert r.status_code == 404
+    assert r.json()["detail"]["collection_ids"] == [str(missing)]
+
+
+async def test_metadata_filters(client: httpx.AsyncClient, world: World) -> None:
+    q = "places and things"
+
+    async def titles(filters: dict[str, Any]) -> set[str]:
+        return set(_titles(await _search(client, world, query=q, top_k=100, filters=filters)))
+
+    assert await titles({"lang": "de"}) == {"Zugspitze"}
+    assert await titles({"lang": {"$eq": "de"}}) == {"Zugspitze"}
+    # Equality on a list field matches documents whose list contains the value.
+    assert await titles({"tags": "travel"}) == {"Eiffel Tower", "Zugspitze"}
+    assert await titles({"tags": {"$in": ["cooking", "software"]}}) == {
+        "Sourdough",
+        "Kubernetes scheduling",
+    }
+    assert await titles({"year": {"$gte": 2022, "$lt": 2024}}) == {
+        "Zugspitze",
+        "Kubernetes scheduling",
+    }
+    assert await titles({"year": {"$lte": 1889}}) == {"Eiffel Tower"}
+    assert await titles({"reviewed": {"$exists": True}}) == {"Eiffel Tower", "API key rotation"}
+    assert len(await titles({"reviewed": {"$exists": False}})) == len(world.documents) - 2
+    assert await titles({"product": "XJ-9000", "year": 2024}) == {"Widget XJ-9000 manual"}
+    assert await titles({"lang": "en", "tags": "geography"}) == {"Pacific Ocean"}
+    assert await titles({"lang": "fr"}) == set()
+    # Strings compare as strings, numbers as numbers: never across types.
+    assert await titles({"year": {"$gte": "2000"}}) == set()
+    assert await titles({"lang": {"$gt": "d", "$lt": "e"}}) == {"Zugspitze"}
+    # The title is searchable metadata too.
+    assert await titles({"title": "Sourdough"}) == {"Sourdough"}
+
+
+@pytest.mark.parametrize(
+    ("filters", "expected"),
+    [
+        ({"year": {"$gte": True}}, "filters.year.$gte"),
+        ({"year": {"$between": [1, 2]}}, "filters.year.$between: unknown operator"),
+        ({"tags": {"$in": []}}, "filters.tags.$in"),
+        ({"tags": {"$in": "travel"}}, "filters.tags.$in"),
+        ({"tags": ["a", "b"]}, "filters.tags: a list is not a value here"),
+        ({"reviewed": {"$exists": "yes"}}, "filters.reviewed.$exists: expected true or false"),
+        ({"$or": [{"a": 1}]}, "filters.$or: operators go inside"),
+        ({"lang": {}}, "filters.lang: empty object"),
+        ({"lang": {"$eq": "en", "$in": ["de"]}}, "filters.lang: $eq cannot be combined"),
+        ({"lang": {"nested": 1}}, "filters.lang.nested: unknown operator"),
+    ],
+)
+async def test_bad_filters_get_422_naming_the_part(
+    client: httpx.AsyncClient, app: Any, filters: dict[str, Any], expected: str
+) -> None:
+    w = await make_tenant(app, client)
+    r = await client.post(
+        w.url("search"), json={"query": "q", "filters": filters}, headers=w.headers
+    )
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"] == "ValidationError"
+    assert body["detail"][0]["loc"] == ["body", "filters"]
+    assert expected in body["detail"][0]["msg"], body
+
+
+async def test_hybrid_search_fuses_full_text_rank(client: httpx.AsyncClient, world: World) -> None:
+    query = "What does E42 mean?"
+    hybrid = await _search(client, world, query=query, mode="hybrid", top_k=3)
+    assert hybrid["mode"] == "hybrid"
+    first = hybrid["results"][0]
+    assert first["title"] == "Widget XJ-9000 manual"
+    assert first["text_score"] is not None and first["text_score"] > 0
+    assert 0 < first["score"] <= 1
+    assert first["vector_score"] < 1
+    others = hybrid["results"][1:]
+    assert all(r["text_score"] is None for r in others)
+    assert hybrid["timings"]["fusion_ms"] >= 0
+    # Full-text syntax of websearch_to_tsquery: quoted phrases and exclusions.
+    body = await _search(
+        client, world, query='"filter cartridge" -kubernetes', mode="hybrid", top_k=1
+    )
+    assert _titles(body) == ["Widget XJ-9000 manual"]
+    # Filters and collections apply to both rankings.
+    body = await _search(
+        client,
+        world,
+        query=query,
+        mode="hybrid",
+        top_k=10,
+        filters={"lang": "de"},
+        collection_ids=[str(world.collections["support"])],
+    )
+    assert _titles(body) == ["Zugspitze"]
+
+
+async def test_search_never_returns_another_tenants_chunks(
+    client: httpx.AsyncClient, app: Any, world: World
+) -> None:
+    other = await seed_corpus(client, await make_tenant(app, client))
+    mine = {str(d) for d in world.documents.values()}
+    theirs = {str(d) for d in other.documents.values()}
+    attempts: list[dict[str, Any]] = [
+        {},
+        {"filters": {"lang": "en"}},
+        {"filters": {"reviewed": {"$exists": False}}},
+        {"filters": {"tenant_id": str(other.tenant_id)}},
+        {"filters": {"year": {"$gte": -1e300}}},
+        {"mode": "hybrid"},
+        {"mode": "hybrid", "filters": {"tags": {"$in": ["travel", "support", "biology"]}}},
+    ]
+    for extra in attempts:
+        body = await _search(client, world, query="Eiffel Tower E42 sourdough", top_k=100, **extra)
+        found = {r["document_id"] for r in body["results"]}
+        assert found or "tenant_id" in extra.get("filters", {}), extra
+        assert found <= mine, extra
+        assert not found & theirs, extra
+    # Naming the other tenant's collections is the same as naming none that exist.
+    r = await client.post(
+        world.url("search"),
+        json={"query": "q", "collection_ids": [str(c) for c in other.collections.values()]},
+        headers=world.headers,
+    )
+    assert r.status_code == 404
+    # Calling the other tenant's path with my token is a 404, as with my API key.
+    r = await client.post(other.url("search"), json={"query": "q"}, headers=world.headers)
+    assert r.status_code == 404
+
+
+async def test_api_keys_need_the_search_scope(
+    client: httpx.AsyncClient, app: Any, world: World
+) -> None:
+    from tests.support.factories import create_tenant
+
+    class _T:
+        id = world.tenant_id
+
+    _, secret = await create_api_key(app, _T(), [Scope.search.value])  # type: ignore[arg-type]
+    r = await client.post(
+        world.url("search"), json={"query": "Paris tower", "top_k": 1}, headers=key_header(secret)
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["title"] == "Eiffel Tower"
+    r = await client.post(
+        world.url("answer"), json={"query": "Paris tower"}, headers=key_header(secret)
+    )
+    assert r.status_code == 403
+    assert r.json()["detail"]["missing_permission"] == "answer"
+    _, docs_only = await create_api_key(app, _T(), [Scope.documents_read.value])  # type: ignore[arg-type]
+    r = await client.post(world.url("search"), json={"query": "q"}, headers=key_header(docs_only))
+    assert r.status_code == 403
+    stranger = await create_tenant(app)
+    _, foreign = await create_api_key(app, stranger, [Scope.search.value])
+    r = await client.post(world.url("search"), json={"query": "q"}, headers=key_header(foreign))
+    assert r.status_code in (401, 404)
+    r = await client.post(world.url("search"), json={"query": "q"})
+    assert r.status_code == 401
+
+
+async def test_cache_hits_and_no_stale_result_after_a_write(
+    client: httpx.AsyncClient, app: Any, world: World
+) -> None:
+    query = {"query": "volcano eruption on Iceland", "top_k": 3}
+    first = await _search(client, world, **query)
+    assert first["cache_hit"] is False
+    second = await _search(client, world, **query)
+    assert second["cache_hit"] is True
+    assert second["results"] == first["results"]
+    # The same request written differently is the same cache entry.
+    again = await _search(client, world, query="  volcano   eruption on Iceland ", top_k=3)
+    assert again["cache_hit"] is True
+    # Bypass on request.
+    bypass = await _search(client, world, **query, headers={"Cache-Control": "no-cache"})
+    assert bypass["cache_hit"] is False
+    # A write to a collection searched: the next search sees it, at once.
+    doc = await upload(
+        client,
+        world,
+        "general",
+        "Eyjafjallajökull",
+        "The 2010 eruption of the Eyjafjallajökull volcano in Iceland closed European airspace "
+        "for days.",
+        {"lang": "en"},
+    )
+    await wait_ready(client, world, "general", doc)
+    after = await _search(client, world, **query)
+    assert after["cache_hit"] is False
+    assert after["results"][0]["title"] == "Eyjafjallajökull"
+    assert (await _search(client, world, **query))["cache_hit"] is True
+    # A deletion too: from the moment it is accepted, before the worker removed the chunks.
+    r = await client.delete(
+        world.url(f"collections/{world.collections['general']}/documents/{doc}"),
+        headers=world.headers,
+    )
+    assert r.status_code == 202, r.text
+    gone = await _search(client, world, **query)
+    assert gone["cache_hit"] is False
+    assert "Eyjafjallajökull" not in _titles(gone)
+    # Deleting a collection hides all of its documents at once as well.
+    r = await client.delete(
+        world.url(f"collections/{world.collections['general']}"), headers=world.headers
+    )
+    assert r.status_code == 202, r.text
+    left = await _search(client, world, **{**query, "top_k": 100})
+    assert set(_titles(left)) == {"Zugspitze", "Widget XJ-9000 manual"}
+    r = await client.post(
+        world.url("search"),
+        json={**query, "collection_ids": [str(world.collections["general"])]},
+        headers=world.headers,
+    )
+    assert r.status_code == 404
+
+
+async def test_searches_are_metered(client: httpx.AsyncClient, world: World) -> None:
+    before = (await usage(client, world)).get("searches", 0)
+    for _ in range(3):
+        await _search(client, world, query="Paris")
+    assert (await usage(client, world))["searches"] == before + 3
+    r = await client.post(
+        world.url("search"), json={"query": "q", "top_k": 0}, headers=world.headers
+    )
+    assert r.status_code == 422
+    assert (await usage(client, world))["searches"] == before + 3
+
+
+async def test_tenant_without_documents_finds_nothing(client: httpx.AsyncClient, app: Any) -> None:
+    w = await make_tenant(app, client)
+    body = await _search(client, w, query="anything at all")
+    assert body["results"] == []
+    body = await _search(client, w, query="anything at all", mode="hybrid")
+    assert body["results"] == []
+
+
+async def test_one_log_line_per_query_with_stage_timings(
+    client: httpx.AsyncClient, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from structlog.testing import CapturingLogger
+
+    from atrium.llm import service as answer_service
+    from atrium.retrieval import endpoints
+
+    captured = CapturingLogger()
+    monkeypatch.setattr(endpoints, "log", captured)
+    monkeypatch.setattr(answer_service, "log", captured)
+    await _search(client, world, query="deep ocean trench", mode="hybrid")
+    await _search(client, world, query="deep ocean trench", mode="hybrid")
+    r = await client.post(world.url("answer"), json={"query": "deep ocean"}, headers=world.headers)
+    assert r.status_code == 200
+    lines = [c for c in captured.calls if c.args == ("query",)]
+    assert len(lines) == 3
+    first, second, third = (c.kwargs for c in lines)
+    assert first["kind"] == "search" and first["cache_hit"] is False
+    assert second["cache_hit"] is True
+    for key in ("embedding_ms", "search_ms", "fusion_ms", "total_ms", "tenant_id", "mode"):
+        assert key in first, key
+    assert first["search_ms"] > 0
+    assert third["kind"] == "answer" and third["answer_mode"] == "extractive"
+    for key in ("llm_ms", "prompt_tokens", "completion_tokens", "embedding_ms", "cache_hit"):
+        assert key in third, key
