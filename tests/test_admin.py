@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from atrium.models import Role
+from tests.support.apikeys import create_api_key, key_header
 from tests.support.factories import add_member, bearer, create_tenant, create_user
 
 
@@ -60,18 +61,24 @@ async def test_suspend_and_unsuspend(app: Any, client: httpx.AsyncClient) -> Non
     tenant = await create_tenant(app, owner, name="Naughty")
     await add_member(app, tenant, member, Role.member)
     url = f"/v1/tenants/{tenant.id}"
+    _, secret = await create_api_key(app, tenant, creator=owner)
+    key = key_header(secret)
+    assert (await client.get(url, headers=key)).status_code == 200  # status now cached
 
     r = await client.post(f"/v1/admin/tenants/{tenant.id}/suspend", headers=admin)
     assert r.status_code == 200 and r.json()["status"] == "suspended"
     for who in (owner, member):
         r = await client.get(url, headers=await bearer(who))
         assert r.status_code == 403 and "suspended" in r.json()["detail"]
+    r = await client.get(url, headers=key)  # at once, not when the cached status expires
+    assert r.status_code == 403 and "suspended" in r.json()["detail"]
     r = await client.get("/v1/admin/tenants?status=suspended", headers=admin)
     assert [t["name"] for t in r.json()["items"]] == ["Naughty"]
 
     r = await client.post(f"/v1/admin/tenants/{tenant.id}/unsuspend", headers=admin)
     assert r.status_code == 200 and r.json()["status"] == "active"
     assert (await client.get(url, headers=await bearer(member))).status_code == 200
+    assert (await client.get(url, headers=key)).status_code == 200
     r = await client.get(f"{url}/audit-events", headers=await bearer(owner))
     actions = [e["action"] for e in r.json()["items"]]
     assert sorted(actions) == ["tenant.suspended", "tenant.unsuspended"]

@@ -498,7 +498,12 @@ async def delete_account(
     purged: list[uuid.UUID] = []
     for tenant, _ in owned:
         await tenants.schedule_purge(
-            session, tenant, actor_user_id=user.id, request=request, reason="account deleted"
+            session,
+            tenant,
+            actor_user_id=user.id,
+            request=request,
+            reason="account deleted",
+            redis=redis,
         )
         purged.append(tenant.id)
     await sessions.revoke(session, redis, settings, user.id)

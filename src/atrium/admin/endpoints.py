@@ -19,6 +19,7 @@ from atrium.models import Tenant, TenantStatus
 from atrium.models import User as UserModel
 from atrium.models.accounts import user_email_col, user_id_col
 from atrium.tenants.schemas import Tenant as TenantOut
+from atrium.tenants.service import forget_status
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 PageParams = Annotated[Params, Depends()]
@@ -87,6 +88,7 @@ async def _set_status(
     if tenant.status is not status:
         tenant.status = status
         await session.flush()
+        await forget_status(request.app.state.redis, tenant.id)
         record(
             session,
             "tenant.suspended" if status is TenantStatus.suspended else "tenant.unsuspended",

@@ -110,7 +110,12 @@ async def delete_tenant(
     """Delete a tenant: it disappears at once; its data is purged in the background."""
     tenant = await service.get_tenant(session, subject.tenant_id)
     await service.schedule_purge(
-        session, tenant, actor_user_id=subject.user_id, request=request, reason="deleted by owner"
+        session,
+        tenant,
+        actor_user_id=subject.user_id,
+        request=request,
+        reason="deleted by owner",
+        redis=request.app.state.redis,
     )
     return {"detail": "The tenant is being deleted.", "id": str(tenant.id)}
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import Request
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -109,6 +110,17 @@ async def update_tenant(
     return tenant
 
 
+async def forget_status(redis: Redis, tenant_id: uuid.UUID) -> None:
+    """Make a status change reach the tenant's API keys at once.
+
+    API-key authentication caches each tenant's status for a few seconds; dropping the cached
+    value makes the next request read the new one (the request commits before it answers).
+    """
+    from atrium.apikeys.service import forget_tenant_status
+
+    await forget_tenant_status(redis, tenant_id)
+
+
 async def schedule_purge(
     session: AsyncSession,
     tenant: Tenant,
@@ -116,6 +128,7 @@ async def schedule_purge(
     actor_user_id: uuid.UUID | None,
     request: Request | None,
     reason: str,
+    redis: Redis | None = None,
 ) -> None:
     """Mark ``tenant`` as being deleted and enqueue its purge (after commit).
 
@@ -124,6 +137,8 @@ async def schedule_purge(
     """
     tenant.status = TenantStatus.deleting
     await session.flush()
+    if redis is not None:
+        await forget_status(redis, tenant.id)
     record(
         session,
         "tenant.deletion_requested",
