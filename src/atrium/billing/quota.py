@@ -755,7 +755,9 @@ class Reservation:
             self.actual = actual
         amount = self.amount if self.actual is None else self.actual
         assert self._billing is not None, "acquire() first"
-        if amount == 0 and not self._held:
+        if amount == 0:
+            # Nothing was used (a duplicate upload...): just give the hold back.
+            await self.release()
             return
         try:
             await self.quota._apply(
@@ -794,6 +796,26 @@ class Reservation:
             await self.release()
 
 
+class Unmetered:
+    """What :func:`reserve` returns without a context (a script or a test calling a service
+    directly): the same interface, nothing counted, nothing enforced."""
+
+    def settle(self, actual: int) -> None:
+        """Ignored."""
+
+    async def commit(self, actual: int | None = None) -> None:
+        """Ignored."""
+
+    async def release(self) -> None:
+        """Ignored."""
+
+    async def __aenter__(self) -> Unmetered:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        return None
+
+
 def reserve(
     ctx: Any,
     tenant_id: uuid.UUID,
@@ -801,10 +823,28 @@ def reserve(
     amount: int,
     *,
     ttl_seconds: int = DEFAULT_RESERVATION_TTL,
-) -> Reservation:
+) -> Reservation | Unmetered:
     """``async with reserve(request, tenant_id, Metric.searches, 1) as r: ...`` — see
-    :meth:`Quota.reserve`. ``ctx`` is a Request, an app, or ``runtime.resources()``."""
+    :meth:`Quota.reserve`.
+
+    Args:
+        ctx: a Request, an app, or ``runtime.resources()`` (in a Celery task). ``None`` (a
+            service called without a request) meters nothing.
+        tenant_id: whose quota.
+        metric: what is used.
+        amount: how much to hold (settle the actual amount with ``r.settle(n)``).
+        ttl_seconds: how long the hold lasts if the holder dies without settling.
+    """
+    if ctx is None:
+        return Unmetered()
     return Quota.of(ctx).reserve(tenant_id, metric, amount, ttl_seconds=ttl_seconds)
+
+
+async def adjust(ctx: Any, tenant_id: uuid.UUID, metric: Metric, delta: int) -> None:
+    """Change a level without a limit check (``-1`` document when one is deleted...).
+    ``ctx`` as for :func:`reserve`; ``None`` meters nothing."""
+    if ctx is not None and delta:
+        await Quota.of(ctx).adjust(tenant_id, metric, delta)
 
 
 def _quota_sessionmaker(app: Any) -> async_sessionmaker[AsyncSession]:
@@ -941,6 +981,27 @@ async def load_billing(
         overrides=dict(account.overrides or {}),
         period=Period(account.period_start, account.period_end),
     )
+
+
+async def limits_in_session(
+    session: AsyncSession, tenant_id: uuid.UUID, catalog: PlanCatalog | None = None
+) -> dict[Limit, int | None]:
+    """A tenant's effective limits read through the caller's session (no Redis needed)."""
+    row = (
+        await session.execute(
+            select(Tenant.plan, BillingAccount.overrides)
+            .outerjoin(BillingAccount, BillingAccount.tenant_id == Tenant.id)
+            .where(Tenant.id == tenant_id)
+        )
+    ).one_or_none()
+    catalog = catalog or get_catalog()
+    if row is None:
+        return dict(catalog.get(catalog.default_plan).limits)
+    limits = dict(catalog.get(row.plan).limits)
+    for key, value in (row.overrides or {}).items():
+        if key in Limit.__members__:
+            limits[Limit(key)] = value
+    return limits
 
 
 async def send_usage_warning(

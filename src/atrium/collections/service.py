@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.audit.service import record
 from atrium.auth.subject import AuthSubject
+from atrium.billing.quota import Metric, adjust, reserve
 from atrium.collections import schemas
 from atrium.collections.repository import CollectionRepository, CollectionTotals, name_key
 from atrium.kit.enqueue import enqueue
@@ -123,7 +124,9 @@ async def create(
         metadata_=data.metadata,
         status=CollectionStatus.active,
     )
-    await _flush_unique(session, collection, data.name)
+    # Plan limits (billing): a collection is held before it is created (402 when full).
+    async with reserve(request, subject.tenant_id, Metric.collections, 1):
+        await _flush_unique(session, collection, data.name)
     _audit(session, subject, "collection.created", collection, request, {"name": data.name})
     return collection
 
@@ -180,6 +183,7 @@ async def delete(
     collection.status = CollectionStatus.deleting
     collection.name_key = None
     await session.flush()
+    await adjust(request, subject.tenant_id, Metric.collections, -1)
     _audit(session, subject, "collection.deleted", collection, request, {"name": collection.name})
     enqueue(
         session,

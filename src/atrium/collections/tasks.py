@@ -6,7 +6,9 @@ import uuid
 from typing import Any
 
 from celery import Task
+from sqlalchemy import func, select
 
+from atrium.billing.quota import Metric, adjust
 from atrium.collections.repository import CollectionRepository
 from atrium.collections.service import DELETE_TASK
 from atrium.ingestion.pipeline import is_transient
@@ -18,7 +20,7 @@ from atrium.kit import runtime
 from atrium.kit.blobstore import get_blobstore
 from atrium.kit.cache_versions import bump_collection_version
 from atrium.kit.db import unit_of_work
-from atrium.models.ingestion import CollectionStatus
+from atrium.models.ingestion import CollectionStatus, Document, DocumentStatus
 from atrium.worker import celery_app
 
 
@@ -36,7 +38,26 @@ def delete_collection(self: Task, *, tenant_id: str, collection_id: str) -> dict
             row = await CollectionRepository(session, tenant).get(collection)
             if row is None or row.status is not CollectionStatus.deleting:
                 return {"deleted": False}
+            # What its live documents count against the plan (those deleted one by one
+            # were given back already).
+            live = (
+                await session.execute(
+                    select(
+                        func.count(),
+                        func.coalesce(func.sum(Document.size_bytes), 0),
+                        func.coalesce(func.sum(Document.chunk_count), 0),
+                    ).where(
+                        Document.tenant_id == tenant,
+                        Document.collection_id == collection,
+                        Document.status != DocumentStatus.deleting,
+                    )
+                )
+            ).one()
             await DocumentRepository(session, tenant).mark_collection_deleting(collection)
+        # Plan limits (billing): the collection's documents, bytes and chunks stop counting.
+        await adjust(res, tenant, Metric.documents, -int(live[0]))
+        await adjust(res, tenant, Metric.stored_bytes, -int(live[1]))
+        await adjust(res, tenant, Metric.chunks, -int(live[2]))
         # 2. Chunks, then files.
         async with res.vector_pool.connection() as conn:
             chunks = await delete_collection_chunks(conn, tenant, collection)

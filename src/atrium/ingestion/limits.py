@@ -24,7 +24,13 @@ async def max_upload_bytes(session: AsyncSession, tenant_id: uuid.UUID, settings
         tenant_id: the uploading tenant.
         settings: the application settings (``max_upload_bytes`` caps every plan).
     """
-    return settings.max_upload_bytes
+    from atrium.billing.plans import Limit
+    from atrium.billing.quota import limits_in_session
+
+    plan_limit = (await limits_in_session(session, tenant_id))[Limit.max_upload_bytes]
+    if plan_limit is None:
+        return settings.max_upload_bytes
+    return min(settings.max_upload_bytes, plan_limit)
 
 
 def human_bytes(size: int) -> str:

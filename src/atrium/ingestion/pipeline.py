@@ -25,6 +25,7 @@ import redis.exceptions
 import sqlalchemy.exc
 import structlog
 
+from atrium.billing.quota import Metric, QuotaExceeded, adjust, reserve
 from atrium.ingestion import extract as extraction
 from atrium.ingestion.embedders import Tools
 from atrium.ingestion.embedding import EmbeddingError
@@ -158,6 +159,7 @@ class _Run:
                 await repo.fail(self.document_id, self.run_id, reason, {})
                 return Outcome("failed", error=reason)
             collection_id = document.collection_id
+            old_chunks = document.chunk_count or 0
             blob_key = document.blob_key
             content_type = document.content_type
             metadata = {**(document.metadata_ or {}), "title": document.title}
@@ -192,13 +194,23 @@ class _Run:
 
         # embed
         mark = time.perf_counter()
-        vectors = await self._embed(texts)
+        # Plan limits (billing): embedding tokens are held before and counted after.
+        tokens = sum(token_counts)
+        async with reserve(
+            self.res, self.tenant_id, Metric.embedding_tokens, tokens, ttl_seconds=3600
+        ):
+            vectors = await self._embed(texts)
         self.timings["embed_ms"] = _ms(time.perf_counter() - mark)
         await self._progress("store", STAGE_PERCENT["store"])
 
         # store
         mark = time.perf_counter()
-        async with self.res.vector_pool.connection() as conn:
+        # Plan limits (billing): the chunks this run adds over the previous run's are held.
+        added = len(texts) - old_chunks
+        async with (
+            reserve(self.res, self.tenant_id, Metric.chunks, max(0, added)),
+            self.res.vector_pool.connection() as conn,
+        ):
             written = await replace_document_chunks(
                 conn,
                 tenant_id=self.tenant_id,
@@ -210,11 +222,11 @@ class _Run:
                 metadata=metadata,
                 still_owned=self._still_owned,
             )
-        if not written:
-            raise Superseded()
+            if not written:
+                raise Superseded()
+        await adjust(self.res, self.tenant_id, Metric.chunks, min(0, added))
         self.timings["store_ms"] = _ms(time.perf_counter() - mark)
         self.timings["total_ms"] = _ms(time.perf_counter() - started)
-        tokens = sum(token_counts)
         async with unit_of_work(self.res.sessionmaker) as session:
             finished = await DocumentRepository(session, self.tenant_id).finish(
                 self.document_id,
@@ -262,7 +274,7 @@ async def process(
     except Superseded:
         log.info("ingestion_superseded", tenant_id=str(tenant_id), document_id=str(document_id))
         return Outcome("superseded")
-    except BadDocument as exc:
+    except (BadDocument, QuotaExceeded) as exc:
         await run.fail(exc.message)
         return Outcome("failed", timings=run.timings, error=exc.message)
     except EmbeddingError as exc:

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from atrium.audit.service import record
 from atrium.auth.subject import AuthSubject
+from atrium.billing.quota import Metric, adjust, reserve
 from atrium.collections.service import get_writable
 from atrium.config import Settings
 from atrium.ingestion import extract, schemas
@@ -202,18 +203,25 @@ async def upload(
             heartbeat_at=utcnow(),
         )
         document.blob_key = blob_key(subject.tenant_id, collection.id, document.id)
-        try:
-            # A concurrent upload of the same bytes may win the unique key: return its row.
-            async with session.begin_nested():
-                session.add(document)
-                await session.flush()
-        except IntegrityError:
-            winner = await repo.by_sha(collection.id, item.sha256)
-            if winner is None:
-                raise
-            results.append((winner, True))
-            continue
-        await blobs.put(document.blob_key, await item.incoming.read())
+        # Plan limits (billing): a document and its bytes are held first (402 when full).
+        async with (
+            reserve(request, subject.tenant_id, Metric.documents, 1) as held_doc,
+            reserve(request, subject.tenant_id, Metric.stored_bytes, item.size) as held_bytes,
+        ):
+            try:
+                # A concurrent upload of the same bytes may win the unique key: return its row.
+                async with session.begin_nested():
+                    session.add(document)
+                    await session.flush()
+            except IntegrityError:
+                winner = await repo.by_sha(collection.id, item.sha256)
+                if winner is None:
+                    raise
+                held_doc.settle(0)
+                held_bytes.settle(0)
+                results.append((winner, True))
+                continue
+            await blobs.put(document.blob_key, await item.incoming.read())
         enqueue(
             session,
             PROCESS_TASK,
@@ -300,6 +308,10 @@ async def delete(
     document.run_id = None
     document.heartbeat_at = utcnow()
     await session.flush()
+    # Plan limits (billing): the document, its bytes and its chunks stop counting now.
+    await adjust(request, subject.tenant_id, Metric.documents, -1)
+    await adjust(request, subject.tenant_id, Metric.stored_bytes, -(document.size_bytes or 0))
+    await adjust(request, subject.tenant_id, Metric.chunks, -(document.chunk_count or 0))
     enqueue(session, DELETE_TASK, tenant_id=str(subject.tenant_id), document_id=str(document.id))
     _audit(session, subject, "document.deleted", document, request)
     return document
