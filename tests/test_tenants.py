@@ -253,3 +253,28 @@ async def test_user_model_columns_are_exposed_safely(app: Any, client: httpx.Asy
     r = await client.get(f"/v1/tenants/{tenant.id}/members", headers=await bearer(user))
     member = r.json()["items"][0]
     assert set(member) == {"user_id", "email", "name", "role", "joined_at"}
+
+
+async def test_every_foreign_key_to_tenants_and_users_lets_the_row_go(app: Any) -> None:
+    """The purge and account deletion rely on the database: every FK to ``tenants`` must cascade
+    and every FK to ``users`` must cascade or set null, in the migrated MariaDB schema."""
+    from sqlalchemy import text
+
+    async with app.state.engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT TABLE_NAME, REFERENCED_TABLE_NAME, DELETE_RULE "
+                    "FROM information_schema.REFERENTIAL_CONSTRAINTS "
+                    "WHERE CONSTRAINT_SCHEMA = DATABASE() "
+                    "AND REFERENCED_TABLE_NAME IN ('tenants', 'users')"
+                )
+            )
+        ).all()
+    assert rows
+    bad = [
+        (table, ref, rule)
+        for table, ref, rule in rows
+        if not (rule == "CASCADE" or (ref == "users" and rule == "SET NULL"))
+    ]
+    assert not bad, f"foreign keys that would block a purge or an account deletion: {bad}"
