@@ -1,0 +1,1 @@
+"""Grounded answers: litellm chat completions, versioned prompts, extractive fallback."""

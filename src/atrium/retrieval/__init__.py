@@ -1,0 +1,1 @@
+"""Search: per-tenant vector and hybrid retrieval, metadata filters, result cache."""
