@@ -274,3 +274,46 @@ async def test_profile_read_and_update(
 
     r = await client.delete(f"/v1/users/me/sessions/{uuid.uuid4()}", headers=me["headers"])
     assert r.status_code == 404
+
+
+async def test_disabled_account_and_expired_mail_tokens(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    from fastapi_users.jwt import generate_jwt
+
+    from atrium.models import User
+    from tests.support.factories import create_user
+
+    user = await create_user(app, password=PASSWORD)
+    async with app.state.sessionmaker() as s:
+        u = await s.get(User, user.id)
+        assert u is not None
+        u.is_active = False
+        await s.commit()
+    r = await login(client, user.email)
+    assert r.status_code == 403 and "disabled" in r.json()["detail"]
+
+    secret = app.state.settings.secret_key.get_secret_value()
+    expired_verify = generate_jwt(
+        {"sub": str(user.id), "email": user.email, "aud": "fastapi-users:verify"}, secret, -10
+    )
+    r = await client.post("/v1/auth/verify", json={"token": expired_verify})
+    assert r.status_code == 400
+    expired_reset = generate_jwt(
+        {"sub": str(user.id), "password_fgpt": "x", "aud": "fastapi-users:reset"}, secret, -10
+    )
+    r = await client.post(
+        "/v1/auth/reset-password", json={"token": expired_reset, "password": PASSWORD + "!"}
+    )
+    assert r.status_code == 400
+    forged = generate_jwt(
+        {
+            "sub": str(user.id),
+            "old": user.email,
+            "new": "x@example.com",
+            "aud": "atrium:email-change",
+        },
+        "not-our-secret-not-our-secret-not-our-secret",
+        3600,
+    )
+    assert (await client.post("/v1/auth/verify", json={"token": forged})).status_code == 400

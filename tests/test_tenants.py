@@ -278,3 +278,13 @@ async def test_every_foreign_key_to_tenants_and_users_lets_the_row_go(app: Any) 
         if not (rule == "CASCADE" or (ref == "users" and rule == "SET NULL"))
     ]
     assert not bad, f"foreign keys that would block a purge or an account deletion: {bad}"
+
+
+async def test_an_api_key_cannot_leave(app: Any, client: httpx.AsyncClient) -> None:
+    from tests.support.apikeys import create_api_key, key_header
+
+    owner = await create_user(app)
+    tenant = await create_tenant(app, owner)
+    _, secret = await create_api_key(app, tenant, creator=owner)
+    r = await client.post(f"/v1/tenants/{tenant.id}/leave", headers=key_header(secret))
+    assert r.status_code == 400 and "revoke" in r.json()["detail"]
