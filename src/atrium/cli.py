@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess  # nosec B404
@@ -156,62 +157,82 @@ def dev() -> None:
 
     Ctrl-C (or SIGTERM) stops every process this started.
     """
-    settings, services = _with_services()
-    from atrium.kit.migrations import upgrade_account_db, upgrade_vector_db
-
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade_account_db(settings.resolved_database_url)
-    asyncio.run(upgrade_vector_db(settings.vector_conninfo, settings.embedding_dimension))
-
-    env = dict(os.environ)
-    # API, worker and beat share one metrics directory, so the API's /metrics shows them all.
-    env.setdefault("PROMETHEUS_MULTIPROC_DIR", _metrics_dir(settings.data_dir / "metrics" / "dev"))
-    base = [sys.executable, "-m", "atrium.cli"]
-    specs = {
-        "api": [*base, "serve"],
-        "worker": [*base, "worker"],
-        "beat": [*base, "beat"],
-    }
-    children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def stop(signum: int, _frame: FrameType | None) -> None:
         nonlocal stopping
         stopping = True
 
+    # Handlers first: a Ctrl-C while the servers start or migrations run is remembered, and the
+    # command stops cleanly at the next step instead of leaving servers behind.
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    for name, argv in specs.items():
-        # Own process group, so a terminal's Ctrl-C reaches us once and we stop them in order.
-        children[name] = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603  # nosec B603
-    typer.echo(
-        f"Atrium is starting on http://{settings.host}:{settings.port} "
-        f"(data in {settings.data_dir.resolve()}); Ctrl-C stops it.",
-        err=True,
-    )
+    settings, services = _with_services()
+    children: dict[str, subprocess.Popen[bytes]] = {}
     code = 0
-    while not stopping:
-        for name, proc in children.items():
-            if proc.poll() is not None:
-                typer.echo(f"{name} exited with code {proc.returncode}; stopping.", err=True)
-                code = proc.returncode or 1
-                stopping = True
+    # From here on, whatever happens (Ctrl-C during migrations, a child crashing, an error),
+    # the finally block stops every process this command started, embedded servers included.
+    try:
+        from atrium.kit.migrations import upgrade_account_db, upgrade_vector_db
+
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade_account_db(settings.resolved_database_url)
+        asyncio.run(upgrade_vector_db(settings.vector_conninfo, settings.embedding_dimension))
+
+        env = dict(os.environ)
+        # API, worker and beat share one metrics directory: the API's /metrics shows them all.
+        env.setdefault(
+            "PROMETHEUS_MULTIPROC_DIR", _metrics_dir(settings.data_dir / "metrics" / "dev")
+        )
+        base = [sys.executable, "-m", "atrium.cli"]
+        specs = {
+            "api": [*base, "serve"],
+            "worker": [*base, "worker"],
+            "beat": [*base, "beat"],
+        }
+        for name, argv in specs.items():
+            if stopping:
                 break
-        time.sleep(0.3)
+            # Own session, so a terminal's Ctrl-C reaches only us and we stop them in order.
+            children[name] = subprocess.Popen(argv, env=env, start_new_session=True)  # noqa: S603  # nosec B603
+        typer.echo(
+            f"Atrium is starting on http://{settings.host}:{settings.port} "
+            f"(data in {settings.data_dir.resolve()}); Ctrl-C stops it.",
+            err=True,
+        )
+        while not stopping:
+            for name, proc in children.items():
+                if proc.poll() is not None:
+                    typer.echo(f"{name} exited with code {proc.returncode}; stopping.", err=True)
+                    code = proc.returncode or 1
+                    stopping = True
+                    break
+            time.sleep(0.3)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        # A second Ctrl-C must not cut the shutdown short and orphan the servers.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _stop_children(children)
+        if services is not None:
+            services.stop()  # type: ignore[attr-defined]
+        typer.echo("Atrium stopped.", err=True)
+    raise typer.Exit(code)
+
+
+def _stop_children(children: dict[str, subprocess.Popen[bytes]], grace: float = 20.0) -> None:
+    """SIGTERM each child (Celery: warm shutdown), then SIGKILL its whole process group."""
     for proc in children.values():
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + grace
     for proc in children.values():
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if services is not None:
-        services.stop()  # type: ignore[attr-defined]
-    typer.echo("Atrium stopped.", err=True)
-    raise typer.Exit(code)
+        # The worker's pool processes share its process group; take any straggler with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def main() -> None:

@@ -1,0 +1,309 @@
+"""`atrium dev` as a person runs it: start, ready, Ctrl-C, nothing left running, data kept.
+
+Two set-ups: everything embedded (no settings at all: SQLite, embedded PostgreSQL, embedded Redis)
+and the local MariaDB + Redis with only the embedded PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import redis
+
+from tests.support import services
+
+ROOT = Path(__file__).resolve().parents[1]
+READY_TIMEOUT = 180.0
+STOP_TIMEOUT = 60.0
+#: The Redis db index the MariaDB/Redis run uses (not one of the test session's own).
+DEV_REDIS_DB = int(os.environ.get("ATRIUM_TEST_DEV_REDIS_DB", "14"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _base_env(data_dir: Path, port: int, extra: dict[str, str]) -> dict[str, str]:
+    # Nothing of the test session's configuration: no ATRIUM_* at all, ATRIUM_ENVIRONMENT unset.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATRIUM_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.update({"ATRIUM_DATA_DIR": str(data_dir), "ATRIUM_PORT": str(port), **extra})
+    return env
+
+
+def _postmaster_pid(data_dir: Path) -> int:
+    """The running postmaster's pid; 0 while none (initdb writes a negative one)."""
+    try:
+        pid = int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return 0
+    return max(pid, 0)
+
+
+@dataclass
+class DevRun:
+    """One `python -m atrium.cli dev` process and what it started."""
+
+    env: dict[str, str]
+    cwd: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+    started: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.env['ATRIUM_PORT']}"
+
+    def start(self) -> dict[str, object]:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "atrium.cli", "dev"],
+            cwd=self.cwd,  # no .env of the repository is read
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + READY_TIMEOUT
+        body: dict[str, object] = {}
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"atrium dev exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                r = httpx.get(self.url + "/readyz", timeout=5)
+                body = r.json()
+                if r.status_code == 200:
+                    self._record_processes()
+                    return body
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"/readyz never answered 200 (last: {body}):\n{self.tail()}")
+
+    def _record_processes(self) -> None:
+        assert self.proc is not None
+        parent = psutil.Process(self.proc.pid)
+        for child in parent.children(recursive=True):
+            try:
+                self.started[child.pid] = " ".join(child.cmdline()[-2:])
+            except psutil.NoSuchProcess:
+                continue
+        data_dir = Path(self.env["ATRIUM_DATA_DIR"])
+        # The embedded servers daemonize (their parent is init), so find them by pid file.
+        pg_pid = _postmaster_pid(data_dir)
+        if pg_pid:
+            self.started[pg_pid] = "embedded postgres"
+        redis_pid = data_dir / "redis" / "redis.pid"
+        if redis_pid.exists():
+            self.started[int(redis_pid.read_text().strip())] = "embedded redis"
+
+    def interrupt(self) -> None:
+        """Ctrl-C, then check that every process this run started is gone."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"atrium dev did not stop within {STOP_TIMEOUT} s:\n{self.tail()}")
+        assert code == 0, self.tail()
+        deadline = time.monotonic() + 10
+        alive = self._alive()
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.2)
+            alive = self._alive()
+        assert not alive, f"still running after Ctrl-C: {alive}\n{self.tail()}"
+
+    def _alive(self) -> dict[int, str]:
+        alive = {}
+        for pid, what in self.started.items():
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive[pid] = what
+            except psutil.NoSuchProcess:
+                continue
+        return alive
+
+    def kill(self) -> None:
+        """Last resort after a failure: leave nothing behind for the next test."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        for pid in self._alive():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(pid).kill()
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture
+def dev_runs() -> Iterator[list[DevRun]]:
+    runs: list[DevRun] = []
+    yield runs
+    for run in runs:
+        run.kill()
+
+
+def _assert_all_ok(body: dict[str, object]) -> None:
+    components = body["components"]
+    assert isinstance(components, dict)
+    assert set(components) == {"database", "vector_database", "redis", "worker"}
+    for name, component in components.items():
+        assert component["status"] == "ok", (name, component)
+
+
+def _create_superuser(run: DevRun, email: str) -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atrium.cli",
+            "create-superuser",
+            "--email",
+            email,
+            "--password",
+            "correct horse battery staple",
+        ],
+        cwd=run.cwd,
+        env=run.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"created {email}" in r.stdout
+
+
+def _wait_for_task_metric(url: str, broker_url: str) -> None:
+    """A task run by the worker shows in the API's /metrics (one shared metrics directory)."""
+    from celery import Celery
+
+    client = Celery("probe", broker=broker_url)
+    client.send_task("atrium.ping", kwargs={"payload": "metrics"})
+    needle = 'atrium_tasks_total{outcome="success",task="atrium.ping"}'
+    text = ""
+    for _ in range(60):
+        text = httpx.get(url + "/metrics", timeout=5).text
+        if needle in text:
+            break
+        time.sleep(0.5)
+    assert needle in text, text[-2000:]
+    assert "atrium_ingestion_queue_length" in text
+
+
+def test_dev_with_everything_embedded(tmp_path: Path, dev_runs: list[DevRun]) -> None:
+    data_dir = tmp_path / "data"
+    run = DevRun(_base_env(data_dir, _free_port(), {}), tmp_path, tmp_path / "dev.log")
+    dev_runs.append(run)
+
+    body = run.start()
+    _assert_all_ok(body)
+    assert body["components"]["database"]["detail"] == "sqlite"  # type: ignore[index]
+    names = sorted(run.started.values())
+    assert "embedded postgres" in names and "embedded redis" in names
+    assert any(n.endswith("serve") for n in names) and any(n.endswith("beat") for n in names)
+    sock = data_dir / "redis" / "redis.sock"
+    r = redis.Redis(unix_socket_path=str(sock))
+    r.set("atrium:test:kept", "across restarts")
+    r.close()
+    _wait_for_task_metric(run.url, f"redis+socket://{sock}")
+    run.interrupt()
+
+    # Between runs: a superuser, created with the servers the command starts for itself.
+    _create_superuser(run, "root@example.com")
+
+    again = DevRun(run.env, tmp_path, tmp_path / "dev2.log")
+    dev_runs.append(again)
+    _assert_all_ok(again.start())
+    r = redis.Redis(unix_socket_path=str(sock))
+    assert r.get("atrium:test:kept") == b"across restarts"
+    r.close()
+    with sqlite3.connect(data_dir / "atrium.db") as db:
+        rows = db.execute(
+            "SELECT is_superuser, is_verified FROM users WHERE email = 'root@example.com'"
+        ).fetchall()
+    assert rows == [(1, 1)]
+    again.interrupt()
+
+
+def test_dev_with_local_mariadb_and_redis(tmp_path: Path, dev_runs: list[DevRun]) -> None:
+    db_name = services.create_mysql_database()
+    client = redis.Redis(host=services.REDIS_HOST, port=services.REDIS_PORT, db=DEV_REDIS_DB)
+    client.flushdb()
+    redis_url = f"redis://{services.REDIS_HOST}:{services.REDIS_PORT}/{DEV_REDIS_DB}"
+    env = _base_env(
+        tmp_path / "data",
+        _free_port(),
+        {
+            "ATRIUM_DATABASE_URL": (
+                f"mysql+aiomysql://{services.MYSQL_USER}:{services.MYSQL_PASSWORD}@"
+                f"{services.MYSQL_HOST}:{services.MYSQL_PORT}/{db_name}"
+            ),
+            "ATRIUM_REDIS_URL": redis_url,
+        },
+    )
+    try:
+        run = DevRun(env, tmp_path, tmp_path / "dev.log")
+        dev_runs.append(run)
+        body = run.start()
+        _assert_all_ok(body)
+        assert body["components"]["database"]["detail"] == "mysql"  # type: ignore[index]
+        assert "embedded redis" not in run.started.values()
+        marker = uuid.uuid4().hex
+        client.set("atrium:test:kept", marker)
+        run.interrupt()
+
+        _create_superuser(run, "ops@example.com")
+
+        again = DevRun(env, tmp_path, tmp_path / "dev2.log")
+        dev_runs.append(again)
+        _assert_all_ok(again.start())
+        assert client.get("atrium:test:kept") == marker.encode()
+        with services.mysql_connect(db_name) as conn, conn.cursor() as cur:
+            cur.execute("SELECT is_superuser FROM users WHERE email = 'ops@example.com'")
+            assert cur.fetchall() == ((1,),)
+        again.interrupt()
+    finally:
+        client.flushdb()
+        client.close()
+        services.drop_mysql_database(db_name)
+
+
+def test_ctrl_c_while_starting_leaves_nothing_running(
+    tmp_path: Path, dev_runs: list[DevRun]
+) -> None:
+    data_dir = tmp_path / "data"
+    run = DevRun(_base_env(data_dir, _free_port(), {}), tmp_path, tmp_path / "dev.log")
+    dev_runs.append(run)
+    run.proc = subprocess.Popen(
+        [sys.executable, "-m", "atrium.cli", "dev"],
+        cwd=run.cwd,
+        env=run.env,
+        stdout=run.log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    # Interrupt as soon as the embedded PostgreSQL runs, long before the API is up.
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not _postmaster_pid(data_dir):
+        assert run.proc.poll() is None, run.tail()
+        assert time.monotonic() < deadline, run.tail()
+        time.sleep(0.1)
+    run._record_processes()
+    assert "embedded postgres" in run.started.values()
+    run.interrupt()
+    assert "Atrium stopped." in run.tail()
