@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ import structlog
 from fastapi import Request
 from fastapi_limiter.depends import RateLimiter
 from pyrate_limiter import BucketFactory, Duration, Limiter, Rate, RateItem, RedisBucket
+from pyrate_limiter.abstracts.algorithm import SlidingWindowLog
 from pyrate_limiter.buckets.redis_bucket import LuaScript
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
@@ -53,6 +55,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from atrium.kit.errors import TooManyRequests
 
 log = structlog.get_logger("atrium.ratelimit")
+
+#: pyrate-limiter's default policy (the one ``RedisBucket`` uses): an exact sliding window.
+_ALGORITHM = SlidingWindowLog()
 
 #: Where the outcome of each limit checked for this request is kept (``scope["state"]``).
 STATE_KEY = "atrium_ratelimit"
@@ -142,9 +147,11 @@ def _factory(redis: Redis, times: int, seconds: int) -> PerIdentifierRedisBucket
 async def hit(redis: Redis, key: str, times: int, seconds: int, name: str = "") -> RateLimitState:
     """Count one request against ``key``'s bucket (``times`` per ``seconds``, sliding window).
 
-    The check-and-insert is pyrate-limiter's Lua script: atomic in Redis, so concurrent
-    requests from any number of API replicas never exceed ``times``. A refused request is not
-    counted.
+    The check-and-insert is pyrate-limiter's ``RedisBucket`` Lua script with the arguments its
+    sliding-window algorithm computes: atomic in Redis, so concurrent requests on any number
+    of API replicas never exceed ``times``; a refused request is not counted. It is sent in
+    one pipeline with the bookkeeping (trim, count, oldest entry, expiry), so a check costs one
+    round trip.
 
     Args:
         redis: the app's Redis client.
@@ -157,32 +164,43 @@ async def hit(redis: Redis, key: str, times: int, seconds: int, name: str = "") 
         The state to report in headers; ``retry_after`` is set when refused.
     """
     factory = _factory(redis, times, seconds)
+    rate = factory.rates[0]
     interval_ms = seconds * 1000
-    await factory.script_hash()
     item = factory.wrap_item(key)
-    bucket = factory.get(item)
-    try:
-        admitted = await bucket.put(item)  # type: ignore[misc]
-    except NoScriptError:
-        # Redis restarted (or SCRIPT FLUSH): load the script again and retry once.
-        bucket.script_hash = await factory.script_hash(reload=True)
-        admitted = await bucket.put(item)  # type: ignore[misc]
-    retry_ms: int | None = None
-    if not admitted:
-        waited = bucket.waiting(item)
-        retry_ms = int(await waited if not isinstance(waited, int) else waited)
     now = item.timestamp
-    window_start = now - interval_ms
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zremrangebyscore(key, 0, window_start - 1)
-        pipe.zcount(key, window_start, "+inf")
-        pipe.zrange(key, 0, 0, withscores=True)
-        pipe.pexpire(key, interval_ms + 1000)
-        _, count, oldest, _ = await pipe.execute()
+    window_start = _ALGORITHM.window_start(rate, now)
+    offset = _ALGORITHM.blocking_offset(rate, item.weight)
+    args: list[str | int] = [
+        now,
+        item.weight,
+        # Members must be unique in the sorted set (pyrate's own convention).
+        f"{key}:{uuid.uuid4().hex[:16]}:",
+        1,
+        window_start,
+        rate.limit,
+        -1 if offset is None else offset,
+    ]
+    for attempt in range(2):
+        sha = await factory.script_hash(reload=attempt > 0)
+        try:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(sha, 1, key, *args)
+                pipe.zremrangebyscore(key, 0, window_start - 1)
+                pipe.zcount(key, window_start, "+inf")
+                pipe.zrange(key, 0, 0, withscores=True)
+                pipe.pexpire(key, interval_ms + 1000)
+                verdict, _, count, oldest, _ = await pipe.execute()
+            break
+        except NoScriptError:
+            # Redis restarted (or SCRIPT FLUSH): load the script again and retry once.
+            if attempt:
+                raise
+    failing, blocking = int(verdict[0]), int(verdict[1])
     remaining = max(0, times - int(count))
     reset_ms = max(0, int(oldest[0][1]) + interval_ms - now) if oldest else 0
     retry_after = None
-    if retry_ms is not None:
+    if failing >= 0:
+        retry_ms = _ALGORITHM.retry_after(rate, now, blocking if blocking >= 0 else None)
         # Never tell a client to retry in 0 s: it would spin.
         retry_after = max(1, math.ceil(max(retry_ms, reset_ms) / 1000))
     return RateLimitState(
