@@ -110,13 +110,14 @@ class PerIdentifierRedisBucketFactory(BucketFactory):
     identifiers cost nothing.
     """
 
-    def __init__(self, redis: Redis, rates: list[Rate]) -> None:
+    def __init__(self, redis: Redis | None, rates: list[Rate]) -> None:
         self.redis = redis
         self.rates = rates
         self._script_hash: str | None = None
 
     async def script_hash(self, *, reload: bool = False) -> str:
         """The SHA of pyrate-limiter's check-and-insert script, loaded into Redis once."""
+        assert self.redis is not None, "a factory without a Redis client cannot load scripts"
         if self._script_hash is None or reload:
             self._script_hash = str(await self.redis.script_load(LuaScript.PUT_ITEM))
         return self._script_hash
@@ -127,7 +128,7 @@ class PerIdentifierRedisBucketFactory(BucketFactory):
 
     def get(self, item: RateItem) -> RedisBucket:
         """The bucket of ``item.name`` (call :meth:`script_hash` first)."""
-        assert self._script_hash is not None, "await factory.script_hash() first"
+        assert self.redis is not None and self._script_hash is not None, "script_hash() first"
         return RedisBucket(self.rates, self.redis, item.name, self._script_hash)
 
 
@@ -305,10 +306,12 @@ class RateLimit(RateLimiter):
         self.name = name
         self.times = times
         self.seconds = seconds
-        # The pyrate Limiter is kept for fastapi-limiter's interface; checks go straight to the
-        # identifier's bucket (the Limiter would serialise every check behind one asyncio lock).
+        # The pyrate Limiter is kept for fastapi-limiter's interface, over a per-identifier
+        # factory (a Limiter built from bare rates would start a leaker thread per limit);
+        # checks go through :func:`hit` (the Limiter would serialise them behind one lock).
         rates = [Rate(times, Duration.SECOND * seconds)]
-        super().__init__(limiter=Limiter(rates), identifier=key, callback=_refuse, blocking=False)
+        limiter = Limiter(PerIdentifierRedisBucketFactory(None, rates))
+        super().__init__(limiter=limiter, identifier=key, callback=_refuse, blocking=False)
 
     def __repr__(self) -> str:
         return f"rate_limit({self.name!r}, {self.times}, {self.seconds})"
