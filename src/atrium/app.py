@@ -96,6 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     for router in _v1_routers():
         app.include_router(router, prefix="/v1")
+    from atrium.console import install as install_console
+
+    install_console(app)  # the web console at / (not under /v1)
     return app
 
 
