@@ -59,7 +59,7 @@ log = structlog.get_logger("atrium.metrics")
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 #: Stage names in use; ``time_stage`` accepts others, but dashboards are built on these.
-INGESTION_STAGES = ("extract", "chunk", "embed", "index")
+INGESTION_STAGES = ("extract", "chunk", "embed", "store")
 QUERY_STAGES = ("query_embed", "vector_search", "text_search", "fusion", "answer")
 
 documents_processed = Counter(
