@@ -31,9 +31,23 @@ def _title(path: Path) -> str:
     return path.stem.replace("-", " ").capitalize()
 
 
+def _existing(nav: Any, docs: Path) -> Any:
+    """``nav`` without entries whose page does not exist (yet): a page listed ahead of the
+    commit that adds it must not break the build."""
+    if isinstance(nav, str):
+        return nav if nav.startswith(("http://", "https://")) or (docs / nav).is_file() else None
+    if isinstance(nav, list):
+        kept = [_existing(item, docs) for item in nav]
+        return [k for k in kept if k not in (None, [], {})]
+    if isinstance(nav, dict):
+        kept_dict = {title: _existing(value, docs) for title, value in nav.items()}
+        return {t: v for t, v in kept_dict.items() if v not in (None, [], {})}
+    return nav
+
+
 def on_config(config: Any, **_: Any) -> Any:
     docs = Path(config["docs_dir"])
-    nav = list(config["nav"] or [])
+    nav = _existing(list(config["nav"] or []), docs)
     listed = _listed(nav)
     more = [{_title(p): p.name} for p in sorted(docs.glob("*.md")) if p.name not in listed]
     decisions = [
