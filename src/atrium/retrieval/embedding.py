@@ -101,8 +101,3 @@ async def embed_texts(settings: Settings, texts: list[str]) -> npt.NDArray[np.fl
     """Embed several texts (extractive answers embed candidate sentences)."""
     embedder = get_embedder(settings)
     return await asyncio.to_thread(embedder.embed, texts)
-
-
-def vector_literal(vec: Vector) -> str:
-    """pgvector's text form, e.g. ``[0.1,0.2]`` (cast with ``::vector`` in SQL)."""
-    return "[" + ",".join(f"{x:.7g}" for x in vec.tolist()) + "]"

@@ -5,8 +5,10 @@ never considers another tenant's rows or indexes (no run-time pruning over hundr
 partitions, whatever the plan cache does) and keeps ``tenant_id = %s`` as a second guard.
 A tenant without a partition (nothing ingested yet) simply has no results.
 
-HNSW settings are changed with ``SET LOCAL`` inside the statement's transaction, so pooled
-connections go back to the pool as they came.
+Round trips are the cost to watch (the SQL itself takes about a millisecond): a search that
+needs no setting runs as ONE statement in autocommit; one that needs a larger
+``hnsw.ef_search`` sends ``BEGIN; SET LOCAL ...; SELECT; COMMIT`` in one pipeline, so pooled
+connections go back to the pool as they came. Query vectors travel in pgvector's binary form.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection, errors, sql
 
 from atrium.kit.vectordb import partition_name
@@ -26,13 +31,49 @@ HYBRID_CANDIDATES_MIN = 40
 HYBRID_CANDIDATES_MAX = 200
 
 
+#: pgvector's default ``hnsw.ef_search``; searches that need no more leave it alone.
+DEFAULT_EF_SEARCH = 40
+
+Vector = npt.NDArray[np.float32]
+
+
 def ef_search_for(top_k: int) -> int:
     """HNSW candidate list size for ``top_k`` results.
 
     40 (pgvector's default) is enough for 10 results on real embeddings; larger requests get
     twice ``top_k`` so the k-th result is still found reliably. pgvector caps it at 1000.
     """
-    return max(40, min(1000, 2 * top_k))
+    return max(DEFAULT_EF_SEARCH, min(1000, 2 * top_k))
+
+
+async def _fetch(
+    conn: AsyncConnection[Any],
+    query: sql.Composed,
+    params: Sequence[Any],
+    ef_search: int = DEFAULT_EF_SEARCH,
+) -> list[tuple[Any, ...]]:
+    """Run one search statement on a pooled (idle, non-autocommit) connection.
+
+    Raises:
+        psycopg.errors.UndefinedTable: the tenant has no partition.
+    """
+    if conn.adapters.types.get("vector") is None:
+        await register_vector_async(conn)
+        await conn.rollback()
+    if ef_search <= DEFAULT_EF_SEARCH:
+        # One statement, one round trip: no transaction needed, nothing to reset afterwards.
+        await conn.set_autocommit(True)
+        try:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+        finally:
+            await conn.set_autocommit(False)
+    async with conn.pipeline(), conn.transaction():
+        await conn.execute(
+            sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search)))
+        )
+        cur = await conn.execute(query, params)
+        return await cur.fetchall()
 
 
 @dataclass(frozen=True)
@@ -99,7 +140,7 @@ def _rows(raw: Sequence[tuple[Any, ...]]) -> list[ChunkRow]:
 async def vector_search(
     conn: AsyncConnection,
     tenant_id: uuid.UUID,
-    vector: str,
+    vector: Vector,
     *,
     top_k: int,
     scope: Scope,
@@ -109,7 +150,7 @@ async def vector_search(
     Args:
         conn: a pooled connection (not in autocommit); the transaction is ended here.
         tenant_id: whose partition to search.
-        vector: the query vector in pgvector's text form.
+        vector: the query vector (unit length).
         top_k: how many chunks.
         scope: collections, excluded documents and metadata filters.
     """
@@ -123,20 +164,16 @@ async def vector_search(
         ") SELECT * FROM hits ORDER BY distance + 0"
     ).format(cols=_COLUMNS, part=sql.Identifier(partition_name(tenant_id)), where=where)
     try:
-        async with conn.transaction():
-            await conn.execute(
-                sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(ef_search_for(top_k)))
-            )
-            cur = await conn.execute(query, [vector, *params, top_k])
-            return _rows(await cur.fetchall())
+        raw = await _fetch(conn, query, [vector, *params, top_k], ef_search_for(top_k))
     except errors.UndefinedTable:
         return []
+    return _rows(raw)
 
 
 async def hybrid_candidates(
     conn: AsyncConnection,
     tenant_id: uuid.UUID,
-    vector: str,
+    vector: Vector,
     text_query: str,
     *,
     candidates: int,
@@ -164,16 +201,12 @@ async def hybrid_candidates(
         ") SELECT true, id, score FROM v UNION ALL SELECT false, id, score FROM t"
     ).format(part=part, where=where)
     try:
-        async with conn.transaction():
-            await conn.execute(
-                sql.SQL("SET LOCAL hnsw.ef_search = {}").format(
-                    sql.Literal(ef_search_for(candidates))
-                )
-            )
-            cur = await conn.execute(
-                query, [vector, *params, candidates, text_query, *params, candidates]
-            )
-            raw = await cur.fetchall()
+        raw = await _fetch(
+            conn,
+            query,
+            [vector, *params, candidates, text_query, *params, candidates],
+            ef_search_for(candidates),
+        )
     except errors.UndefinedTable:
         return [], []
     vec = sorted(((r[1], float(r[2])) for r in raw if r[0]), key=lambda x: x[1])
@@ -182,7 +215,7 @@ async def hybrid_candidates(
 
 
 async def fetch_chunks(
-    conn: AsyncConnection, tenant_id: uuid.UUID, vector: str, ids: Sequence[uuid.UUID]
+    conn: AsyncConnection, tenant_id: uuid.UUID, vector: Vector, ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, ChunkRow]:
     """The chunks with ``ids`` (and their distance to ``vector``), by id."""
     if not ids:
@@ -192,8 +225,7 @@ async def fetch_chunks(
         " WHERE c.tenant_id = %s AND c.id = ANY(%s::uuid[])"
     ).format(cols=_COLUMNS, part=sql.Identifier(partition_name(tenant_id)))
     try:
-        async with conn.transaction():
-            cur = await conn.execute(query, [vector, tenant_id, list(ids)])
-            return {row.id: row for row in _rows(await cur.fetchall())}
+        raw = await _fetch(conn, query, [vector, tenant_id, list(ids)])
     except errors.UndefinedTable:
         return {}
+    return {row.id: row for row in _rows(raw)}

@@ -22,7 +22,7 @@ from atrium.ingestion.embedding import EmbeddingError
 from atrium.kit.cache_versions import collection_versions
 from atrium.kit.errors import BadGateway, GatewayTimeout
 from atrium.retrieval import cache, collections, repository
-from atrium.retrieval.embedding import Vector, embed_query, vector_literal
+from atrium.retrieval.embedding import Vector, embed_query
 from atrium.retrieval.filters import canonical, parse_filters
 from atrium.retrieval.schemas import (
     SearchMode,
@@ -63,7 +63,7 @@ def _ms(start: float) -> float:
 def _result(row: repository.ChunkRow, score: float, text_score: float | None) -> SearchResult:
     # Chunks carry the document's metadata plus its title (ingestion's contract); the title
     # is returned on its own.
-    metadata = dict(row.metadata)
+    metadata = dict(row.metadata) if isinstance(row.metadata, dict) else {}
     title = metadata.pop("title", None)
     return SearchResult(
         chunk_id=row.id,
@@ -177,7 +177,6 @@ async def search(
             raise GatewayTimeout(f"The embedding model did not answer: {exc}") from exc
         raise BadGateway(f"The embedding model failed: {exc}") from exc
     timings.embedding_ms = _ms(t)
-    literal = vector_literal(qvec)
     scope = repository.Scope(wanted.restrict, wanted.exclude_documents, conditions)
 
     t = time.perf_counter()
@@ -187,7 +186,7 @@ async def search(
             rows = await repository.vector_search(
                 conn,
                 tenant_id,
-                literal,
+                qvec,
                 top_k=params.top_k,
                 scope=scope,
             )
@@ -201,7 +200,7 @@ async def search(
             vrank, trank = await repository.hybrid_candidates(
                 conn,
                 tenant_id,
-                literal,
+                qvec,
                 params.query,
                 candidates=n,
                 scope=scope,
@@ -211,7 +210,7 @@ async def search(
             fused = fuse(vrank, trank, params.top_k)
             timings.fusion_ms = _ms(t)
             t = time.perf_counter()
-            by_id = await repository.fetch_chunks(conn, tenant_id, literal, [f[0] for f in fused])
+            by_id = await repository.fetch_chunks(conn, tenant_id, qvec, [f[0] for f in fused])
             timings.search_ms = round(search_ms + _ms(t), 3)
             results = [_result(by_id[cid], score, ts) for cid, score, ts in fused if cid in by_id]
     if params.min_score is not None:

