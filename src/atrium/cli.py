@@ -34,6 +34,7 @@ def _settings() -> Settings:
 def _with_services() -> tuple[Settings, object]:
     """Settings with every URL resolved, starting embedded servers for the unset ones."""
     settings = _settings()
+    _configure_logging(settings)
     services = None
     if not settings.vector_database_url or not settings.redis_url:
         from atrium.kit.embedded import apply_env, start_embedded
@@ -57,6 +58,13 @@ def _metrics_dir(path: Path, *, wipe: bool = True) -> str:
         for f in p.glob("*.db"):
             f.unlink(missing_ok=True)
     return str(p)
+
+
+def _configure_logging(settings: Settings) -> None:
+    """The same structured log lines as the API (JSON by default) in workers and beat."""
+    from atrium.kit.logging import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
 
 
 @cli.command()
@@ -121,7 +129,13 @@ def worker(
     metrics.install_celery_metrics()
     if port:
         metrics.start_worker_metrics_server(port)
-    argv = ["worker", "--loglevel=INFO", f"--pool={pool}", "--without-gossip", "--without-mingle"]
+    argv = [
+        "worker",
+        f"--loglevel={settings.log_level.upper()}",
+        f"--pool={pool}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
     celery_app.worker_main(argv)
@@ -130,10 +144,10 @@ def worker(
 @cli.command()
 def beat() -> None:
     """Run Celery beat (periodic jobs)."""
-    _with_services()
+    settings, _services = _with_services()
     from atrium.worker import celery_app
 
-    celery_app.start(["beat", "--loglevel=INFO"])
+    celery_app.start(["beat", f"--loglevel={settings.log_level.upper()}"])
 
 
 @cli.command("create-superuser")
