@@ -7,6 +7,7 @@ and the local MariaDB + Redis with only the embedded PostgreSQL.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -206,6 +207,35 @@ def _wait_for_task_metric(url: str, broker_url: str) -> None:
     assert "atrium_ingestion_queue_length" in text
 
 
+def _check_log_lines(run: DevRun) -> None:
+    """The processes write the JSON lines docs/logging.md describes, field by field."""
+    assert httpx.get(run.url + "/v1/plans", timeout=10).status_code == 200
+    lines = []
+    for raw in run.log.read_text(errors="replace").splitlines():
+        if raw.startswith("{"):
+            with contextlib.suppress(ValueError):
+                lines.append(json.loads(raw))
+    access = [x for x in lines if x.get("event") == "request" and x.get("path") == "/v1/plans"]
+    assert access, "no access line for /v1/plans"
+    assert set(access[-1]) == {
+        "event",
+        "level",
+        "timestamp",
+        "request_id",
+        "method",
+        "path",
+        "route",
+        "status",
+        "duration_ms",
+        "tenant_id",
+        "principal",
+    }
+    assert access[-1]["route"] == "/v1/plans"  # the template, with its router prefix
+    assert access[-1]["status"] == 200 and access[-1]["timestamp"].endswith("Z")
+    # The worker's lines (Celery's own included) are JSON too, with the library logger named.
+    assert any(x.get("logger", "").startswith("celery") for x in lines), "no JSON Celery line"
+
+
 def test_dev_with_everything_embedded(tmp_path: Path, dev_runs: list[DevRun]) -> None:
     data_dir = tmp_path / "data"
     run = DevRun(_base_env(data_dir, _free_port(), {}), tmp_path, tmp_path / "dev.log")
@@ -222,6 +252,7 @@ def test_dev_with_everything_embedded(tmp_path: Path, dev_runs: list[DevRun]) ->
     r.set("atrium:test:kept", "across restarts")
     r.close()
     _wait_for_task_metric(run.url, f"redis+socket://{sock}")
+    _check_log_lines(run)
     run.interrupt()
 
     # Between runs: a superuser, created with the servers the command starts for itself.

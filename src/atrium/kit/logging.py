@@ -62,6 +62,20 @@ SECURITY_HEADERS: list[tuple[bytes, bytes]] = [
 _access_log = structlog.get_logger("atrium.access")
 
 
+def _route_template(scope: Scope) -> str | None:
+    """The matched route as a template with its router prefix (``/v1/tenants/{tenant_id}``).
+
+    ``scope["route"]`` holds the route as its router declared it, without the prefix given to
+    ``include_router``; resolving against the app's routes gives the full template.
+    """
+    if scope.get("route") is None:
+        return None
+    from prometheus_fastapi_instrumentator.routing import get_route_name
+    from starlette.requests import HTTPConnection
+
+    return get_route_name(HTTPConnection(scope), should_include_root_path=False)
+
+
 class RequestContextMiddleware:
     """Request id, security headers and one structured log line per request.
 
@@ -107,12 +121,11 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
             _access_log.info(
                 "request",
                 method=scope["method"],
                 path=scope["path"],
-                route=getattr(route, "path", None),
+                route=_route_template(scope),
                 status=status,
                 duration_ms=round((time.perf_counter() - start) * 1000, 2),
                 tenant_id=state.get("tenant_id"),
