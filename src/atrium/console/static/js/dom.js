@@ -16,10 +16,18 @@ export function h(tag, props = {}, ...children) {
       el.addEventListener(key.slice(2).toLowerCase(), value);
     } else if (key === "class") {
       el.className = value;
-    } else if (key === "value" && ("value" in el)) {
+    } else if (key === "value" && ("defaultValue" in el)) {
+      // The default too, so form.reset() returns to it.
+      el.defaultValue = value;
       el.value = value;
-    } else if (key === "checked" || key === "selected" || key === "disabled") {
-      el[key] = Boolean(value);
+    } else if (key === "checked") {
+      el.defaultChecked = true;
+      el.checked = true;
+    } else if (key === "selected") {
+      el.defaultSelected = true;
+      el.selected = true;
+    } else if (key === "disabled") {
+      el.disabled = true;
     } else if (value === true) {
       el.setAttribute(key, "");
     } else {
@@ -37,6 +45,11 @@ export function append(el, children) {
     el.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
   return el;
+}
+
+/** Append children to an element; unlike Element.append, null and false add nothing. */
+export function add(el, ...children) {
+  return append(el, children);
 }
 
 /** Replace an element's content. */

@@ -1,7 +1,7 @@
 // Account settings: name, e-mail address, password, sessions, data export, deletion.
 
 import { api, errorText, forgetSession } from "../api.js";
-import { h, replace, time } from "../dom.js";
+import { add, h, replace, time } from "../dom.js";
 import { field, form, notice } from "../forms.js";
 import { navigate } from "../router.js";
 import { loadMeta, loadUser, resetState } from "../state.js";
@@ -14,14 +14,14 @@ export async function page(ctx) {
   const user = await loadUser(true);
   const meta = await loadMeta();
   const passwordHint = `At least ${meta.password_min_length} characters; not your e-mail address.`;
-  root.append(
+  add(root, 
     h("h1", {}, "Account settings"),
     h("p", {}, `Signed in as ${user.email}`, user.is_verified ? "" : " (not verified)", "."),
   );
 
   // Profile
   const profileOut = h("div");
-  root.append(
+  add(root, 
     h("h2", {}, "Profile"),
     form(
       {
@@ -39,7 +39,7 @@ export async function page(ctx) {
 
   // E-mail address
   const emailOut = h("div");
-  root.append(
+  add(root, 
     h("h2", {}, "Change e-mail address"),
     h("p", {}, "We mail a link to the new address; the change happens once you follow it."),
     form(
@@ -61,7 +61,7 @@ export async function page(ctx) {
 
   // Password
   const passwordOut = h("div");
-  root.append(
+  add(root, 
     h("h2", {}, "Change password"),
     form(
       {
@@ -121,7 +121,7 @@ export async function page(ctx) {
     });
     replace(sessionsBox, table("Signed-in devices", ["Device", "IP address", "Signed in", "Last active", "Actions"], rows));
   }
-  root.append(h("h2", {}, "Signed-in devices"), sessionsStatus, sessionsBox, h("div", { class: "actions" }, everywhere));
+  add(root, h("h2", {}, "Signed-in devices"), sessionsStatus, sessionsBox, h("div", { class: "actions" }, everywhere));
 
   // Export
   const exportBox = h("div", { class: "status-line", role: "status" });
@@ -147,7 +147,7 @@ export async function page(ctx) {
   exportButton.addEventListener("click", () => act(exportButton, exportBox, async () => {
     showExport(await api("POST", "/v1/users/me/export"));
   }));
-  root.append(
+  add(root, 
     h("h2", {}, "Export your data"),
     h("p", {}, "A ZIP of your account and the data of the workspaces you belong to."),
     h("div", { class: "actions" }, exportButton),
@@ -155,7 +155,7 @@ export async function page(ctx) {
   );
 
   // Deletion
-  root.append(
+  add(root, 
     h("h2", {}, "Delete your account"),
     h("p", {}, "This cannot be undone. Workspaces you alone own are deleted with everything in them."),
     form(

@@ -2,7 +2,7 @@
 // forgotten passwords.
 
 import { ApiError, api, errorText, isLoggedIn, login as startSession } from "../api.js";
-import { h, replace } from "../dom.js";
+import { add, h, replace } from "../dom.js";
 import { field, form, notice } from "../forms.js";
 import { navigate } from "../router.js";
 import { loadMeta, loadTenants, loadUser, resetState } from "../state.js";
@@ -39,14 +39,14 @@ function resendVerification(email) {
     },
     field({ label: "E-mail address", name: "email", type: "email", value: email || "", autocomplete: "email" }),
   );
-  out.append(f);
+  add(out, f);
   return out;
 }
 
 /** Sign up: account and first workspace; then the verification mail. */
 export async function signup(ctx) {
   const { root } = ctx;
-  root.append(
+  add(root, 
     h("h1", {}, "Create your account"),
     h("p", {}, "Already have an account? ", h("a", { href: "/login" }, "Log in"), "."),
   );
@@ -82,7 +82,7 @@ export async function signup(ctx) {
       hint: "Optional: the workspace your collections and keys live in. You can add more later.",
     }),
   );
-  root.append(f);
+  add(root, f);
 }
 
 /** Log in; the refresh token goes into the HttpOnly cookie, the access token into memory. */
@@ -93,11 +93,11 @@ export async function login(ctx) {
     navigate(next, { replace: true });
     return;
   }
-  root.append(h("h1", {}, "Log in"));
-  if (query.get("logged_out")) root.append(notice("You are logged out.", "success"));
-  if (query.get("ended")) root.append(notice("Your session ended. Log in again to continue.", "info"));
-  if (query.get("deleted")) root.append(notice("Your account was deleted.", "success"));
-  if (query.get("verified")) root.append(notice("Your address is verified. You can log in now.", "success"));
+  add(root, h("h1", {}, "Log in"));
+  if (query.get("logged_out")) add(root, notice("You are logged out.", "success"));
+  if (query.get("ended")) add(root, notice("Your session ended. Log in again to continue.", "info"));
+  if (query.get("deleted")) add(root, notice("Your account was deleted.", "success"));
+  if (query.get("verified")) add(root, notice("Your address is verified. You can log in now.", "success"));
   const extra = h("div");
   const f = form(
     {
@@ -127,7 +127,7 @@ export async function login(ctx) {
     }),
     field({ label: "Password", name: "password", type: "password", autocomplete: "current-password", required: true }),
   );
-  root.append(
+  add(root, 
     f,
     extra,
     h(
@@ -146,16 +146,16 @@ export async function verifyEmail(ctx) {
   const token = query.get("token");
   // The token has done its job once read: keep it out of the history and the address bar.
   history.replaceState(null, "", "/verify-email");
-  root.append(h("h1", {}, "Verify your e-mail address"));
+  add(root, h("h1", {}, "Verify your e-mail address"));
   if (!token) {
-    root.append(
+    add(root, 
       notice("This page needs the link from the verification mail. Ask for a new one:", "info"),
       resendVerification(""),
     );
     return;
   }
   const status = h("p", { role: "status" }, "Verifying your address…");
-  root.append(status);
+  add(root, status);
   try {
     const user = await api("POST", "/v1/auth/verify", { json: { token } });
     const next = isLoggedIn()
@@ -179,12 +179,12 @@ export async function verifyEmail(ctx) {
 /** Ask for a password reset mail. */
 export async function forgotPassword(ctx) {
   const { root } = ctx;
-  root.append(
+  add(root, 
     h("h1", {}, "Forgot your password?"),
     h("p", {}, "Enter your address: we will mail you a link to choose a new password."),
   );
   const out = h("div");
-  root.append(
+  add(root, 
     form(
       {
         submitLabel: "Send the link",
@@ -206,9 +206,9 @@ export async function resetPassword(ctx) {
   const { root, query } = ctx;
   const token = query.get("token");
   history.replaceState(null, "", "/reset-password");
-  root.append(h("h1", {}, "Choose a new password"));
+  add(root, h("h1", {}, "Choose a new password"));
   if (!token) {
-    root.append(
+    add(root, 
       notice("This page needs the link from the reset mail.", "info"),
       h("p", {}, h("a", { href: "/forgot-password" }, "Ask for a new link")),
     );
@@ -232,16 +232,16 @@ export async function resetPassword(ctx) {
     },
     field({ label: "New password", name: "password", type: "password", autocomplete: "new-password", required: true, hint }),
   );
-  root.append(f);
+  add(root, f);
 }
 
 /** The page the invitation mail links to: join as the signed-in user, or create the account. */
 export async function acceptInvitation(ctx) {
   const { root, query } = ctx;
   const token = query.get("token");
-  root.append(h("h1", {}, "You are invited"));
+  add(root, h("h1", {}, "You are invited"));
   if (!token) {
-    root.append(notice("This page needs the link from the invitation mail.", "info"));
+    add(root, notice("This page needs the link from the invitation mail.", "info"));
     return;
   }
   const joined = async (res, loggedIn) => {
@@ -266,7 +266,7 @@ export async function acceptInvitation(ctx) {
   };
   if (isLoggedIn()) {
     const user = await loadUser().catch(() => null);
-    root.append(
+    add(root, 
       h("p", {}, `Accept the invitation as ${user ? user.email : "the signed-in user"}. It must have been sent to this address.`),
       form(
         {
@@ -283,7 +283,7 @@ export async function acceptInvitation(ctx) {
   }
   const here = location.pathname + location.search;
   const hint = await passwordHint();
-  root.append(
+  add(root, 
     h("h2", {}, "Already have an account?"),
     h("p", {}, h("a", { href: `/login?next=${encodeURIComponent(here)}` }, "Log in to accept"), " with the address the invitation was sent to."),
     h("h2", {}, "New to Atrium?"),

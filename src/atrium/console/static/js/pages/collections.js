@@ -1,7 +1,7 @@
 // Collections and their documents: create, upload with progress, live processing status.
 
 import { api, errorText, upload } from "../api.js";
-import { announce, badge, fmtBytes, fmtNumber, h, replace, time } from "../dom.js";
+import { add, announce, badge, fmtBytes, fmtNumber, h, replace, time } from "../dom.js";
 import { field, form, notice } from "../forms.js";
 import { navigate } from "../router.js";
 import { can, loadMeta } from "../state.js";
@@ -17,9 +17,9 @@ export async function list(ctx) {
   const { root } = ctx;
   const base = `/v1/tenants/${tenant.id}/collections`;
   const listBox = h("div", {}, h("p", {}, "Loading collections…"));
-  root.append(heading(tenant, "Collections"));
+  add(root, heading(tenant, "Collections"));
   if (can(tenant, "collections:write")) {
-    root.append(
+    add(root, 
       h("h2", {}, "Create a collection"),
       form(
         {
@@ -36,7 +36,7 @@ export async function list(ctx) {
       ),
     );
   }
-  root.append(h("h2", {}, "Your collections"), listBox);
+  add(root, h("h2", {}, "Your collections"), listBox);
   try {
     const data = await api("GET", base, { query: { size: 100 } });
     replace(
@@ -77,7 +77,7 @@ export async function detail(ctx) {
   try {
     collection = await api("GET", base);
   } catch (err) {
-    root.append(heading(tenant, "Collection"), notice(errorText(err), "error"));
+    add(root, heading(tenant, "Collection"), notice(errorText(err), "error"));
     return;
   }
   const meta = await loadMeta();
@@ -90,7 +90,7 @@ export async function detail(ctx) {
     `${fmtNumber(c.document_count)} documents · ${fmtNumber(c.chunk_count)} chunks · ${fmtBytes(c.total_bytes)}`,
   );
   drawStats(collection);
-  root.append(
+  add(root, 
     heading(tenant, collection.name),
     collection.description ? h("p", {}, collection.description) : null,
     stats,
@@ -242,9 +242,9 @@ export async function detail(ctx) {
         attrs: { rows: 2, spellcheck: "false" },
       }),
     );
-    root.append(h("h2", {}, "Upload documents"), uploadForm, progressRow, uploadResult);
+    add(root, h("h2", {}, "Upload documents"), uploadForm, progressRow, uploadResult);
   }
-  root.append(h("h2", {}, "Documents"), status, docsBox);
+  add(root, h("h2", {}, "Documents"), status, docsBox);
   if (can(tenant, "collections:write")) {
     const del = h("button", { type: "button", class: "danger" }, "Delete this collection");
     const delStatus = h("p", { class: "status-line", role: "status" });
@@ -255,7 +255,7 @@ export async function detail(ctx) {
         navigate(`/tenants/${tenant.id}/collections`);
       });
     });
-    root.append(h("h2", {}, "Danger zone"), h("div", { class: "actions" }, del), delStatus);
+    add(root, h("h2", {}, "Danger zone"), h("div", { class: "actions" }, del), delStatus);
   }
   await poll();
 }

@@ -1,7 +1,7 @@
 // Helpers shared by the workspace pages.
 
 import { errorText } from "../api.js";
-import { h } from "../dom.js";
+import { add, h } from "../dom.js";
 import { notice } from "../forms.js";
 import { loadMeta, loadTenants, tenantById } from "../state.js";
 
@@ -10,12 +10,12 @@ export async function currentTenant(ctx) {
   try {
     await Promise.all([loadTenants(), loadMeta()]);
   } catch (err) {
-    ctx.root.append(h("h1", {}, "Workspace"), notice(errorText(err), "error"));
+    add(ctx.root, h("h1", {}, "Workspace"), notice(errorText(err), "error"));
     return null;
   }
   const tenant = tenantById(ctx.params.tenant);
   if (!tenant) {
-    ctx.root.append(
+    add(ctx.root, 
       h("h1", {}, "Workspace not found"),
       h("p", {}, "You are not a member of this workspace. ", h("a", { href: "/tenants" }, "See your workspaces"), "."),
     );

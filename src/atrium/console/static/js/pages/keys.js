@@ -1,7 +1,7 @@
 // API keys: create (the secret is shown once, with a copy button), list, rotate, revoke.
 
 import { api } from "../api.js";
-import { announce, h, replace, time } from "../dom.js";
+import { add, announce, h, replace, time } from "../dom.js";
 import { checkboxGroup, field, form, notice } from "../forms.js";
 import { can, loadMeta } from "../state.js";
 import { act, currentTenant, heading, table } from "./common.js";
@@ -46,9 +46,9 @@ export async function page(ctx) {
   if (!tenant) return;
   const { root } = ctx;
   const base = `/v1/tenants/${tenant.id}/api-keys`;
-  root.append(heading(tenant, "API keys"));
+  add(root, heading(tenant, "API keys"));
   if (!can(tenant, "keys:read")) {
-    root.append(notice(`Your role (${tenant.role}) cannot see API keys; ask an admin or the owner.`, "info"));
+    add(root, notice(`Your role (${tenant.role}) cannot see API keys; ask an admin or the owner.`, "info"));
     return;
   }
   const status = h("p", { class: "status-line", role: "status" });
@@ -109,7 +109,7 @@ export async function page(ctx) {
   }
 
   if (can(tenant, "keys:manage")) {
-    root.append(
+    add(root, 
       secretBox,
       h("h2", {}, "Create a key"),
       form(
@@ -139,7 +139,7 @@ export async function page(ctx) {
       ),
     );
   }
-  root.append(
+  add(root, 
     h("h2", {}, "Keys"),
     h("div", { class: "check" }, showRevoked, h("label", { for: "show-revoked" }, "Show revoked keys")),
     status,

@@ -1,7 +1,7 @@
 // Members of a workspace, their roles, ownership, and invitations.
 
 import { api } from "../api.js";
-import { announce, h, replace, time } from "../dom.js";
+import { add, announce, h, replace, time } from "../dom.js";
 import { field, form, notice, selectField } from "../forms.js";
 import { navigate } from "../router.js";
 import { can, loadTenants, loadUser, state } from "../state.js";
@@ -20,7 +20,7 @@ export async function page(ctx) {
   const membersBox = h("div");
   const invitesBox = h("div");
   const transferBox = h("div");
-  root.append(heading(tenant, "Members"), status, membersBox);
+  add(root, heading(tenant, "Members"), status, membersBox);
 
   async function loadMembers() {
     const pageData = await api("GET", `${base}/members`, { query: { size: 100 } });
@@ -146,7 +146,7 @@ export async function page(ctx) {
   }
 
   if (manage) {
-    root.append(
+    add(root, 
       h("h2", {}, "Invite someone"),
       form(
         {
@@ -169,7 +169,7 @@ export async function page(ctx) {
       invitesBox,
     );
   }
-  root.append(transferBox);
+  add(root, transferBox);
   try {
     await loadMembers();
     if (manage) await loadInvites();

@@ -2,7 +2,7 @@
 // with Server-Sent Events, read from fetch's body stream (EventSource cannot send a POST).
 
 import { api, errorText } from "../api.js";
-import { announce, h, replace } from "../dom.js";
+import { add, announce, h, replace } from "../dom.js";
 import { checkboxGroup, clearErrors, field, notice, selectField, showErrors, values } from "../forms.js";
 import { readEvents } from "../sse.js";
 import { currentTenant, heading } from "./common.js";
@@ -54,16 +54,16 @@ export async function page(ctx) {
   if (!tenant) return;
   const { root, query } = ctx;
   const base = `/v1/tenants/${tenant.id}`;
-  root.append(heading(tenant, "Playground"));
+  add(root, heading(tenant, "Playground"));
   let collections = [];
   try {
     collections = (await api("GET", `${base}/collections`, { query: { size: 100 } })).items;
   } catch (err) {
-    root.append(notice(errorText(err), "error"));
+    add(root, notice(errorText(err), "error"));
     return;
   }
   if (!collections.length) {
-    root.append(
+    add(root, 
       h("p", {}, "Create a collection and upload documents first. ", h("a", { href: `/tenants/${tenant.id}/collections` }, "Go to collections"), "."),
     );
     return;
@@ -94,7 +94,7 @@ export async function page(ctx) {
     h("div", { class: "actions" }, askButton, searchButton, stopButton),
   );
   const output = h("section", { class: "output", "aria-label": "Result" });
-  root.append(f, output);
+  add(root, f, output);
   let controller = null;
   ctx.onCleanup(() => controller && controller.abort());
   stopButton.addEventListener("click", () => controller && controller.abort());
@@ -209,7 +209,7 @@ export async function page(ctx) {
       else await answer(body);
     } catch (err) {
       if (err && err.name === "AbortError") {
-        output.append(notice("Stopped.", "info"));
+        add(output, notice("Stopped.", "info"));
       } else {
         showErrors(f, err);
       }

@@ -1,7 +1,7 @@
 // Workspaces (tenants): the list, the switcher's target, and creating one.
 
 import { api } from "../api.js";
-import { h, time } from "../dom.js";
+import { add, h, time } from "../dom.js";
 import { field, form } from "../forms.js";
 import { navigate } from "../router.js";
 import { loadTenants, state } from "../state.js";
@@ -10,14 +10,14 @@ import { table } from "./common.js";
 /** "/": go to a workspace, or to the list when there is none. */
 export async function home(ctx) {
   const tenants = await loadTenants();
-  ctx.root.append(h("h1", {}, "Atrium"));
+  add(ctx.root, h("h1", {}, "Atrium"));
   if (tenants.length) navigate(`/tenants/${tenants[0].id}/collections`, { replace: true });
   else navigate("/tenants", { replace: true });
 }
 
 /** "/tenants/:tenant": its collections. */
 export async function overview(ctx) {
-  ctx.root.append(h("h1", {}, "Workspace"));
+  add(ctx.root, h("h1", {}, "Workspace"));
   navigate(`/tenants/${ctx.params.tenant}/collections`, { replace: true });
 }
 
@@ -25,9 +25,9 @@ export async function overview(ctx) {
 export async function list(ctx) {
   const { root } = ctx;
   const tenants = await loadTenants(true);
-  root.append(h("h1", {}, "Your workspaces"));
+  add(root, h("h1", {}, "Your workspaces"));
   if (tenants.length) {
-    root.append(
+    add(root, 
       table(
         "Your workspaces",
         ["Name", "Your role", "Plan", "Created"],
@@ -42,9 +42,9 @@ export async function list(ctx) {
       ),
     );
   } else {
-    root.append(h("p", {}, "You are not in any workspace yet. Create one:"));
+    add(root, h("p", {}, "You are not in any workspace yet. Create one:"));
   }
-  root.append(
+  add(root, 
     h("h2", {}, "Create a workspace"),
     form(
       {

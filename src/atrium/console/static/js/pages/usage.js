@@ -1,7 +1,7 @@
 // Usage this period against the plan's limits, one bar per metric.
 
 import { api, errorText } from "../api.js";
-import { fmtBytes, fmtDate, fmtNumber, h, nextId } from "../dom.js";
+import { add, fmtBytes, fmtDate, fmtNumber, h, nextId } from "../dom.js";
 import { notice } from "../forms.js";
 import { can } from "../state.js";
 import { currentTenant, heading } from "./common.js";
@@ -32,7 +32,7 @@ function bar(m) {
     text = `${amount(m.metric, m.used)} used · no limit`;
   } else {
     const pct = m.limit > 0 ? Math.min(100, (counted / m.limit) * 100) : 100;
-    text = `${amount(m.metric, m.used)} of ${amount(m.metric, m.limit)} (${pct.toFixed(pct < 10 ? 1 : 0)}%)`;
+    text = `${amount(m.metric, m.used)} of ${amount(m.metric, m.limit)} (${pct.toFixed(pct > 0 && pct < 10 ? 1 : 0)}%)`;
     meter = h("meter", {
       id,
       min: 0,
@@ -57,9 +57,9 @@ export async function page(ctx) {
   const tenant = await currentTenant(ctx);
   if (!tenant) return;
   const { root } = ctx;
-  root.append(heading(tenant, "Usage"));
+  add(root, heading(tenant, "Usage"));
   if (!can(tenant, "usage:read")) {
-    root.append(notice(`Your role (${tenant.role}) cannot see usage.`, "info"));
+    add(root, notice(`Your role (${tenant.role}) cannot see usage.`, "info"));
     return;
   }
   try {
@@ -68,12 +68,12 @@ export async function page(ctx) {
     if (usage.requests_per_minute_per_user !== null) rates.push(`${fmtNumber(usage.requests_per_minute_per_user)} requests per minute per person`);
     if (usage.requests_per_minute_per_key !== null) rates.push(`${fmtNumber(usage.requests_per_minute_per_key)} per API key`);
     if (usage.max_upload_bytes !== null) rates.push(`uploads up to ${fmtBytes(usage.max_upload_bytes)}`);
-    root.append(
+    add(root, 
       h("p", {}, `Plan `, h("strong", {}, usage.plan), ` · period ${fmtDate(usage.period_start)} to ${fmtDate(usage.period_end)}`),
       rates.length ? h("p", { class: "muted" }, `Limits: ${rates.join(", ")}.`) : null,
       h("div", { class: "usage" }, usage.metrics.map(bar)),
     );
   } catch (err) {
-    root.append(notice(errorText(err), "error"));
+    add(root, notice(errorText(err), "error"));
   }
 }
