@@ -332,3 +332,35 @@ async def test_members_invitations_usage_account_and_reset(
     await expect(page.get_by_role("heading", name="Password changed")).to_be_visible()
     await log_in(page, owner.email, "a brand new password 99")
     assert errors == []
+
+
+async def test_export_and_delete_account(
+    page: Page, app: Any, console_server: ConsoleServer, celery_worker: Any
+) -> None:
+    user = await create_user(app, name="Dora Deleter")
+    await create_tenant(app, user, name="Dora's space")
+    await log_in(page, user.email, DEFAULT_PASSWORD)
+    await page.get_by_role("link", name="Account").click()
+    main = page.locator("main")
+
+    # The export is built by the worker; the page polls until the signed link is there.
+    await page.get_by_role("button", name="Export my data").click()
+    download = main.get_by_role("link", name="download the ZIP")
+    await expect(download).to_be_visible(timeout=60_000)
+    href = await download.get_attribute("href")
+    assert href and href.startswith(f"{console_server.base_url}/v1/exports/")
+    async with httpx.AsyncClient() as http:
+        r = await http.get(href)
+        assert r.status_code == 200 and r.content[:2] == b"PK"
+
+    # Deleting needs the password and a confirmation; the session ends with the account.
+    page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    danger = page.locator("form.danger-zone")
+    await danger.get_by_label("Password").fill(DEFAULT_PASSWORD)
+    await danger.get_by_role("button", name="Delete my account").click()
+    await expect(main.get_by_text("Your account was deleted.")).to_be_visible()
+    assert REFRESH not in {c["name"] for c in await page.context.cookies()}
+    await page.get_by_label("E-mail address").fill(user.email)
+    await page.get_by_label("Password").fill(DEFAULT_PASSWORD)
+    await main.get_by_role("button", name="Log in").click()
+    await expect(page.get_by_role("alert")).to_have_text("Incorrect e-mail address or password")
