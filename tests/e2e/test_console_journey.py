@@ -364,3 +364,19 @@ async def test_export_and_delete_account(
     await page.get_by_label("Password").fill(DEFAULT_PASSWORD)
     await main.get_by_role("button", name="Log in").click()
     await expect(page.get_by_role("alert")).to_have_text("Incorrect e-mail address or password")
+
+
+async def test_tabs_refreshing_at_once_keep_the_session(page: Page, app: Any) -> None:
+    """Tabs share the refresh cookie; the console serialises their refreshes (Web Locks), so the
+    server never sees one refresh token twice (which it would take for theft)."""
+    user = await create_user(app)
+    await create_tenant(app, user)
+    await log_in(page, user.email, DEFAULT_PASSWORD)
+    tabs = [page] + [await page.context.new_page() for _ in range(3)]
+    for _ in range(2):
+        await asyncio.gather(*(tab.goto(page.url) for tab in tabs))
+        for tab in tabs:
+            await expect(tab.get_by_role("heading", name="Collections", exact=True)).to_be_visible()
+    for tab in tabs:
+        await tab.get_by_role("link", name="Usage").click()
+        await expect(tab.locator(".usage-row[data-metric=members]")).to_contain_text("1 of")
