@@ -160,3 +160,49 @@ def test_celery_tasks_are_counted_by_outcome(settings: Any) -> None:
     assert count("tests.metrics.ok", "success") - ok_before == 2
     assert count("tests.metrics.boom", "failure") - boom_before == 1
     assert metrics.task_seconds.labels(task="tests.metrics.ok")._sum.get() > timed_before
+
+
+def test_ingestion_outcomes_are_counted_from_the_task_result(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from atrium.worker import celery_app
+
+    monkeypatch.setattr(metrics, "INGESTION_TASK", "tests.metrics.ingest")
+
+    @celery_app.task(name="tests.metrics.ingest")
+    def ingest(status: str) -> dict[str, Any]:
+        return {
+            "status": status,
+            "chunks": 7 if status == "ready" else 0,
+            "tokens": 900 if status == "ready" else 0,
+            "timings": {"extract_ms": 4.0, "chunk_ms": 1, "embed_ms": 250.0, "store_ms": 30.5},
+        }
+
+    metrics.install_celery_metrics()
+
+    def value(metric: Any, **labels: str) -> float:
+        return float((metric.labels(**labels) if labels else metric)._value.get())
+
+    model = settings.embedding_model
+    before = (
+        value(metrics.documents_processed),
+        value(metrics.documents_failed),
+        value(metrics.chunks_indexed),
+        value(metrics.llm_tokens, model=model, kind="embedding"),
+        metrics.stage_seconds.labels(stage="embed")._sum.get(),
+    )
+    ingest.apply(kwargs={"status": "ready"})
+    ingest.apply(kwargs={"status": "failed"})
+    ingest.apply(kwargs={"status": "superseded"})  # neither processed nor failed
+    after = (
+        value(metrics.documents_processed),
+        value(metrics.documents_failed),
+        value(metrics.chunks_indexed),
+        value(metrics.llm_tokens, model=model, kind="embedding"),
+        metrics.stage_seconds.labels(stage="embed")._sum.get(),
+    )
+    assert after[0] - before[0] == 1
+    assert after[1] - before[1] == 1
+    assert after[2] - before[2] == 7
+    assert after[3] - before[3] == 900
+    assert after[4] - before[4] == pytest.approx(0.75)  # three runs x 250 ms

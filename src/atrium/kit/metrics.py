@@ -5,14 +5,15 @@ Other domains record events through the objects and helpers here, never through
 
     from atrium.kit import metrics
 
-    metrics.documents_processed.inc()
-    metrics.documents_failed.inc()
-    metrics.chunks_indexed.inc(len(chunks))
     metrics.record_quota_rejection("documents")
     metrics.record_rate_limit_rejection("api_key")
     metrics.record_llm_tokens("openai/gpt-4o-mini", prompt=812, completion=96)
     with metrics.time_stage("embed"):
         ...
+
+Documents processed and failed, chunks indexed, embedding tokens and ingestion stage latencies
+are recorded from the result of the ``atrium.ingestion.process_document`` task (see
+:func:`record_ingestion_outcome`); the pipeline does not call those counters itself.
 
 Labels are a small closed set (stage, quota, limit, model, task); never a tenant, user or
 document id, which would make one time series per customer.
@@ -268,6 +269,39 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
 
 # Celery ---------------------------------------------------------------------------------------
 
+#: The ingestion task; its return value is the document's outcome (see ingestion.tasks).
+INGESTION_TASK = "atrium.ingestion.process_document"
+
+
+def record_ingestion_outcome(outcome: dict[str, Any]) -> None:
+    """Count one finished ingestion run from the task's result.
+
+    ``{"status": "ready" | "failed" | "skipped" | "superseded", "chunks": n, "tokens": n,
+    "timings": {"extract_ms": ..., "chunk_ms": ..., "embed_ms": ..., "store_ms": ...}}``;
+    ``timings`` is optional. Recorded here, from the worker's task signal, so the pipeline
+    itself does not call these counters (it would count twice).
+    """
+    status = outcome.get("status")
+    if status == "ready":
+        documents_processed.inc()
+        chunks = int(outcome.get("chunks") or 0)
+        if chunks:
+            chunks_indexed.inc(chunks)
+        tokens = int(outcome.get("tokens") or 0)
+        if tokens:
+            from atrium.config import get_settings
+
+            record_llm_tokens(get_settings().embedding_model, embedding=tokens)
+    elif status == "failed":
+        documents_failed.inc()
+    timings = outcome.get("timings")
+    if isinstance(timings, dict):
+        for stage in INGESTION_STAGES:
+            ms = timings.get(f"{stage}_ms")
+            if isinstance(ms, int | float):
+                observe_stage(stage, float(ms) / 1000)
+
+
 _task_started: dict[str, float] = {}
 _celery_installed: list[bool] = []
 
@@ -286,12 +320,16 @@ def install_celery_metrics() -> None:
     def prerun(task_id: str = "", **_: Any) -> None:
         _task_started[task_id] = time.perf_counter()
 
-    def postrun(sender: Any = None, task_id: str = "", state: str = "", **_: Any) -> None:
+    def postrun(
+        sender: Any = None, task_id: str = "", state: str = "", retval: Any = None, **_: Any
+    ) -> None:
         start = _task_started.pop(task_id, None)
         if start is not None:
             task_seconds.labels(task=_name(sender)).observe(time.perf_counter() - start)
         if state == "SUCCESS":
             tasks.labels(task=_name(sender), outcome="success").inc()
+            if _name(sender) == INGESTION_TASK and isinstance(retval, dict):
+                record_ingestion_outcome(retval)
 
     def failure(sender: Any = None, **_: Any) -> None:
         tasks.labels(task=_name(sender), outcome="failure").inc()
