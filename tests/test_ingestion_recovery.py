@@ -96,11 +96,13 @@ async def test_worker_killed_mid_document_finishes_with_exact_chunks(
 
     r = await client.post(f"{ctx.docs}/{doc['id']}/reindex", headers=ctx.headers)
     assert r.status_code == 202
-    result = celery_app.send_task(
+    celery_app.send_task(
         "atrium.ingestion.process_document",
         kwargs={"tenant_id": str(ctx.tenant.id), "document_id": doc["id"]},
     )
-    await asyncio.to_thread(result.get, timeout=180)
+    # One worker process takes tasks in order: once this ping is answered, both ran.
+    ping = celery_app.send_task("atrium.ping", kwargs={"payload": "after"})
+    assert await asyncio.to_thread(ping.get, timeout=180) is not None
     final = await wait_document(client, ctx, doc["id"], timeout=180)
     assert final["status"] == "ready"
     rows = await chunk_rows(settings, doc["id"])

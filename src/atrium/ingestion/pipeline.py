@@ -94,6 +94,30 @@ class Outcome:
     error: str | None = None
 
 
+def length_groups(
+    token_counts: list[int], max_size: int = EMBED_SLICE, max_padding: float = 0.2
+) -> list[list[int]]:
+    """Indices of chunks grouped for embedding calls, longest first.
+
+    A batch is padded to its longest text, so a short chunk (typically a document's last) next
+    to full ones wastes most of its row; a chunk more than ``max_padding`` shorter than its
+    group's longest starts a new group instead. Groups hold at most ``max_size`` chunks.
+    """
+    order = sorted(range(len(token_counts)), key=lambda i: -token_counts[i])
+    groups: list[list[int]] = []
+    for index in order:
+        current = groups[-1] if groups else None
+        if (
+            current is None
+            or len(current) >= max_size
+            or token_counts[index] < (1 - max_padding) * token_counts[current[0]]
+        ):
+            groups.append([index])
+        else:
+            current.append(index)
+    return groups
+
+
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
@@ -131,16 +155,17 @@ class _Run:
                 self.document_id, self.run_id
             )
 
-    async def _embed(self, texts: list[str]) -> np.ndarray[Any, Any]:
+    async def _embed(self, texts: list[str], token_counts: list[int]) -> np.ndarray[Any, Any]:
         embedder = self.tools.embedder
-        parts = []
-        for start in range(0, len(texts), EMBED_SLICE):
-            parts.append(embedder.embed(texts[start : start + EMBED_SLICE]))
-            done = min(len(texts), start + EMBED_SLICE)
+        vectors = np.zeros((len(texts), embedder.dimension), dtype=np.float32)
+        done = 0
+        for group in length_groups(token_counts):
+            vectors[group] = embedder.embed([texts[i] for i in group])
+            done += len(group)
             if done < len(texts):
                 span = STAGE_PERCENT["store"] - STAGE_PERCENT["embed"]
                 await self._progress("embed", STAGE_PERCENT["embed"] + span * done // len(texts))
-        return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+        return vectors
 
     async def run(self, max_attempts: int) -> Outcome:
         started = time.perf_counter()
@@ -199,7 +224,7 @@ class _Run:
         async with reserve(
             self.res, self.tenant_id, Metric.embedding_tokens, tokens, ttl_seconds=3600
         ):
-            vectors = await self._embed(texts)
+            vectors = await self._embed(texts, token_counts)
         self.timings["embed_ms"] = _ms(time.perf_counter() - mark)
         await self._progress("store", STAGE_PERCENT["store"])
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from pgvector.psycopg import register_vector_async
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, errors, sql
 from psycopg.types.json import Jsonb
 
 from atrium.kit.vectordb import ensure_tenant_partition, partition_exists, partition_name
@@ -48,6 +48,10 @@ def lock_key(value: uuid.UUID) -> int:
     return int.from_bytes(value.bytes[:8], "big", signed=True)
 
 
+#: Tenants whose partition this process has seen (checked once per process, not per write).
+_known_partitions: set[uuid.UUID] = set()
+
+
 async def _prepare(conn: AsyncConnection[Any], tenant_id: uuid.UUID) -> sql.Identifier:
     """Register pgvector's types on the connection (once) and make sure the partition exists.
 
@@ -56,12 +60,15 @@ async def _prepare(conn: AsyncConnection[Any], tenant_id: uuid.UUID) -> sql.Iden
     """
     if conn.adapters.types.get("vector") is None:
         await register_vector_async(conn)
+        await conn.rollback()
     # The partition is created with the tenant; this is a guard against a tenant created
     # while the vector database was unreachable.
-    if not await partition_exists(conn, tenant_id):
+    if tenant_id not in _known_partitions:
+        if not await partition_exists(conn, tenant_id):
+            await conn.rollback()
+            await ensure_tenant_partition(conn, tenant_id)
         await conn.rollback()
-        await ensure_tenant_partition(conn, tenant_id)
-    await conn.rollback()
+        _known_partitions.add(tenant_id)
     return sql.Identifier(partition_name(tenant_id))
 
 
@@ -96,6 +103,50 @@ async def replace_document_chunks(
     if not (len(texts) == len(token_counts) == len(embeddings)):
         raise ValueError("texts, token_counts and embeddings must have the same length")
     part = await _prepare(conn, tenant_id)
+    try:
+        return await _replace(
+            conn,
+            part,
+            tenant_id,
+            collection_id,
+            document_id,
+            texts,
+            token_counts,
+            embeddings,
+            metadata,
+            still_owned,
+        )
+    except errors.UndefinedTable:
+        # The partition went away since this process last saw it (a purge and a re-creation):
+        # check again once.
+        _known_partitions.discard(tenant_id)
+        part = await _prepare(conn, tenant_id)
+        return await _replace(
+            conn,
+            part,
+            tenant_id,
+            collection_id,
+            document_id,
+            texts,
+            token_counts,
+            embeddings,
+            metadata,
+            still_owned,
+        )
+
+
+async def _replace(
+    conn: AsyncConnection[Any],
+    part: sql.Identifier,
+    tenant_id: uuid.UUID,
+    collection_id: uuid.UUID,
+    document_id: uuid.UUID,
+    texts: Sequence[str],
+    token_counts: Sequence[int],
+    embeddings: npt.NDArray[np.float32],
+    metadata: dict[str, Any],
+    still_owned: Callable[[], Awaitable[bool]],
+) -> bool:
     meta = Jsonb(metadata)
     async with conn.transaction():
         await conn.execute(
