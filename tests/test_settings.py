@@ -58,6 +58,7 @@ def test_derived_urls() -> None:
         host="0.0.0.0",
         port=9000,
         database_url="",
+        public_url="",
     )
     assert s.resolved_broker_url == "redis+socket:///tmp/r.sock?db=0"
     assert s.resolved_public_url == "http://0.0.0.0:9000"
