@@ -12,14 +12,19 @@ pgvector 0.8 (pgserver), and the API in a uvicorn subprocess. It measures:
    Gaussian noise (norm ~0.5), normalised. Texts are the real passages. Queries are real article
    titles, embedded with the same model.
    - p50/p99 latency and throughput at 1 and 32 concurrent clients of (a) the raw SQL query
-     through psycopg (pgvector's binary adapter, ``hnsw.ef_search`` 40, partition by name) and
-     (b) ``POST /search`` with an API key (HTTP, auth, rate limit, quota, cache lookup, SQL,
-     JSON) with ``Cache-Control: no-store``. The query embedding is excluded from both: it is
-     timed on its own, and the server's query-vector LRU is warmed with every query first.
-   - recall@10 of the route's default settings against exact search (numpy brute force), with
-     no filter and with a collection filter that keeps 5% of the rows.
+     through psycopg (pgvector's binary adapter, the route's ``hnsw.ef_search``, partition by
+     name) and (b) ``POST /search`` with an API key (HTTP, auth, rate limit, quota, collection
+     lookup, cache lookup, SQL, JSON) with ``Cache-Control: no-store``. The query embedding is
+     excluded from both: it is timed on its own, and the server's query-vector LRU is warmed
+     with every query first.
+   - recall@10 and SQL p50 by ``hnsw.ef_search`` (with and without a 5% collection filter,
+     with and without the route's 4x overfetch for filtered searches), then recall@10 of the
+     route's default settings against exact search (numpy brute force), with no filter and
+     with a collection filter that keeps 5% of the rows.
 2. **200 tenants x 1,000 chunks against 1 tenant x 1,000 chunks**: p50 of the route and of the
-   raw SQL (by partition name, and through the parent table with ``tenant_id = $1``).
+   raw SQL (by partition name, and through the parent table with ``tenant_id = $1`` under
+   custom plans). The 199 other partitions are detached and attached again between rounds, so
+   both states are measured alternately under the same machine load.
 
 Results are printed as Markdown and written to ``var/bench/search-results.json``.
 """
@@ -458,11 +463,13 @@ def raw_sql_caller(
     from pgvector.psycopg import register_vector_async
 
     from atrium.kit.vectordb import partition_name
+    from atrium.retrieval.repository import MIN_EF_SEARCH
 
     async def make(_: int) -> Callable[[int], Awaitable[None]]:
         conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
         await register_vector_async(conn)
-        await conn.execute("SET hnsw.ef_search = 40")
+        # The route's default candidate list, so both run the same index search.
+        await conn.execute(f"SET hnsw.ef_search = {MIN_EF_SEARCH}")
         await conn.execute("SET plan_cache_mode = force_custom_plan")
 
         async def call(i: int) -> None:
@@ -509,6 +516,57 @@ async def route_ids(api: Api, tenant: Tenant, query: str, **extra: Any) -> list[
         headers={**tenant.key_headers, "Cache-Control": "no-store"},
     )
     return [int(r["metadata"]["row"]) for r in body["results"]]
+
+
+async def ef_sweep(
+    conninfo: str,
+    tenant: Tenant,
+    vectors: Matrix,
+    queries: Matrix,
+    rows_in_collection: npt.NDArray[Any],
+    collection: uuid.UUID,
+    values: Sequence[int],
+) -> list[dict[str, float]]:
+    """recall@10 and p50 of the search SQL (as the route runs it) for several ef_search."""
+    import psycopg
+    from pgvector.psycopg import register_vector_async
+
+    from atrium.kit.vectordb import partition_name
+    from atrium.retrieval.repository import FILTER_OVERFETCH
+
+    part = partition_name(tenant.id)
+    filt = " AND c.collection_id = ANY(%s::uuid[])"
+    out = []
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        await register_vector_async(conn)
+        await conn.execute("SET hnsw.iterative_scan = relaxed_order")
+        for ef in values:
+            await conn.execute(f"SET hnsw.ef_search = {int(ef)}")
+            figures: dict[str, float] = {"ef_search": ef}
+            for label, extra, allowed, inner in (
+                ("all", "", None, 10),
+                ("filtered_plain", filt, rows_in_collection, 10),
+                ("filtered", filt, rows_in_collection, FILTER_OVERFETCH * 10),
+            ):
+                recalls, lat = [], []
+                for qv in queries:
+                    params: list[Any] = [qv, tenant.id] + ([[collection]] if extra else [])
+                    t = time.perf_counter()
+                    cur = await conn.execute(
+                        "WITH hits AS MATERIALIZED (SELECT c.metadata, c.embedding <=> %s AS d"
+                        f" FROM {part} c WHERE c.tenant_id = %s{extra} ORDER BY d LIMIT %s)"
+                        " SELECT (metadata->>'row')::int FROM hits ORDER BY d + 0 LIMIT 10",
+                        [*params, inner],
+                    )
+                    got = {r[0] for r in await cur.fetchall()}
+                    lat.append((time.perf_counter() - t) * 1000)
+                    exact = exact_top(vectors, qv, 10, allowed)
+                    recalls.append(len(exact & got) / 10)
+                figures[f"recall_{label}"] = float(np.mean(recalls))
+                figures[f"p50_ms_{label}"] = statistics.median(lat)
+            print(f"  {figures}", flush=True)
+            out.append(figures)
+    return out
 
 
 # The run ----------------------------------------------------------------------------------------
@@ -564,7 +622,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for clients, total in ((1, args.requests), (32, args.requests * 4)):
             runs.append(
                 await measure(
-                    "raw SQL (psycopg)",
+                    "raw SQL (psycopg, same query)",
                     clients,
                     total,
                     raw_sql_caller(svc.conninfo, [big.id], queries),
@@ -598,9 +656,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await measure("POST /search, cache hit", 1, args.requests, cached_call)
         ).__dict__
 
-        print("recall@10 against exact search", flush=True)
         row_collection = np.arange(args.chunks) % N_COLLECTIONS
         one = np.nonzero(row_collection == 3)[0]
+        print("recall@10 and p50 of the search SQL by hnsw.ef_search", flush=True)
+        results["ef_sweep"] = await ef_sweep(
+            svc.conninfo, big, vectors, queries, one, big.collections[3], args.ef_sweep
+        )
+
+        print("recall@10 of the route (default settings) against exact search", flush=True)
         recall_all, recall_filtered = [], []
         for q, qv in zip(query_texts, queries, strict=True):
             exact = exact_top(vectors, qv, 10)
@@ -617,77 +680,68 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         print(f"  {results['recall_at_10']}", flush=True)
 
-        print("200 tenants x 1,000 chunks against 1 tenant x 1,000 chunks", flush=True)
+        print(f"{args.tenants} tenants x 1,000 chunks against 1 tenant x 1,000 chunks", flush=True)
         import psycopg
 
-        from atrium.kit.vectordb import drop_tenant_partition
+        from atrium.kit.vectordb import drop_tenant_partition, partition_name
 
         async with await psycopg.AsyncConnection.connect(svc.conninfo, autocommit=True) as conn:
             await drop_tenant_partition(conn, big.id)
         small: list[Tenant] = []
-
-        def sample() -> tuple[Matrix, list[str]]:
-            idx = rng.choice(args.chunks, args.small_chunks, replace=False)
-            return vectors[idx], [chunk_texts[i] for i in idx]
-
-        first = await make_tenant(api, 1)
-        v, t = sample()
-        await load_partition(svc.conninfo, first.id, v, t, first.collections)
-        small.append(first)
-        one_tenant = [
-            await measure(
-                "route, 1 tenant", 1, args.requests, route_caller(api, small, query_texts)
-            ),
-            await measure(
-                "raw SQL by partition, 1 tenant",
-                1,
-                args.requests,
-                raw_sql_caller(svc.conninfo, [first.id], queries),
-            ),
-            await measure(
-                "raw SQL on parent table, 1 tenant",
-                1,
-                args.requests,
-                raw_sql_caller(svc.conninfo, [first.id], queries, by_name=False),
-            ),
-        ]
         start = time.perf_counter()
-        for _ in range(args.tenants - 1):
+        for _ in range(args.tenants):
             t_ = await make_tenant(api, 1)
-            v, t = sample()
-            await load_partition(svc.conninfo, t_.id, v, t, t_.collections)
+            idx = rng.choice(args.chunks, args.small_chunks, replace=False)
+            await load_partition(
+                svc.conninfo, t_.id, vectors[idx], [chunk_texts[i] for i in idx], t_.collections
+            )
             small.append(t_)
-        print(f"  created {args.tenants - 1} more tenants in {time.perf_counter() - start:.0f} s")
+        print(f"  created and loaded {args.tenants} tenants in {time.perf_counter() - start:.0f} s")
         ids = [t.id for t in small]
-        for i, t_ in enumerate(small):  # each tenant's first request loads its key and plan
-            await route_ids(api, t_, query_texts[i % len(query_texts)])
-        many_tenants = [
-            await measure(
-                f"route, {args.tenants} tenants",
-                1,
-                args.requests,
-                route_caller(api, small, query_texts),
-                warmup=len(small) + 20,
-            ),
-            await measure(
-                f"raw SQL by partition, {args.tenants} tenants",
-                1,
-                args.requests,
-                raw_sql_caller(svc.conninfo, ids, queries),
-                warmup=len(small) + 20,
-            ),
-            await measure(
-                f"raw SQL on parent table, {args.tenants} tenants",
-                1,
-                args.requests,
-                raw_sql_caller(svc.conninfo, ids, queries, by_name=False),
-                warmup=len(small) + 20,
-            ),
-        ]
-        results["tenants"] = {
-            "one": [r.__dict__ for r in one_tenant],
-            "many": [r.__dict__ for r in many_tenants],
-        }
+
+        async def attach(on: bool) -> None:
+            # The other tenants' partitions stay loaded and indexed; detached, the database
+            # holds one tenant, attached it holds them all. Alternating both states in rounds
+            # keeps the comparison fair on a machine whose load drifts.
+            async with await psycopg.AsyncConnection.connect(svc.conninfo, autocommit=True) as c:
+                for tid in ids[1:]:
+                    part = partition_name(tid)
+                    if on:
+                        await c.execute(
+                            f"ALTER TABLE chunks ATTACH PARTITION {part} FOR VALUES IN ('{tid}')"
+                        )
+                    else:
+                        await c.execute(f"ALTER TABLE chunks DETACH PARTITION {part}")
+
+        rounds: dict[str, list[Result]] = {}
+        for _ in range(args.rounds):
+            for state, tenants in (("one", small[:1]), ("many", small)):
+                await attach(state == "many")
+                tids = [t.id for t in tenants]
+                warm = len(tenants) + 20
+                label = "1 tenant" if state == "one" else f"{args.tenants} tenants"
+                for name, caller in (
+                    ("route", route_caller(api, tenants, query_texts)),
+                    ("raw SQL by partition", raw_sql_caller(svc.conninfo, tids, queries)),
+                    (
+                        "raw SQL on parent table",
+                        raw_sql_caller(svc.conninfo, tids, queries, by_name=False),
+                    ),
+                ):
+                    r = await measure(f"{name}, {label}", 1, args.requests, caller, warmup=warm)
+                    rounds.setdefault(f"{state}:{name}", []).append(r)
+        summary: dict[str, list[dict[str, Any]]] = {"one": [], "many": []}
+        for key, runs_ in rounds.items():
+            state, name = key.split(":", 1)
+            summary[state].append(
+                {
+                    "name": name,
+                    "p50_ms": statistics.median(r.p50_ms for r in runs_),
+                    "p99_ms": statistics.median(r.p99_ms for r in runs_),
+                    "rounds": [r.p50_ms for r in runs_],
+                }
+            )
+        results["tenants"] = summary
     finally:
         await api.close()
         os.killpg(server.pid, 15)
@@ -715,12 +769,26 @@ def report(results: dict[str, Any]) -> str:
         f"with a 5% collection filter ({rc['queries']} queries)"
     )
     lines.append("")
-    lines.append("| path | 1 tenant p50 ms | 200 tenants p50 ms | ratio |")
+    lines.append("")
+    lines.append(
+        "| ef_search | recall@10 | p50 ms | recall@10, 5% filter | p50 ms | "
+        "same, 4x overfetch | p50 ms |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
+    for f in results["ef_sweep"]:
+        lines.append(
+            f"| {f['ef_search']} | {f['recall_all']:.3f} | {f['p50_ms_all']:.2f} | "
+            f"{f['recall_filtered_plain']:.3f} | {f['p50_ms_filtered_plain']:.2f} | "
+            f"{f['recall_filtered']:.3f} | {f['p50_ms_filtered']:.2f} |"
+        )
+    lines.append("")
+    n = results["args"]["tenants"]
+    lines.append(f"| path | 1 tenant p50 ms | {n} tenants p50 ms | ratio |")
     lines.append("|---|---|---|---|")
     for a, b in zip(results["tenants"]["one"], results["tenants"]["many"], strict=True):
-        name = a["name"].rsplit(",", 1)[0]
         lines.append(
-            f"| {name} | {a['p50_ms']:.2f} | {b['p50_ms']:.2f} | {b['p50_ms'] / a['p50_ms']:.2f} |"
+            f"| {a['name']} | {a['p50_ms']:.2f} | {b['p50_ms']:.2f} | "
+            f"{b['p50_ms'] / a['p50_ms']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -735,6 +803,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=500, help="per 1-client run (x4 at 32)")
     parser.add_argument("--tenants", type=int, default=200)
     parser.add_argument("--small-chunks", type=int, default=1_000)
+    parser.add_argument(
+        "--ef-sweep", type=lambda v: [int(x) for x in v.split(",")], default=[40, 100, 128, 200]
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of 1 and N tenants")
     parser.add_argument(
         "--redis-db", type=int, default=10, help="app db; the next one is the broker"
     )

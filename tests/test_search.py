@@ -323,6 +323,19 @@ async def test_tenant_without_documents_finds_nothing(client: httpx.AsyncClient,
     assert body["results"] == []
     body = await _search(client, w, query="anything at all", mode="hybrid")
     assert body["results"] == []
+    # A tenant whose vector partition does not exist (yet) has no results either, through
+    # both the single-statement and the pipelined (larger top_k) paths.
+    bare = await make_tenant(app)
+    from atrium.kit.vectordb import drop_tenant_partition
+
+    async with app.state.vector_pool.connection() as conn:
+        await drop_tenant_partition(conn, bare.tenant_id)
+    r = await client.post(bare.url("collections"), json={"name": "docs"}, headers=bare.headers)
+    assert r.status_code == 201, r.text
+    for extra in ({}, {"top_k": 50}, {"mode": "hybrid"}):
+        assert (await _search(client, bare, query="anything", **extra))["results"] == []
+    # The pooled connections are still usable afterwards.
+    assert (await _search(client, w, query="anything at all", top_k=50))["results"] == []
 
 
 async def test_one_log_line_per_query_with_stage_timings(

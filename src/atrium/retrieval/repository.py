@@ -7,8 +7,9 @@ A tenant without a partition (nothing ingested yet) simply has no results.
 
 Round trips are the cost to watch (the SQL itself takes about a millisecond): a search that
 needs no setting runs as ONE statement in autocommit; one that needs a larger
-``hnsw.ef_search`` sends ``BEGIN; SET LOCAL ...; SELECT; COMMIT`` in one pipeline, so pooled
-connections go back to the pool as they came. Query vectors travel in pgvector's binary form.
+``hnsw.ef_search`` sends ``BEGIN; SET LOCAL ...; SELECT; COMMIT`` in one pipeline (one round
+trip), so pooled connections go back to the pool as they came. Query vectors travel in
+pgvector's binary form.
 """
 
 from __future__ import annotations
@@ -31,19 +32,23 @@ HYBRID_CANDIDATES_MIN = 40
 HYBRID_CANDIDATES_MAX = 200
 
 
-#: pgvector's default ``hnsw.ef_search``; searches that need no more leave it alone.
+#: pgvector's default ``hnsw.ef_search``; a statement that needs no more runs without SET.
 DEFAULT_EF_SEARCH = 40
+#: The smallest candidate list searches use. Measured on 100,000 chunks (bench/search.py):
+#: recall@10 0.90 at 40, 0.96 at 100, 0.965 at 128, 0.97 at 160.
+MIN_EF_SEARCH = 128
+#: With a filter (collections, metadata, excluded documents) the iterative scan in relaxed
+#: order may stop on rows slightly out of order; taking this many times ``top_k`` rows and
+#: keeping the nearest ``top_k`` of them lifts recall@10 with a 5% filter from 0.92 to 0.97.
+FILTER_OVERFETCH = 4
 
 Vector = npt.NDArray[np.float32]
 
 
 def ef_search_for(top_k: int) -> int:
-    """HNSW candidate list size for ``top_k`` results.
-
-    40 (pgvector's default) is enough for 10 results on real embeddings; larger requests get
-    twice ``top_k`` so the k-th result is still found reliably. pgvector caps it at 1000.
-    """
-    return max(DEFAULT_EF_SEARCH, min(1000, 2 * top_k))
+    """HNSW candidate list size for ``top_k`` results: at least :data:`MIN_EF_SEARCH`, and
+    twice ``top_k`` for large requests (pgvector caps it at 1000)."""
+    return max(MIN_EF_SEARCH, min(1000, 2 * top_k))
 
 
 async def _fetch(
@@ -68,12 +73,18 @@ async def _fetch(
             return await cur.fetchall()
         finally:
             await conn.set_autocommit(False)
-    async with conn.pipeline(), conn.transaction():
-        await conn.execute(
-            sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search)))
-        )
-        cur = await conn.execute(query, params)
-        return await cur.fetchall()
+    # BEGIN (implicit), SET LOCAL, the query and COMMIT leave in one pipeline: one round trip.
+    try:
+        async with conn.pipeline():
+            await conn.execute(
+                sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search)))
+            )
+            cur = await conn.execute(query, params)
+            await conn.commit()
+    except BaseException:
+        await conn.rollback()
+        raise
+    return await cur.fetchall()
 
 
 @dataclass(frozen=True)
@@ -161,10 +172,12 @@ async def vector_search(
         "WITH hits AS MATERIALIZED ("
         " SELECT {cols}, c.embedding <=> %s::vector AS distance FROM {part} c"
         " WHERE {where} ORDER BY distance LIMIT %s"
-        ") SELECT * FROM hits ORDER BY distance + 0"
+        ") SELECT * FROM hits ORDER BY distance + 0 LIMIT %s"
     ).format(cols=_COLUMNS, part=sql.Identifier(partition_name(tenant_id)), where=where)
+    filtered = bool(scope.collection_ids is not None or scope.exclude_documents or scope.conditions)
+    inner = min(1000, FILTER_OVERFETCH * top_k) if filtered else top_k
     try:
-        raw = await _fetch(conn, query, [vector, *params, top_k], ef_search_for(top_k))
+        raw = await _fetch(conn, query, [vector, *params, inner, top_k], ef_search_for(top_k))
     except errors.UndefinedTable:
         return []
     return _rows(raw)
