@@ -1,7 +1,7 @@
 """api keys
 
 Revision ID: 0003
-Revises: 0001a
+Revises: 0002
 Create Date: 2026-11-23
 """
 
@@ -14,7 +14,7 @@ from fastapi_users_db_sqlalchemy.generics import GUID
 from atrium.models.base import UTCDateTime
 
 revision: str = "0003"
-down_revision: str | Sequence[str] | None = "0001a"
+down_revision: str | Sequence[str] | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

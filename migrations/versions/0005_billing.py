@@ -1,7 +1,7 @@
 """billing: accounts (periods, overrides), usage counters, daily usage, usage alerts
 
 Revision ID: 0005
-Revises: 0001a
+Revises: 0004
 Create Date: 2026-11-23
 """
 
@@ -14,7 +14,7 @@ from fastapi_users_db_sqlalchemy.generics import GUID
 from atrium.models.base import UTCDateTime
 
 revision: str = "0005"
-down_revision: str | Sequence[str] | None = "0001a"
+down_revision: str | Sequence[str] | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -75,7 +75,7 @@ def _configure_logging(settings: Settings) -> None:
 
 @cli.command()
 def migrate(
-    revision: str = typer.Option("heads", help="Alembic revision for the account database."),
+    revision: str = typer.Option("head", help="Alembic revision for the account database."),
 ) -> None:
     """Apply the account-database and vector-database migrations."""
     settings, services = _with_services()

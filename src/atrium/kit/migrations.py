@@ -39,7 +39,7 @@ def _in_thread(fn: object, *args: object) -> None:
         raise errors[0]
 
 
-def upgrade_account_db(url: str, revision: str = "heads") -> None:
+def upgrade_account_db(url: str, revision: str = "head") -> None:
     """Apply Alembic migrations up to ``revision``."""
     _in_thread(command.upgrade, alembic_config(url), revision)
 
