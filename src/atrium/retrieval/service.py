@@ -6,6 +6,7 @@ names that tenant's partition, so no filter or collection id can reach another t
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from atrium.kit.cache_versions import collection_versions
 from atrium.kit.errors import BadGateway, GatewayTimeout
 from atrium.retrieval import cache, collections, repository
 from atrium.retrieval.embedding import Vector, embed_query
-from atrium.retrieval.filters import canonical, parse_filters
+from atrium.retrieval.filters import Condition, canonical, parse_filters
 from atrium.retrieval.schemas import (
     SearchMode,
     SearchParams,
@@ -142,6 +143,52 @@ async def search(
     start = time.perf_counter()
     timings = SearchTimings()
     conditions = parse_filters(params.filters)
+    # The query is embedded (in a worker thread) while the collections and the cache are
+    # looked up: on a cache miss its latency is mostly hidden; on a hit the vector still lands
+    # in the query-vector LRU.
+    embedding = asyncio.ensure_future(_embed(res.settings, params.query))
+    try:
+        return await _search(
+            res,
+            session,
+            tenant_id,
+            params,
+            conditions,
+            embedding,
+            start,
+            timings,
+            use_cache=use_cache,
+            store=store,
+        )
+    finally:
+        embedding.add_done_callback(_discard)
+
+
+def _discard(task: asyncio.Future[Any]) -> None:
+    # Retrieve the outcome so an unused failure is not reported as "never retrieved".
+    if not task.cancelled():
+        task.exception()
+
+
+async def _embed(settings: Settings, text: str) -> tuple[Vector, bool, float]:
+    t = time.perf_counter()
+    vec, cached = await embed_query(settings, text)
+    return vec, cached, _ms(t)
+
+
+async def _search(
+    res: Resources,
+    session: AsyncSession,
+    tenant_id: uuid.UUID,
+    params: SearchParams,
+    conditions: list[Condition],
+    embedding: asyncio.Future[tuple[Vector, bool, float]],
+    start: float,
+    timings: SearchTimings,
+    *,
+    use_cache: bool,
+    store: bool,
+) -> SearchOutcome:
     wanted = await collections.resolve(session, tenant_id, params.collection_ids)
     model = f"{res.settings.embedding_provider}:{res.settings.embedding_model}"
 
@@ -169,14 +216,12 @@ async def search(
         response = SearchResponse(results=[], mode=params.mode, timings=timings)
         return SearchOutcome(response, None, {"cache_hit": False})
 
-    t = time.perf_counter()
     try:
-        qvec, vec_cached = await embed_query(res.settings, params.query)
+        qvec, vec_cached, timings.embedding_ms = await embedding
     except EmbeddingError as exc:
         if exc.transient:
             raise GatewayTimeout(f"The embedding model did not answer: {exc}") from exc
         raise BadGateway(f"The embedding model failed: {exc}") from exc
-    timings.embedding_ms = _ms(t)
     scope = repository.Scope(wanted.restrict, wanted.exclude_documents, conditions)
 
     t = time.perf_counter()
