@@ -178,36 +178,29 @@ async def upload(
     checked = [await _check(item, limit) for item in items]
 
     repo = DocumentRepository(session, subject.tenant_id)
-    results: list[tuple[Document, bool]] = []
+    # Bytes already in the collection come back as they are and need no quota.
+    known: dict[str, Document] = {}
     for item in checked:
-        existing = await repo.by_sha(collection.id, item.sha256)
-        if existing is not None:
-            results.append((existing, True))
-            continue
-        document = Document(
-            id=uuid.uuid4(),
-            tenant_id=subject.tenant_id,
-            collection_id=collection.id,
-            title=item.title,
-            filename=(item.incoming.filename or None) and item.incoming.filename[:500],
-            content_type=item.content_type,
-            size_bytes=item.size,
-            sha256=item.sha256,
-            metadata_=item.incoming.metadata,
-            status=DocumentStatus.queued,
-            progress=0,
-            chunk_count=0,
-            token_count=0,
-            timings={},
-            attempts=0,
-            heartbeat_at=utcnow(),
-        )
-        document.blob_key = blob_key(subject.tenant_id, collection.id, document.id)
-        # Plan limits (billing): a document and its bytes are held first (402 when full).
-        async with (
-            reserve(request, subject.tenant_id, Metric.documents, 1) as held_doc,
-            reserve(request, subject.tenant_id, Metric.stored_bytes, item.size) as held_bytes,
-        ):
+        if item.sha256 not in known:
+            found = await repo.by_sha(collection.id, item.sha256)
+            if found is not None:
+                known[item.sha256] = found
+    fresh = {item.sha256: item.size for item in checked if item.sha256 not in known}
+
+    results: list[tuple[Document, bool]] = []
+    created: dict[str, Document] = {}
+    # Plan limits (billing): the request's new documents and their bytes are held at once
+    # (402 when they do not fit), and what was really added is counted when it commits.
+    async with (
+        reserve(request, subject.tenant_id, Metric.documents, len(fresh)) as held_docs,
+        reserve(request, subject.tenant_id, Metric.stored_bytes, sum(fresh.values())) as held_bytes,
+    ):
+        for item in checked:
+            same = known.get(item.sha256) or created.get(item.sha256)
+            if same is not None:
+                results.append((same, True))
+                continue
+            document = _new_document(subject.tenant_id, collection.id, item)
             try:
                 # A concurrent upload of the same bytes may win the unique key: return its row.
                 async with session.begin_nested():
@@ -217,20 +210,45 @@ async def upload(
                 winner = await repo.by_sha(collection.id, item.sha256)
                 if winner is None:
                     raise
-                held_doc.settle(0)
-                held_bytes.settle(0)
+                known[item.sha256] = winner
                 results.append((winner, True))
                 continue
             await blobs.put(document.blob_key, await item.incoming.read())
-        enqueue(
-            session,
-            PROCESS_TASK,
-            tenant_id=str(subject.tenant_id),
-            document_id=str(document.id),
-        )
-        _audit(session, subject, "document.uploaded", document, request)
-        results.append((document, False))
+            created[item.sha256] = document
+            enqueue(
+                session,
+                PROCESS_TASK,
+                tenant_id=str(subject.tenant_id),
+                document_id=str(document.id),
+            )
+            _audit(session, subject, "document.uploaded", document, request)
+            results.append((document, False))
+        held_docs.settle(len(created))
+        held_bytes.settle(sum(doc.size_bytes for doc in created.values()))
     return results
+
+
+def _new_document(tenant_id: uuid.UUID, collection_id: uuid.UUID, item: _Checked) -> Document:
+    document = Document(
+        id=uuid.uuid4(),
+        tenant_id=tenant_id,
+        collection_id=collection_id,
+        title=item.title,
+        filename=(item.incoming.filename or None) and item.incoming.filename[:500],
+        content_type=item.content_type,
+        size_bytes=item.size,
+        sha256=item.sha256,
+        metadata_=item.incoming.metadata,
+        status=DocumentStatus.queued,
+        progress=0,
+        chunk_count=0,
+        token_count=0,
+        timings={},
+        attempts=0,
+        heartbeat_at=utcnow(),
+    )
+    document.blob_key = blob_key(tenant_id, collection_id, document.id)
+    return document
 
 
 async def get(
