@@ -27,6 +27,13 @@ Quota writes use their own small connection pool (``app.state.quota_sessionmaker
 already holds a connection of the main pool for its whole unit of work, and borrowing a second
 one from the same pool deadlocks once every connection is held by a request waiting for its
 second.
+
+On SQLite (the embedded default) that second connection would wait for a lock its own request
+holds: SQLite has one write lock per database file, and the request's unit of work keeps it
+from its first write until it commits. So, on SQLite only, what a request settles or adjusts
+through :func:`reserve` and :func:`adjust` is recorded right *after* the request's commit (an
+:func:`atrium.kit.db.after_commit` hook), and given back if it rolls back; the reservation
+keeps the capacity held until then, so limits stay exact. See docs/decisions/0005.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from atrium.billing.plans import Limit, PlanCatalog, get_catalog
 from atrium.config import Settings
 from atrium.kit import metrics
+from atrium.kit.db import after_commit
 from atrium.kit.errors import NotFound, PaymentRequired
 from atrium.models import Membership, Role, Tenant, User
 from atrium.models.billing import (
@@ -344,6 +352,7 @@ async def _with_retry(fn: Callable[[], Awaitable[T]], attempts: int = 4) -> T:
             retryable = code in (1213, 1205) or "locked" in str(exc.orig)
             if not retryable or attempt == attempts - 1:
                 raise
+            log.warning("quota_write_retried", attempt=attempt + 1, error=str(exc.orig))
             await asyncio.sleep(0.01 * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -717,7 +726,13 @@ class Reservation:
     """Capacity held for a unit of work; see :meth:`Quota.reserve`."""
 
     def __init__(
-        self, quota: Quota, tenant_id: uuid.UUID, metric: Metric, amount: int, ttl: int
+        self,
+        quota: Quota,
+        tenant_id: uuid.UUID,
+        metric: Metric,
+        amount: int,
+        ttl: int,
+        defer_to: AsyncSession | None = None,
     ) -> None:
         if amount < 0:
             raise ValueError("a reservation amount cannot be negative")
@@ -731,6 +746,8 @@ class Reservation:
         self._billing: TenantBilling | None = None
         self._held = False
         self._done = False
+        #: The request's unit of work whose commit the recording waits for (SQLite only).
+        self._defer_to = defer_to
 
     async def acquire(self) -> Reservation:
         """Hold the capacity.
@@ -765,7 +782,8 @@ class Reservation:
         self.actual = actual
 
     async def commit(self, actual: int | None = None) -> None:
-        """Record the work now (``actual``, else what :meth:`settle` said, else ``amount``)."""
+        """Record the work (``actual``, else what :meth:`settle` said, else ``amount``): now,
+        or on SQLite inside a request once the request has committed."""
         if self._done:
             return
         self._done = True
@@ -773,6 +791,18 @@ class Reservation:
             self.actual = actual
         amount = self.amount if self.actual is None else self.actual
         assert self._billing is not None, "acquire() first"
+        if self._defer_to is not None and amount != 0:
+
+            async def when_done(committed: bool) -> None:
+                # The work's rows are committed (count it) or rolled back (give it back).
+                await (self._record(amount) if committed else self.release())
+
+            if after_commit(self._defer_to, when_done):
+                return
+        await self._record(amount)
+
+    async def _record(self, amount: int) -> None:
+        assert self._billing is not None
         if amount == 0:
             # Nothing was used (a duplicate upload...): just give the hold back.
             await self.release()
@@ -855,14 +885,42 @@ def reserve(
     """
     if ctx is None:
         return Unmetered()
-    return Quota.of(ctx).reserve(tenant_id, metric, amount, ttl_seconds=ttl_seconds)
+    quota = Quota.of(ctx)
+    return Reservation(quota, tenant_id, metric, amount, ttl_seconds, _sqlite_unit_of_work(ctx))
 
 
 async def adjust(ctx: Any, tenant_id: uuid.UUID, metric: Metric, delta: int) -> None:
     """Change a level without a limit check (``-1`` document when one is deleted...).
     ``ctx`` as for :func:`reserve`; ``None`` meters nothing."""
-    if ctx is not None and delta:
-        await Quota.of(ctx).adjust(tenant_id, metric, delta)
+    if ctx is None or not delta:
+        return
+    quota = Quota.of(ctx)
+    session = _sqlite_unit_of_work(ctx)
+    if session is not None:
+
+        async def when_done(committed: bool) -> None:
+            if committed:  # rolled back: the change never happened, nothing to record
+                await quota.adjust(tenant_id, metric, delta)
+
+        if after_commit(session, when_done):
+            return
+    await quota.adjust(tenant_id, metric, delta)
+
+
+def _sqlite_unit_of_work(ctx: Any) -> AsyncSession | None:
+    """The request's open unit of work when the account database is SQLite, else ``None``.
+
+    SQLite has a single write lock, held by the request's transaction from its first write to
+    its commit: a quota write through another connection meanwhile waits for a lock that is
+    only freed after it returns (a self-deadlock that ends in "database is locked"). Deferring
+    the write to after the commit is the simplest fix that keeps reserve-before-work exact (the
+    hold stays in Redis until then) and leaves MySQL/MariaDB, which locks rows, as it was.
+    """
+    state = getattr(ctx, "state", None)
+    session = getattr(state, "db_session", None) if state is not None else None
+    if not isinstance(session, AsyncSession) or session.bind is None:
+        return None
+    return session if session.bind.dialect.name == "sqlite" else None
 
 
 def _quota_sessionmaker(app: Any) -> async_sessionmaker[AsyncSession]:
@@ -872,7 +930,10 @@ def _quota_sessionmaker(app: Any) -> async_sessionmaker[AsyncSession]:
         from atrium.kit.db import create_engine, create_sessionmaker
 
         settings: Settings = app.state.settings
-        engine = create_engine(settings.resolved_database_url, pool_size=5)
+        # On SQLite a quota write waits at most a few seconds for the write lock, so a
+        # write that can never get it (see _sqlite_unit_of_work) fails loudly instead of
+        # stalling the request for the default 30 s per attempt.
+        engine = create_engine(settings.resolved_database_url, pool_size=5, busy_timeout=5.0)
         app.state.quota_engine = engine
         maker = create_sessionmaker(engine)
         app.state.quota_sessionmaker = maker

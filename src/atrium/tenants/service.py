@@ -243,9 +243,9 @@ async def change_role(
 
 async def _free_seat(request: Request, tenant_id: uuid.UUID) -> None:
     # Members are metered by billing (a plan limit); a departure gives the seat back.
-    from atrium.billing.quota import Metric, Quota
+    from atrium.billing.quota import Metric, adjust
 
-    await Quota.of(request).adjust(tenant_id, Metric.members, -1)
+    await adjust(request, tenant_id, Metric.members, -1)
 
 
 async def remove_member(
