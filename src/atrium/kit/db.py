@@ -58,6 +58,14 @@ def create_engine(url: str, pool_size: int = 10, *, busy_timeout: float = 30.0) 
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             cur.close()
+            # The sqlite3 driver opens and commits transactions on its own, which breaks
+            # SAVEPOINT semantics (releasing a savepoint would commit for good). Let SQLAlchemy
+            # issue BEGIN itself, as its SQLite documentation recommends.
+            dbapi_conn.isolation_level = None
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN")
 
     return engine
 
