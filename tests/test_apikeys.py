@@ -464,3 +464,28 @@ def test_all_scopes_helper_matches_the_enum() -> None:
     from atrium.auth.permissions import Scope
 
     assert sorted(ALL_SCOPES) == sorted(s.value for s in Scope)
+
+
+async def test_concurrent_requests_share_lookups_and_see_revocation(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    _, tenant, admin = await _owner_and_tenant(app)
+    key, secret = await create_api_key(app, tenant, ["keys:manage"])
+    url = _keys_url(tenant.id)
+
+    async def burst(n: int) -> list[int]:
+        responses = await asyncio.gather(
+            *(client.get(url, headers=key_header(secret)) for _ in range(n))
+        )
+        return [r.status_code for r in responses]
+
+    # A cold cache hit by 20 requests at once: the misses share a load (one query, or two when
+    # a second MGET was already on its way before the first load filled the cache), not 20.
+    with sql_log(app) as statements:
+        assert await burst(20) == [200] * 20
+    assert 1 <= len([s for s in statements if "api_keys.key_hash IN" in s]) <= 2, statements
+    assert 1 <= len([s for s in statements if "tenants.status" in s]) <= 2, statements
+
+    # Revoked between two bursts: every request of the second burst is refused.
+    assert (await client.delete(f"{url}/{key.id}", headers=admin)).status_code == 204
+    assert await burst(20) == [401] * 20

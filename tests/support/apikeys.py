@@ -22,6 +22,7 @@ async def create_api_key(
     expires_at: dt.datetime | None = None,
     revoked: bool = False,
     name: str = "test key",
+    rate_limit_per_minute: int | None = None,
 ) -> tuple[ApiKey, str]:
     """A key of ``tenant`` (all scopes unless given) and its secret; ``revoked`` revokes it
     a second ago, ``expires_at`` may lie in the past."""
@@ -33,6 +34,7 @@ async def create_api_key(
             name=name,
             scopes=ALL_SCOPES if scopes is None else scopes,
             expires_at=expires_at,
+            rate_limit_per_minute=rate_limit_per_minute,
             created_by_user_id=creator.id if creator else None,
         )
         if revoked:

@@ -17,12 +17,14 @@ Redis keys (every one carries the tenant id):
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import functools
 import json
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import structlog
 from fastapi import Request
@@ -42,6 +44,7 @@ from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized
 from atrium.models import ApiKey, TenantStatus, utcnow
 
 log = structlog.get_logger("atrium.apikeys")
+T = TypeVar("T")
 
 #: How long a key record stays in Redis. Revocation and rotation overwrite it at once, so this
 #: only bounds memory and changes made outside this module.
@@ -77,6 +80,80 @@ def touch_cache_key(tenant_id: uuid.UUID | str, key_id: uuid.UUID | str) -> str:
 # --- Authentication (the hot path) ------------------------------------------------------------
 
 
+class CoalescingReader:
+    """Reads Redis keys for concurrent requests with one ``MGET`` per event-loop turn.
+
+    Every request still reads Redis after it arrived, so a revocation written before a request
+    starts is always seen; requests that reach authentication in the same loop turn (a busy
+    API worker has dozens in flight) share one round trip instead of paying one each. A lone
+    request waits one loop turn more.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._pending: dict[str, list[asyncio.Future[str | None]]] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loads: dict[str, asyncio.Task[Any]] = {}
+
+    async def mget(self, *keys: str) -> list[str | None]:
+        """The values of ``keys`` (None where missing), read in the next shared ``MGET``."""
+        loop = asyncio.get_running_loop()
+        if self._pending is None:
+            self._pending = {}
+            # The flush starts after every callback already queued in this turn has run, so
+            # it collects all the requests that got here meanwhile.
+            task = loop.create_task(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        futures = []
+        for key in keys:
+            future: asyncio.Future[str | None] = loop.create_future()
+            self._pending.setdefault(key, []).append(future)
+            futures.append(future)
+        return [await f for f in futures]
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending or {}, None
+        names = list(batch)
+        try:
+            values = await self.redis.mget(names)
+        except BaseException as exc:
+            for waiting in batch.values():
+                for f in waiting:
+                    if not f.done():
+                        f.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for name, value in zip(names, values, strict=True):
+            for f in batch[name]:
+                if not f.done():  # its request may have been cancelled (client went away)
+                    f.set_result(None if value is None else str(value))
+
+    async def load_once(self, key: str, load: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run ``load()`` once for all the requests that miss ``key`` at the same time.
+
+        When a cached entry expires, every request in flight misses it at once; without this
+        they would all query the database. The load runs in its own task, so a request that
+        goes away does not cancel it for the others.
+        """
+        task = self._loads.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(load())
+            self._loads[key] = task
+            task.add_done_callback(lambda _: self._loads.pop(key, None))
+        result: T = await asyncio.shield(task)
+        return result
+
+
+def _reader(state: Any) -> CoalescingReader:
+    reader: CoalescingReader | None = getattr(state, "apikey_reader", None)
+    if reader is None or reader.redis is not state.redis:
+        reader = CoalescingReader(state.redis)
+        state.apikey_reader = reader
+    return reader
+
+
 def _epoch(value: dt.datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
 
@@ -106,7 +183,8 @@ def _current_secret(settings: Settings) -> str:
 
 
 async def _load_record(
-    session: AsyncSession,
+    session: AsyncSession | None,
+    sessionmaker: Any,
     redis: Redis,
     settings: Settings,
     token: str,
@@ -116,7 +194,11 @@ async def _load_record(
     """Read the key from the database and cache what we learnt (``SET NX``: never over a
     record a concurrent revocation just wrote)."""
     digests = [digest] + [key_digest(s, token) for s in settings.secret_keys[1:]]
-    key = await repository.find_by_digests(session, digests)
+    if session is not None:
+        key = await repository.find_by_digests(session, digests)
+    else:
+        async with sessionmaker() as own:
+            key = await repository.find_by_digests(own, digests)
     if key is None:
         value, ttl = _UNKNOWN, NEGATIVE_TTL_SECONDS
     elif key.tenant_id != tenant_id:
@@ -136,8 +218,14 @@ async def _load_record(
     return value
 
 
-async def _load_status(session: AsyncSession, redis: Redis, tenant_id: uuid.UUID) -> str | None:
-    status = await repository.tenant_status(session, tenant_id)
+async def _load_status(
+    session: AsyncSession | None, sessionmaker: Any, redis: Redis, tenant_id: uuid.UUID
+) -> str | None:
+    if session is not None:
+        status = await repository.tenant_status(session, tenant_id)
+    else:
+        async with sessionmaker() as own:
+            status = await repository.tenant_status(own, tenant_id)
     if status is None:
         return None
     await redis.set(status_cache_key(tenant_id), status.value, ex=STATUS_TTL_SECONDS)
@@ -145,7 +233,7 @@ async def _load_status(session: AsyncSession, redis: Redis, tenant_id: uuid.UUID
 
 
 async def authenticate_api_key(
-    request: Request, session: AsyncSession, token: str, tenant_id: uuid.UUID
+    request: Request, session: AsyncSession | None, token: str, tenant_id: uuid.UUID
 ) -> AuthSubject:
     """Resolve an ``atr_...`` key into the subject calling ``tenant_id``'s paths.
 
@@ -155,7 +243,8 @@ async def authenticate_api_key(
 
     Args:
         request: the HTTP request (``app.state`` gives settings and Redis).
-        session: the request's session; read only on a cache miss, never written.
+        session: a session to read through on a cache miss (never written); None: open a
+            short one from ``app.state.sessionmaker`` only when needed (what ``require`` does).
         token: the bearer credential, starting with ``atr_``.
         tenant_id: the tenant of the path.
 
@@ -173,11 +262,21 @@ async def authenticate_api_key(
     settings: Settings = state.settings
     redis: Redis = state.redis
     digest = key_digest(_current_secret(settings), token)
-    cached, status = await redis.mget(
+    cached, status = await _reader(state).mget(
         record_cache_key(tenant_id, digest), status_cache_key(tenant_id)
     )
     if cached is None:
-        cached = await _load_record(session, redis, settings, token, digest, tenant_id)
+        if session is None:
+            cached = await _reader(state).load_once(
+                record_cache_key(tenant_id, digest),
+                lambda: _load_record(
+                    None, state.sessionmaker, redis, settings, token, digest, tenant_id
+                ),
+            )
+        else:
+            cached = await _load_record(
+                session, state.sessionmaker, redis, settings, token, digest, tenant_id
+            )
     if cached == _UNKNOWN:
         raise Unauthorized("Invalid API key")
     if cached == _FOREIGN:
@@ -191,7 +290,13 @@ async def authenticate_api_key(
     if expires is not None and now >= expires:
         raise Unauthorized("This API key has expired; create a new one")
     if status is None:
-        status = await _load_status(session, redis, tenant_id)
+        if session is None:
+            status = await _reader(state).load_once(
+                status_cache_key(tenant_id),
+                lambda: _load_status(None, state.sessionmaker, redis, tenant_id),
+            )
+        else:
+            status = await _load_status(session, state.sessionmaker, redis, tenant_id)
         if status is None:
             raise NotFound("Tenant not found")
     if status != TenantStatus.active.value:

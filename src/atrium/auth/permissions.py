@@ -95,3 +95,48 @@ def permissions_for_scopes(scopes: list[str] | tuple[str, ...]) -> frozenset[Per
         except ValueError:
             continue
     return frozenset(out)
+
+
+#: What each permission allows, in words (for docs/authorization.md).
+PERMISSION_HELP: dict[Permission, str] = {
+    P.tenant_read: "See the tenant's name, plan and settings.",
+    P.tenant_update: "Rename the tenant, change its settings and plan.",
+    P.tenant_delete: "Delete the tenant and everything it owns.",
+    P.members_read: "List members and pending invitations.",
+    P.members_manage: "Invite, remove members and change their roles.",
+    P.ownership_transfer: "Hand ownership to another member.",
+    P.audit_read: "Read the tenant's audit log.",
+    P.keys_read: "List API keys (never their secrets).",
+    P.keys_manage: "Create, rotate and revoke API keys.",
+    P.collections_read: "List and read collections.",
+    P.collections_write: "Create, change and delete collections.",
+    P.documents_read: "List documents, read their status and text.",
+    P.documents_write: "Upload, re-ingest and delete documents.",
+    P.search: "Search collections.",
+    P.answer: "Ask for grounded answers.",
+    P.usage_read: "Read usage, quotas and billing figures.",
+}
+
+_ROLE_ORDER = (Role.viewer, Role.member, Role.admin, Role.owner)
+
+
+def permission_table_markdown() -> str:
+    """The role and scope tables as Markdown, generated from this module for the docs."""
+    roles = " | ".join(r.value for r in _ROLE_ORDER)
+    lines = [
+        f"| Permission | {roles} | API-key scopes | Allows |",
+        "|---|" + "---|" * len(_ROLE_ORDER) + "---|---|",
+    ]
+    for perm in Permission:
+        marks = ["✓" if perm in ROLE_PERMISSIONS[r] else "" for r in _ROLE_ORDER]
+        scopes = [f"`{s.value}`" for s in Scope if perm in SCOPE_PERMISSIONS[s]]
+        lines.append(
+            f"| `{perm.value}` | "
+            + " | ".join(marks)
+            + f" | {', '.join(scopes) or '(none: people only)'} | {PERMISSION_HELP.get(perm, '')} |"
+        )
+    lines += ["", "| Scope | Grants |", "|---|---|"]
+    for scope in Scope:
+        granted = ", ".join(f"`{p.value}`" for p in Permission if p in SCOPE_PERMISSIONS[scope])
+        lines.append(f"| `{scope.value}` | {granted} |")
+    return "\n".join(lines) + "\n"
