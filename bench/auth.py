@@ -321,7 +321,7 @@ _HEADER = (
 
 def _section(summary: dict[str, dict[str, float]], meta: dict[str, str]) -> str:
     key, limited = summary["key"], summary["key+limit"]
-    met = "meets" if min(key["cpu_share"], key["rps_share"]) >= TARGET else "does not meet"
+    met = "meets" if _met(key) else "does not meet"
 
     def row(label: str, f: dict[str, float]) -> str:
         return (
@@ -342,10 +342,11 @@ one run, measured by `bench/auth.py` (run it to refresh this section).
 {row("the same, plus the plan's per-key rate limit (billing)", limited)}
 
 **API-key authentication keeps {key["cpu_share"]:.0%} of the unauthenticated throughput by the
-worker's CPU per request, {key["rps_share"]:.0%} by measured requests per second** (best rounds;
-{key["paired_share"]:.0%} as the median of back-to-back rounds): it {met} the 70% target. With the
-per-key rate limit that `require()` also applies (billing's sliding window), the route keeps
-{limited["cpu_share"]:.0%} by CPU and {limited["rps_share"]:.0%} by req/s.
+worker's CPU per request, and {key["paired_share"]:.0%} by measured requests per second** (median
+of the rounds run back to back; {key["rps_share"]:.0%} comparing the single best rounds): it {met}
+the 70% target. With the per-key rate limit that `require()` also applies (billing's sliding
+window), the route keeps {limited["cpu_share"]:.0%} by CPU and {limited["paired_share"]:.0%} by
+req/s.
 
 How to read it:
 
@@ -365,6 +366,13 @@ How to read it:
   request in the key's sliding window (a Lua script and a pipeline: two more Redis round trips).
   Every row passes through the same middleware (request id, security headers, rate-limit
   headers, metrics, one structured log line per request) and the same routing.
+- Where the rest goes: most of the authenticated route's extra CPU is the Redis round trip
+  itself (the request suspends, the reply wakes it); the key checks cost a few microseconds.
+  Caching key records in process would remove the round trip, but then a revocation would
+  reach other replicas only through a broadcast that can arrive after the next request; keys
+  must be refused on the very next request everywhere, so every request reads Redis once. The
+  rate-limited row's extra cost is billing's limiter (two more round trips); folding its
+  count and its header figures into one Lua call would win back most of it.
 """
 
 
@@ -457,8 +465,8 @@ def main() -> None:
     key = summary["key"]
     print(
         f"API-key authentication keeps {key['cpu_share']:.0%} of the throughput by worker CPU, "
-        f"{key['rps_share']:.0%} by measured req/s; target >= {TARGET:.0%}: "
-        f"{'met' if min(key['cpu_share'], key['rps_share']) >= TARGET else 'NOT met on both'}"
+        f"{key['paired_share']:.0%} by measured req/s (median of back-to-back rounds); "
+        f"target >= {TARGET:.0%}: {'met' if _met(key) else 'NOT met on both'}"
     )
     if not args.no_write:
         meta = {
@@ -472,6 +480,12 @@ def main() -> None:
         }
         _write_doc(_section(summary, meta))
         print(f"wrote {DOC.relative_to(ROOT)} ({SECTION})")
+
+
+def _met(figures: dict[str, float]) -> bool:
+    """The target holds by CPU and by measured throughput (paired rounds, which share the
+    machine's conditions of the moment; the best rounds alone swing with other work)."""
+    return min(figures["cpu_share"], figures["paired_share"]) >= TARGET
 
 
 def _summarise(runs: dict[str, list[Result]]) -> dict[str, dict[str, float]]:
