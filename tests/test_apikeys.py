@@ -15,6 +15,7 @@ from sqlalchemy import event, select, update
 
 from atrium.apikeys import secrets as keyfmt
 from atrium.apikeys import service
+from atrium.auth.permissions import Permission
 from atrium.kit.errors import Unauthorized
 from atrium.models import ApiKey, AuditEvent, Role, Tenant, TenantStatus, utcnow
 from tests.support.apikeys import ALL_SCOPES, create_api_key, key_header
@@ -489,3 +490,38 @@ async def test_concurrent_requests_share_lookups_and_see_revocation(
     # Revoked between two bursts: every request of the second burst is refused.
     assert (await client.delete(f"{url}/{key.id}", headers=admin)).status_code == 204
     assert await burst(20) == [401] * 20
+
+
+async def test_key_hashed_under_a_previous_secret_still_works(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    """After ATRIUM_SECRET_KEY rotates (old one in ATRIUM_PREVIOUS_SECRET_KEYS), keys issued
+    before keep working; they are read from the database each time (never cached under the
+    new digest, so their revocation is seen at once)."""
+    from types import SimpleNamespace
+
+    from atrium.config import load_settings
+
+    _, tenant, _ = await _owner_and_tenant(app)
+    old_secret = app.state.settings.secret_key.get_secret_value()
+    key, secret = await create_api_key(app, tenant, ["search"])  # hashed under old_secret
+    rotated = load_settings(
+        secret_key="a-brand-new-secret-key-0123456789-0123456789",
+        previous_secret_keys=old_secret,
+        database_url=app.state.settings.database_url,
+    )
+    state = SimpleNamespace(
+        settings=rotated, redis=app.state.redis, sessionmaker=app.state.sessionmaker
+    )
+    request: Any = SimpleNamespace(app=SimpleNamespace(state=state))
+
+    subject = await service.authenticate_api_key(request, None, secret, tenant.id)
+    assert subject.api_key_id == key.id and subject.can(Permission.search)
+    new_digest = keyfmt.key_digest(rotated.secret_key.get_secret_value(), secret)
+    assert await app.state.redis.get(service.record_cache_key(tenant.id, new_digest)) is None
+
+    async with app.state.sessionmaker() as s:
+        await s.execute(update(ApiKey).where(ApiKey.id == key.id).values(revoked_at=utcnow()))
+        await s.commit()
+    with pytest.raises(Unauthorized, match="revoked"):
+        await service.authenticate_api_key(request, None, secret, tenant.id)

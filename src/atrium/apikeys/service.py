@@ -365,10 +365,12 @@ def _send_touch(tenant_id: uuid.UUID, key_id: uuid.UUID, used_at: dt.datetime) -
 def key_status(key: ApiKey, now: dt.datetime | None = None) -> ApiKeyStatus:
     """Whether ``key`` works at ``now``."""
     now = now or utcnow()
-    if key.revoked_at is not None:
-        return ApiKeyStatus.revoked if key.revoked_at <= now else ApiKeyStatus.rotating
+    if key.revoked_at is not None and key.revoked_at <= now:
+        return ApiKeyStatus.revoked
     if key.expires_at is not None and key.expires_at <= now:
         return ApiKeyStatus.expired
+    if key.revoked_at is not None:
+        return ApiKeyStatus.rotating
     return ApiKeyStatus.active
 
 
