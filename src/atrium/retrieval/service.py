@@ -200,6 +200,7 @@ async def _search(
         request = normalised_request(params, wanted.restrict)
         request["x"] = [str(d) for d in wanted.exclude_documents]
         key = cache.cache_key(tenant_id, request, ids, versions, model)
+        timings.cache_ms = _ms(t)
         if use_cache:
             body = await cache.get(key)
             timings.cache_ms = _ms(t)
