@@ -17,7 +17,6 @@ from typing import Any
 
 import structlog
 from fastapi import BackgroundTasks
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.config import Settings
 from atrium.kit.errors import AtriumError, Unprocessable
@@ -218,14 +217,12 @@ class _Run:
         )
 
 
-async def _prepare(
-    res: Resources, ctx: Any, session: AsyncSession, tenant_id: uuid.UUID, req: AnswerRequest
-) -> _Run:
+async def _prepare(res: Resources, ctx: Any, tenant_id: uuid.UUID, req: AnswerRequest) -> _Run:
     start = time.perf_counter()
     cfg = llm_config(res.settings, req)
     hold = await metering.reserve(ctx, tenant_id, Metric.answers)
     try:
-        outcome = await search(res, session, tenant_id, req)
+        outcome = await search(res, tenant_id, req)
     except BaseException:
         await metering.release(hold)
         raise
@@ -262,7 +259,6 @@ def _messages(run: _Run) -> list[dict[str, str]]:
 async def answer(
     res: Resources,
     ctx: Any,
-    session: AsyncSession,
     tenant_id: uuid.UUID,
     req: AnswerRequest,
     background: BackgroundTasks,
@@ -272,7 +268,6 @@ async def answer(
     Args:
         res: the app's pools and settings.
         ctx: the request (its quota engine meters the answer).
-        session: the request's account-database session.
         tenant_id: the caller's tenant.
         req: the validated request.
         background: where usage is settled, after the response.
@@ -283,7 +278,7 @@ async def answer(
         PaymentRequired: the plan has no answers or tokens left.
         BadGateway, GatewayTimeout: the LLM provider failed or did not answer in time.
     """
-    run = await _prepare(res, ctx, session, tenant_id, req)
+    run = await _prepare(res, ctx, tenant_id, req)
     try:
         if run.cfg is None:
             text = " ".join(await _extract(res, run))
@@ -319,14 +314,14 @@ def _event(name: str, payload: Any) -> dict[str, str]:
 
 
 async def answer_events(
-    res: Resources, ctx: Any, session: AsyncSession, tenant_id: uuid.UUID, req: AnswerRequest
+    res: Resources, ctx: Any, tenant_id: uuid.UUID, req: AnswerRequest
 ) -> AsyncIterator[dict[str, str]]:
     """Prepare a streamed answer; returns the iterator of its Server-Sent Events.
 
     Retrieval, and the opening of the LLM stream up to its first chunk, happen before this
     returns: their failures are plain error responses. Later failures become an ``error`` event.
     """
-    run = await _prepare(res, ctx, session, tenant_id, req)
+    run = await _prepare(res, ctx, tenant_id, req)
     stream: client.Stream | None = None
     if run.cfg is not None and run.sources:
         t = time.perf_counter()

@@ -12,7 +12,6 @@ from sse_starlette import EventSourceResponse
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
-from atrium.kit.db import DBSession
 from atrium.kit.errors import (
     BadGateway,
     Forbidden,
@@ -38,7 +37,12 @@ log = structlog.get_logger("atrium.retrieval")
 def resources(request: Request) -> Resources:
     """The app's pools for retrieval."""
     state = request.app.state
-    return Resources(settings=state.settings, vector_pool=state.vector_pool, redis=state.redis)
+    return Resources(
+        settings=state.settings,
+        vector_pool=state.vector_pool,
+        redis=state.redis,
+        engine=state.engine,
+    )
 
 
 def _cache_flags(cache_control: str | None) -> tuple[bool, bool]:
@@ -69,7 +73,6 @@ async def search_route(
     body: SearchRequest,
     request: Request,
     background: BackgroundTasks,
-    session: DBSession,
     subject: Annotated[AuthSubject, Depends(require(Permission.search))],
     res: Annotated[Resources, Depends(resources)],
     cache_control: Annotated[str | None, Header()] = None,
@@ -88,9 +91,7 @@ async def search_route(
     use_cache, store = _cache_flags(cache_control)
     hold = await metering.reserve(request, subject.tenant_id, Metric.searches)
     try:
-        outcome = await search(
-            res, session, subject.tenant_id, body, use_cache=use_cache, store=store
-        )
+        outcome = await search(res, subject.tenant_id, body, use_cache=use_cache, store=store)
     except BaseException:
         await metering.release(hold)
         raise
@@ -139,7 +140,6 @@ async def answer_route(
     body: AnswerRequest,
     request: Request,
     background: BackgroundTasks,
-    session: DBSession,
     subject: Annotated[AuthSubject, Depends(require(Permission.answer))],
     res: Annotated[Resources, Depends(resources)],
 ) -> Any:
@@ -153,6 +153,6 @@ async def answer_route(
     `error`. A provider that fails or times out gives 502 or 504.
     """
     if body.stream:
-        events = await answers.answer_events(res, request, session, subject.tenant_id, body)
+        events = await answers.answer_events(res, request, subject.tenant_id, body)
         return EventSourceResponse(events, ping=15)
-    return await answers.answer(res, request, session, subject.tenant_id, body, background)
+    return await answers.answer(res, request, subject.tenant_id, body, background)

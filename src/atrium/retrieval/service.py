@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.config import Settings
 from atrium.ingestion.embedding import EmbeddingError
@@ -46,6 +46,7 @@ class Resources:
     settings: Settings
     vector_pool: AsyncConnectionPool
     redis: Redis
+    engine: AsyncEngine
 
 
 @dataclass
@@ -119,7 +120,6 @@ def fuse(
 
 async def search(
     res: Resources,
-    session: AsyncSession,
     tenant_id: uuid.UUID,
     params: SearchParams,
     *,
@@ -130,7 +130,6 @@ async def search(
 
     Args:
         res: the app's pools and settings.
-        session: the request's account-database session (to resolve collections).
         tenant_id: the caller's tenant (from its AuthSubject).
         params: the validated request.
         use_cache: look the request up in the result cache first.
@@ -150,7 +149,6 @@ async def search(
     try:
         return await _search(
             res,
-            session,
             tenant_id,
             params,
             conditions,
@@ -178,7 +176,6 @@ async def _embed(settings: Settings, text: str) -> tuple[Vector, bool, float]:
 
 async def _search(
     res: Resources,
-    session: AsyncSession,
     tenant_id: uuid.UUID,
     params: SearchParams,
     conditions: list[Condition],
@@ -189,7 +186,7 @@ async def _search(
     use_cache: bool,
     store: bool,
 ) -> SearchOutcome:
-    wanted = await collections.resolve(session, tenant_id, params.collection_ids)
+    wanted = await collections.resolve(res.engine, tenant_id, params.collection_ids)
     model = f"{res.settings.embedding_provider}:{res.settings.embedding_model}"
 
     key = None
