@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -210,12 +211,19 @@ def _wait_for_task_metric(url: str, broker_url: str) -> None:
 def _check_log_lines(run: DevRun) -> None:
     """The processes write the JSON lines docs/logging.md describes, field by field."""
     assert httpx.get(run.url + "/v1/plans", timeout=10).status_code == 200
-    lines = []
-    for raw in run.log.read_text(errors="replace").splitlines():
-        if raw.startswith("{"):
-            with contextlib.suppress(ValueError):
-                lines.append(json.loads(raw))
-    access = [x for x in lines if x.get("event") == "request" and x.get("path") == "/v1/plans"]
+    # The access line is written once the response has gone out: give the log a moment.
+    lines: list[dict[str, Any]] = []
+    access: list[dict[str, Any]] = []
+    for _ in range(50):
+        lines = []
+        for raw in run.log.read_text(errors="replace").splitlines():
+            if raw.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    lines.append(json.loads(raw))
+        access = [x for x in lines if x.get("event") == "request" and x.get("path") == "/v1/plans"]
+        if access:
+            break
+        time.sleep(0.2)
     assert access, "no access line for /v1/plans"
     assert set(access[-1]) == {
         "event",
