@@ -338,6 +338,30 @@ async def test_tenant_without_documents_finds_nothing(client: httpx.AsyncClient,
     assert (await _search(client, w, query="anything at all", top_k=50))["results"] == []
 
 
+async def test_searches_and_answers_beyond_the_plan_get_402(
+    client: httpx.AsyncClient, app: Any, world: World
+) -> None:
+    from tests.support.factories import bearer, create_user
+
+    admin = await bearer(await create_user(app, superuser=True))
+    r = await client.put(
+        f"/v1/admin/tenants/{world.tenant_id}/plan",
+        json={"plan": "free", "overrides": {"searches_per_month": 2, "answers_per_month": 0}},
+        headers=admin,
+    )
+    assert r.status_code == 200, r.text
+    used = (await usage(client, world)).get("searches", 0)
+    for _ in range(2 - used):
+        await _search(client, world, query="Paris")
+    r = await client.post(world.url("search"), json={"query": "Paris"}, headers=world.headers)
+    assert r.status_code == 402, r.text
+    assert r.json()["detail"]["metric"] == "searches"
+    r = await client.post(world.url("answer"), json={"query": "Paris"}, headers=world.headers)
+    assert r.status_code == 402, r.text
+    assert r.json()["detail"]["metric"] == "answers"
+    assert (await usage(client, world))["searches"] == 2
+
+
 async def test_one_log_line_per_query_with_stage_timings(
     client: httpx.AsyncClient, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
