@@ -307,3 +307,73 @@ def test_periods_follow_the_anchor_day_clamped_to_short_months() -> None:
     assert p.start == dt.datetime(2026, 3, 31, 9, 30, tzinfo=dt.UTC)
     p = period_containing(anchor, dt.datetime(2026, 1, 31, 9, 29, tzinfo=dt.UTC))
     assert p.end == anchor
+
+
+async def _wait_db_used(app: Any, tenant_id: uuid.UUID, metric: Metric, want: int) -> int:
+    deadline = asyncio.get_running_loop().time() + 10
+    got = await _db_used(app, tenant_id, metric)
+    while got != want and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+        got = await _db_used(app, tenant_id, metric)
+    return got
+
+
+async def test_batched_settlements_hold_capacity_until_written(
+    quota_app: Any, qclient: httpx.AsyncClient
+) -> None:
+    """Searches are written to MySQL in batches; until then their reservations hold the
+    capacity, so the limit is exact in the gap, and the timer writes them without any read."""
+    tenant, _ = await _limited_tenant(quota_app, qclient, searches_per_month=5)
+    other, _ = await _limited_tenant(quota_app, qclient, searches_per_month=None)
+    quota = Quota.of(quota_app)
+    for _ in range(3):
+        await (await quota.reserve(tenant.id, Metric.searches, 1).acquire()).record_later()
+    for _ in range(4):
+        await (await quota.reserve(other.id, Metric.searches, 1).acquire()).record_later()
+    # Queued, not yet written: MySQL has nothing, Redis still holds the three as reserved.
+    assert await _db_used(quota_app, tenant.id, Metric.searches) == 0
+    admitted = 0
+    for _ in range(4):
+        try:
+            await (await quota.reserve(tenant.id, Metric.searches, 1).acquire()).record_later()
+            admitted += 1
+        except QuotaExceeded:
+            pass
+    assert admitted == 2
+    # The timer writes both tenants' settlements in one batch.
+    assert await _wait_db_used(quota_app, tenant.id, Metric.searches, 5) == 5
+    assert await _wait_db_used(quota_app, other.id, Metric.searches, 4) == 4
+    figures = await quota.usage_of(tenant.id, Metric.searches)
+    assert (figures.used, figures.reserved) == (5, 0)
+
+
+async def test_a_batch_survives_a_database_outage_and_a_deleted_tenant(
+    quota_app: Any, qclient: httpx.AsyncClient
+) -> None:
+    from atrium.kit.db import create_engine, create_sessionmaker
+    from atrium.models import Tenant
+
+    tenant, _ = await _limited_tenant(quota_app, qclient, searches_per_month=None)
+    gone, _ = await _limited_tenant(quota_app, qclient, searches_per_month=None)
+    quota = Quota.of(quota_app)
+    await (await quota.reserve(gone.id, Metric.searches, 1).acquire()).record_later()
+    await (await quota.reserve(tenant.id, Metric.searches, 2).acquire()).record_later()
+    async with quota_app.state.sessionmaker() as s:
+        await s.execute(Tenant.__table__.delete().where(Tenant.id == gone.id))
+        await s.commit()
+
+    # The billing database is unreachable (a real connection refused, nothing mocked): the
+    # batch is kept, not lost.
+    real = quota.sessionmaker
+    broken = create_engine("mysql+aiomysql://nobody@127.0.0.1:9/none", pool_size=1)
+    quota.sessionmaker = create_sessionmaker(broken)
+    try:
+        await quota.flush()
+    finally:
+        quota.sessionmaker = real
+        await broken.dispose()
+    assert await _db_used(quota_app, tenant.id, Metric.searches) == 0
+    # Back up: the kept batch is written; the deleted tenant's share does not hold it up.
+    await quota.flush()
+    assert await _db_used(quota_app, tenant.id, Metric.searches) == 2
+    assert await _db_used(quota_app, gone.id, Metric.searches) == 0

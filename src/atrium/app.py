@@ -12,6 +12,7 @@ from fastapi_cache import FastAPICache
 from fastapi_cache.backends.redis import RedisBackend
 
 from atrium.auth.tokens import configure_jwt
+from atrium.billing.quota import close_quota
 from atrium.config import Settings, get_settings
 from atrium.kit.db import create_engine, create_sessionmaker
 from atrium.kit.errors import install_error_handlers
@@ -53,11 +54,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            # Queued usage settlements first: they need the quota pool and Redis.
+            await close_quota(app)
             await pool.close()
             await redis.aclose()
             await redis_bytes.aclose()
-            if getattr(app.state, "quota_engine", None) is not None:
-                await app.state.quota_engine.dispose()  # billing's own small pool
             await engine.dispose()
 
     app = FastAPI(

@@ -106,9 +106,12 @@ async def get_usage(
 async def get_usage_history(
     tenant_id: uuid.UUID,
     session: DBSession,
+    quota: QuotaDep,
     days: int = Query(90, ge=1, le=366, description="How many days back, today included."),
     subject: AuthSubject = Depends(require(Permission.usage_read)),
 ) -> schemas.UsageHistory:
     """One entry per day, oldest first: what each day consumed (monthly metrics) and the
     level at the end of each day (levels)."""
+    # This process's queued settlements first, so a caller sees its own work counted.
+    await quota.flush()
     return await service.usage_history(session, subject.tenant_id, days)

@@ -46,13 +46,13 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import structlog
 from redis.asyncio import Redis
 from sqlalchemy import Table, and_, case, func, insert, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, NoResultFound, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from atrium.billing.plans import Limit, PlanCatalog, get_catalog
@@ -82,6 +82,12 @@ T = TypeVar("T")
 
 #: Seconds a reservation holds capacity when its holder never settles nor releases it.
 DEFAULT_RESERVATION_TTL = 600
+#: High-frequency work (searches, answers, LLM tokens) is recorded in MySQL in batches: at most
+#: this many seconds after the work, in one transaction per batch. Until then its reservation
+#: keeps holding the capacity in Redis, so limits stay exact; only the MySQL figures lag.
+BATCH_FLUSH_SECONDS = 1.0
+#: A batch this large is written at once instead of waiting for the timer.
+BATCH_MAX = 500
 #: How long a tenant's plan/period snapshot is cached in Redis.
 BILLING_CACHE_SECONDS = 300
 #: ... and in each process: a plan change reaches other replicas within this many seconds
@@ -303,10 +309,12 @@ return {1, used, reserved + amount}
 """
 
 # KEYS: usage hash, reservations zset. ARGV: metric, member ('' for none), committed used,
-# its version, hash ttl ms. Writes the figure only if newer than what the hash holds; works on
-# a hash that is not loaded yet, so a rebuild racing with this settle keeps the newest figure.
+# its version, hash ttl ms, then any further members settled by the same write (a batch).
+# Writes the figure only if newer than what the hash holds; works on a hash that is not loaded
+# yet, so a rebuild racing with this settle keeps the newest figure.
 _SETTLE = """
 if ARGV[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[2]) end
+for i = 6, #ARGV do redis.call('ZREM', KEYS[2], ARGV[i]) end
 local vf = ARGV[1] .. ':v'
 local current = tonumber(redis.call('HGET', KEYS[1], vf) or '-1')
 if tonumber(ARGV[4]) > current then
@@ -441,6 +449,18 @@ class MetricUsage:
         return round(self.used * 100 / self.limit, 2)
 
 
+@dataclass
+class _Group:
+    """Settlements of one tenant, metric and period in a batch."""
+
+    billing: TenantBilling
+    metric: Metric
+    tag: str
+    period_start: dt.datetime
+    amount: int = 0
+    members: list[str] = field(default_factory=list)
+
+
 class Quota:
     """Reservations, settlements and figures for every tenant; cheap to build, stateless.
 
@@ -462,6 +482,10 @@ class Quota:
         self._settle = redis.register_script(_SETTLE)
         self._load = redis.register_script(_LOAD)
         self._local: dict[str, tuple[float, TenantBilling]] = {}
+        #: Settled work waiting for the next batched write (see :meth:`record_later`).
+        self._batch: list[tuple[Reservation, int]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        self._flushes: set[asyncio.Task[None]] = set()
 
     @classmethod
     def of(cls, ctx: Any) -> Quota:
@@ -659,6 +683,125 @@ class Quota:
             raise ValueError(f"{metric} is a monthly total; only levels can be set")
         return await self._apply(await self.billing(tenant_id), metric, value, absolute=True)
 
+    # Batched recording ---------------------------------------------------------------------------
+
+    def record_later(self, reservation: Reservation, amount: int) -> None:
+        """Queue settled work for the next batched write (within :data:`BATCH_FLUSH_SECONDS`).
+
+        The reservation stays in Redis until the write has mirrored the new figure there, so
+        ``used + reserved`` never drops in between and limits stay exact. A search then costs
+        its caller one Redis script (the reservation) instead of a MySQL transaction: batches
+        add every tenant's searches of the last second in one transaction.
+        """
+        self._batch.append((reservation, amount))
+        loop = asyncio.get_running_loop()
+        if len(self._batch) >= BATCH_MAX:
+            self._start_flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(BATCH_FLUSH_SECONDS, self._start_flush)
+
+    def _start_flush(self) -> None:
+        self._timer = None
+        task = asyncio.get_running_loop().create_task(self.flush())
+        # Keep a reference until done: the loop holds tasks only weakly.
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def flush(self) -> None:
+        """Write every queued settlement now: one MySQL transaction, then one Redis round trip.
+
+        Called by the timer, before usage figures are read (so a caller sees its own work
+        counted at once), and at shutdown. When MySQL cannot be written the work is queued
+        again for the next attempt; the reservations keep holding the capacity meanwhile.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        groups: dict[tuple[str, str, str], _Group] = {}
+        for reservation, amount in batch:
+            billing = reservation._billing
+            assert billing is not None
+            tag, period_start = await self._period_for(billing, reservation.metric)
+            key = (str(billing.tenant_id), reservation.metric.value, tag)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _Group(billing, reservation.metric, tag, period_start)
+            group.amount += amount
+            if reservation._held:
+                group.members.append(reservation.member)
+        # Rows are locked in one order by every process, so concurrent batches never deadlock.
+        ordered = [groups[k] for k in sorted(groups)]
+
+        async def write() -> list[tuple[int, int] | None]:
+            async with self.sessionmaker() as session:
+                out: list[tuple[int, int] | None] = []
+                for g in ordered:
+                    try:
+                        used, version = await add_to_counter(
+                            session, g.billing.tenant_id, g.metric, g.period_start, g.amount
+                        )
+                    except (NoResultFound, IntegrityError):
+                        # The tenant was deleted since (its counter row cannot exist): there
+                        # is nobody left to bill, and one gone tenant must not hold up the rest.
+                        log.info("usage_of_deleted_tenant_dropped", tenant_id=g.billing.tenant_id)
+                        out.append(None)
+                        continue
+                    await _record_daily(session, g.billing.tenant_id, g.metric, g.amount, used)
+                    out.append((used, version))
+                await session.commit()
+                return out
+
+        try:
+            figures = await _with_retry(write)
+        except Exception:
+            log.exception(
+                "usage_batch_not_recorded_yet", settlements=len(batch), groups=len(ordered)
+            )
+            self._batch[:0] = batch
+            if self._timer is None:
+                self._timer = asyncio.get_running_loop().call_later(
+                    BATCH_FLUSH_SECONDS, self._start_flush
+                )
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for g, figure in zip(ordered, figures, strict=True):
+                    if figure is None:
+                        continue
+                    used, version = figure
+                    await self._settle(
+                        keys=[
+                            usage_key(g.billing.tenant_id, g.tag),
+                            reservations_key(g.billing.tenant_id, g.tag, g.metric),
+                        ],
+                        args=[
+                            g.metric.value,
+                            "",
+                            used,
+                            version,
+                            self._hash_ttl_ms(g.billing, g.metric),
+                            *g.members,
+                        ],
+                        client=pipe,
+                    )
+                await pipe.execute()
+        except Exception:
+            # MySQL has the figures; Redis catches up at its next rebuild or settle, and the
+            # reservations lapse on their own.
+            log.exception("usage_batch_not_mirrored", groups=len(ordered))
+        for g, figure in zip(ordered, figures, strict=True):
+            if figure is not None and g.amount > 0:
+                await self._maybe_alert(g.billing, g.metric, figure[0])
+
+    async def close(self) -> None:
+        """Write what is queued and wait for writes in flight (at shutdown)."""
+        await self.flush()
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+
     # Warnings -----------------------------------------------------------------------------------
 
     async def _maybe_alert(self, billing: TenantBilling, metric: Metric, used: int) -> None:
@@ -694,6 +837,7 @@ class Quota:
     ) -> list[MetricUsage]:
         """Every metric's used, reserved, limit and reset time, from the Redis counters
         (rebuilt from MySQL when Redis lost them)."""
+        await self.flush()
         billing = await self.billing(tenant_id)
         limits = billing.limits(self.catalog)
         metrics = metrics or list(Metric)
@@ -800,6 +944,22 @@ class Reservation:
             if after_commit(self._defer_to, when_done):
                 return
         await self._record(amount)
+
+    async def record_later(self, actual: int | None = None) -> None:
+        """Like :meth:`commit`, but recorded in MySQL with the next batch (searches, answers,
+        tokens: work done all day long, where a transaction each would cost more than the
+        work). The capacity stays held until the batch is written."""
+        if self._done:
+            return
+        self._done = True
+        if actual is not None:
+            self.actual = actual
+        amount = self.amount if self.actual is None else self.actual
+        assert self._billing is not None, "acquire() first"
+        if amount == 0:
+            await self.release()
+            return
+        self.quota.record_later(self, amount)
 
     async def _record(self, amount: int) -> None:
         assert self._billing is not None
@@ -941,7 +1101,10 @@ def _quota_sessionmaker(app: Any) -> async_sessionmaker[AsyncSession]:
 
 
 async def close_quota(app: Any) -> None:
-    """Dispose the quota pool (at shutdown)."""
+    """Write the queued settlements, then dispose the quota pool (at shutdown)."""
+    quota: Quota | None = getattr(app.state, "quota", None)
+    if quota is not None:
+        await quota.close()
     engine = getattr(app.state, "quota_engine", None)
     if engine is not None:
         await engine.dispose()

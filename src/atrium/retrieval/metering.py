@@ -2,8 +2,9 @@
 
 Work is reserved against the tenant's quota before it starts (a tenant over its plan gets a
 402 before anything is spent) and settled with what was really used once it is done; failed
-work gives its reservation back. Settling writes the billing database, so routes settle in a
-background task after the response has gone out: it costs the caller no latency.
+work gives its reservation back. Settled work is written to the billing database in batches
+(:meth:`atrium.billing.quota.Quota.record_later`), so a search costs one Redis script, not a
+MySQL transaction.
 
 Stage latencies and token counts also go to the Prometheus metrics here.
 """
@@ -35,9 +36,14 @@ async def reserve(ctx: Any, tenant_id: uuid.UUID, metric: Metric, amount: int = 
 
 
 async def settle(reservation: Reservation | None, actual: int | None = None) -> None:
-    """Record the work (``actual``, default: the amount reserved). Never raises."""
+    """Record the work (``actual``, default: the amount reserved). Never raises.
+
+    Searches, answers and tokens are queued for the quota engine's next batched write (within
+    a second; the reservation holds the capacity until then): one MySQL transaction per
+    search cost more than the search itself.
+    """
     if reservation is not None:
-        await reservation.commit(actual)
+        await reservation.record_later(actual)
 
 
 async def release(reservation: Reservation | None) -> None:
