@@ -692,6 +692,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["cache_hit"] = (
             await measure("POST /search, cache hit", 1, args.requests, cached_call)
         ).__dict__
+        if args.latency_only:
+            return results
 
         row_collection = np.arange(args.chunks) % N_COLLECTIONS
         one = np.nonzero(row_collection == 3)[0]
@@ -859,6 +861,11 @@ def main() -> None:
         "--ef-sweep", type=lambda v: [int(x) for x in v.split(",")], default=[40, 100, 128, 200]
     )
     parser.add_argument("--rounds", type=int, default=3, help="alternations of 1 and N tenants")
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="stop after the latency runs (for profiling; no report)",
+    )
     parser.add_argument("--shared-buffers", default="1GB", help="PostgreSQL shared_buffers")
     parser.add_argument(
         "--redis-db", type=int, default=10, help="app db; the next one is the broker"
@@ -873,8 +880,9 @@ def main() -> None:
     results = asyncio.run(run(args))
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     (OUT_DIR / "search-results.json").write_text(json.dumps(results, indent=2, default=str))
-    print()
-    print(report(results))
+    if not args.latency_only:
+        print()
+        print(report(results))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from atrium.auth.permissions import Scope
 from tests.support.apikeys import create_api_key, key_header
 from tests.support.retrieval import (
     World,
+    create_collection,
     make_tenant,
     seed_corpus,
     upload,
@@ -303,6 +304,30 @@ async def test_cache_hits_and_no_stale_result_after_a_write(
         headers=world.headers,
     )
     assert r.status_code == 404
+
+
+async def test_a_new_collection_is_searched_at_once(
+    client: httpx.AsyncClient, world: World
+) -> None:
+    # Search processes keep the tenant's collection list in memory: creating a collection
+    # must reach it (and the result cache) before the next search, not some time later.
+    query = {"query": "sourdough bread baking with rye flour", "top_k": 3}
+    assert (await _search(client, world, **query))["cache_hit"] is False
+    assert (await _search(client, world, **query))["cache_hit"] is True
+    await create_collection(client, world, "recipes")
+    doc = await upload(
+        client,
+        world,
+        "recipes",
+        "Rye sourdough",
+        "Rye sourdough bread needs a ripe starter, rye flour, water and salt; bake it slowly.",
+        {},
+    )
+    await wait_ready(client, world, "recipes", doc)
+    body = await _search(client, world, **query)
+    assert body["cache_hit"] is False
+    assert body["results"][0]["title"] == "Rye sourdough"
+    assert body["results"][0]["collection_id"] == str(world.collections["recipes"])
 
 
 async def test_searches_are_metered(client: httpx.AsyncClient, world: World) -> None:

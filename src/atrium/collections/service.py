@@ -15,6 +15,7 @@ from atrium.auth.subject import AuthSubject
 from atrium.billing.quota import Metric, adjust, reserve
 from atrium.collections import schemas
 from atrium.collections.repository import CollectionRepository, CollectionTotals, name_key
+from atrium.kit.cache_versions import catalog_changed
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import Conflict, NotFound
 from atrium.models.ingestion import Collection, CollectionStatus
@@ -128,6 +129,7 @@ async def create(
     async with reserve(request, subject.tenant_id, Metric.collections, 1):
         await _flush_unique(session, collection, data.name)
     _audit(session, subject, "collection.created", collection, request, {"name": data.name})
+    _catalog_changed(session, subject, request)
     return collection
 
 
@@ -183,6 +185,7 @@ async def delete(
     collection.status = CollectionStatus.deleting
     collection.name_key = None
     await session.flush()
+    _catalog_changed(session, subject, request)
     await adjust(request, subject.tenant_id, Metric.collections, -1)
     _audit(session, subject, "collection.deleted", collection, request, {"name": collection.name})
     enqueue(
@@ -192,6 +195,13 @@ async def delete(
         collection_id=str(collection.id),
     )
     return collection
+
+
+def _catalog_changed(session: AsyncSession, subject: AuthSubject, request: Request | None) -> None:
+    # Searches keep the tenant's collection list in memory under a token in Redis: replace it
+    # when this request commits, so the next search sees the new or deleted collection.
+    if request is not None:
+        catalog_changed(session, request.app.state.redis, subject.tenant_id)
 
 
 def _audit(

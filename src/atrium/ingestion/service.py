@@ -28,6 +28,7 @@ from atrium.ingestion.exceptions import BadDocument
 from atrium.ingestion.limits import human_bytes, max_upload_bytes
 from atrium.ingestion.repository import DocumentRepository
 from atrium.kit.blobstore import BlobStore, tenant_prefix
+from atrium.kit.cache_versions import catalog_changed
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import (
     AtriumError,
@@ -326,6 +327,9 @@ async def delete(
     document.run_id = None
     document.heartbeat_at = utcnow()
     await session.flush()
+    if request is not None:
+        # Searches leave it out from this commit on (see atrium.retrieval.collections).
+        catalog_changed(session, request.app.state.redis, subject.tenant_id)
     # Plan limits (billing): the document, its bytes and its chunks stop counting now.
     await adjust(request, subject.tenant_id, Metric.documents, -1)
     await adjust(request, subject.tenant_id, Metric.stored_bytes, -(document.size_bytes or 0))

@@ -50,26 +50,53 @@ class Wanted:
     exclude_documents: list[uuid.UUID]
 
 
+Row = tuple[uuid.UUID, CollectionStatus, uuid.UUID | None]
+
+#: Each search process keeps every tenant's catalog rows under the tenant's catalog token
+#: (:mod:`atrium.kit.cache_versions`): a search reads the token with the collection versions
+#: it needs anyway, and the account database only after a collection was created or deleted
+#: or a document deleted. Bounded: emptied when full (a re-read costs one query).
+_CATALOGS: dict[uuid.UUID, tuple[str, list[Row]]] = {}
+_CATALOGS_MAX = 10_000
+
+
+async def _catalog(engine: AsyncEngine, tenant_id: uuid.UUID, token: str | None) -> list[Row]:
+    if token is not None:
+        cached = _CATALOGS.get(tenant_id)
+        if cached is not None and cached[0] == token:
+            return cached[1]
+    # One read on a pooled connection of its own: a search writes nothing to the account
+    # database, so it skips the request's unit of work (session, commit) altogether.
+    async with engine.connect() as conn:
+        result = await conn.execute(_STATEMENT, {"tenant_id": tenant_id})
+        rows: list[Row] = [(r[0], r[1], r[2]) for r in result.all()]
+    if token is not None:
+        if len(_CATALOGS) >= _CATALOGS_MAX:
+            _CATALOGS.clear()
+        _CATALOGS[tenant_id] = (token, rows)
+    return rows
+
+
 async def resolve(
-    engine: AsyncEngine, tenant_id: uuid.UUID, requested: Sequence[uuid.UUID] | None
+    engine: AsyncEngine,
+    tenant_id: uuid.UUID,
+    requested: Sequence[uuid.UUID] | None,
+    catalog_token: str | None = None,
 ) -> Wanted:
     """The collections to search for ``tenant_id``.
-
-    One read on a pooled connection of its own: a search writes nothing to the account
-    database, so it skips the request's unit of work (session, commit) altogether.
 
     Args:
         engine: the account database.
         tenant_id: the caller's tenant.
         requested: the request's ``collection_ids``, or None for all of the tenant's.
+        catalog_token: the tenant's current catalog token: rows read under the same token
+            are reused; None reads the database.
 
     Raises:
         NotFound: a requested collection is not an active collection of this tenant (another
             tenant's collection is reported exactly like one that does not exist).
     """
-    async with engine.connect() as conn:
-        result = await conn.execute(_STATEMENT, {"tenant_id": tenant_id})
-        rows = result.all()
+    rows = await _catalog(engine, tenant_id, catalog_token)
     statuses = {cid: status for cid, status, _ in rows}
     active = sorted(cid for cid, status in statuses.items() if status is CollectionStatus.active)
     if requested is None:

@@ -6,7 +6,7 @@ import time
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, Response
 from sse_starlette import EventSourceResponse
 
 from atrium.auth.dependencies import require
@@ -76,7 +76,7 @@ async def search_route(
     subject: Annotated[AuthSubject, Depends(require(Permission.search))],
     res: Annotated[Resources, Depends(resources)],
     cache_control: Annotated[str | None, Header()] = None,
-) -> SearchResponse:
+) -> Response:
     """Find the chunks most relevant to `query` in the tenant's collections.
 
     `mode=vector` ranks by cosine similarity of embeddings on the tenant's own HNSW index;
@@ -91,11 +91,16 @@ async def search_route(
     use_cache, store = _cache_flags(cache_control)
     hold = await metering.reserve(request, subject.tenant_id, Metric.searches)
     try:
-        outcome = await search(res, subject.tenant_id, body, use_cache=use_cache, store=store)
+        outcome = await search(
+            res, subject.tenant_id, body, use_cache=use_cache, store=store, defer_store=True
+        )
     except BaseException:
         await metering.release(hold)
         raise
-    background.add_task(metering.settle, hold)
+    await metering.settle(hold)
+    if outcome.store is not None:
+        # Filling the cache is no business of this caller's: after the response.
+        background.add_task(outcome.store)
     t = outcome.response.timings
     metering.observe(
         embedding_ms=t.embedding_ms,
@@ -112,7 +117,14 @@ async def search_route(
         **log_fields(outcome.response),
         total_ms=round((time.perf_counter() - start) * 1000, 3),
     )
-    return outcome.response
+    # Serialised once by pydantic's own JSON encoder: the model is already valid, so FastAPI's
+    # response_model pass (validate again, then encode) is skipped; response_model still
+    # documents the body.
+    return Response(
+        outcome.response.model_dump_json(),
+        media_type="application/json",
+        background=background,
+    )
 
 
 @router.post(

@@ -5,16 +5,18 @@ never considers another tenant's rows or indexes (no run-time pruning over hundr
 partitions, whatever the plan cache does) and keeps ``tenant_id = %s`` as a second guard.
 A tenant without a partition (nothing ingested yet) simply has no results.
 
-Round trips are the cost to watch (the SQL itself takes about a millisecond): a search that
-needs no setting runs as ONE statement in autocommit; one that needs a larger
-``hnsw.ef_search`` sends ``BEGIN; SET LOCAL ...; SELECT; COMMIT`` in one pipeline (one round
-trip), so pooled connections go back to the pool as they came. Query vectors travel in
+Round trips are the cost to watch (the SQL itself takes about a millisecond): a search with
+the usual candidate list (each pooled connection gets it as its session setting once) runs as
+ONE statement in autocommit; one that needs a larger ``hnsw.ef_search`` sends ``BEGIN; SET
+LOCAL ...; SELECT; COMMIT`` in one pipeline (one round trip), so pooled connections go back to
+the pool as they came. Query vectors travel in
 pgvector's binary form.
 """
 
 from __future__ import annotations
 
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +34,7 @@ HYBRID_CANDIDATES_MIN = 40
 HYBRID_CANDIDATES_MAX = 200
 
 
-#: pgvector's default ``hnsw.ef_search``; a statement that needs no more runs without SET.
+#: pgvector's default ``hnsw.ef_search``.
 DEFAULT_EF_SEARCH = 40
 #: The smallest candidate list searches use. Measured on 100,000 chunks (bench/search.py):
 #: recall@10 0.90 at 40, 0.96 at 100, 0.965 at 128, 0.97 at 160.
@@ -51,6 +53,10 @@ def ef_search_for(top_k: int) -> int:
     return max(MIN_EF_SEARCH, min(1000, 2 * top_k))
 
 
+#: Pooled connections already set up by :func:`_fetch` (weak: the pool owns them).
+_READY: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
+
+
 async def _fetch(
     conn: AsyncConnection[Any],
     query: sql.Composed,
@@ -62,10 +68,16 @@ async def _fetch(
     Raises:
         psycopg.errors.UndefinedTable: the tenant has no partition.
     """
-    if conn.adapters.types.get("vector") is None:
+    if conn not in _READY:
+        # Once per pooled connection: the vector type, and the usual candidate list as the
+        # session's setting, so a typical search is a single statement with no SET at all.
         await register_vector_async(conn)
-        await conn.rollback()
-    if ef_search <= DEFAULT_EF_SEARCH:
+        await conn.execute(
+            sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(int(MIN_EF_SEARCH)))
+        )
+        await conn.commit()
+        _READY.add(conn)
+    if ef_search <= MIN_EF_SEARCH:
         # One statement, one round trip: no transaction needed, nothing to reset afterwards.
         await conn.set_autocommit(True)
         try:

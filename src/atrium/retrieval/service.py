@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.config import Settings
 from atrium.ingestion.embedding import EmbeddingError
-from atrium.kit.cache_versions import collection_versions
+from atrium.kit.cache_versions import tenant_versions
 from atrium.kit.errors import BadGateway, GatewayTimeout
 from atrium.retrieval import cache, collections, repository
 from atrium.retrieval.embedding import Vector, embed_query
@@ -56,6 +56,8 @@ class SearchOutcome:
     response: SearchResponse
     query_vector: Vector | None = None
     log_fields: dict[str, Any] = field(default_factory=dict)
+    #: With ``defer_store``: the cache write the caller runs once the response is out.
+    store: Callable[[], Awaitable[None]] | None = None
 
 
 def _ms(start: float) -> float:
@@ -125,6 +127,7 @@ async def search(
     *,
     use_cache: bool = True,
     store: bool = True,
+    defer_store: bool = False,
 ) -> SearchOutcome:
     """Run a search for ``tenant_id``.
 
@@ -134,6 +137,8 @@ async def search(
         params: the validated request.
         use_cache: look the request up in the result cache first.
         store: store a fresh result in the cache.
+        defer_store: leave that cache write to the caller (``outcome.store``), to run after
+            the response has gone out.
 
     Raises:
         NotFound: a requested collection is not one of the tenant's.
@@ -157,6 +162,7 @@ async def search(
             timings,
             use_cache=use_cache,
             store=store,
+            defer_store=defer_store,
         )
     finally:
         embedding.add_done_callback(_discard)
@@ -185,22 +191,27 @@ async def _search(
     *,
     use_cache: bool,
     store: bool,
+    defer_store: bool,
 ) -> SearchOutcome:
-    wanted = await collections.resolve(res.engine, tenant_id, params.collection_ids)
+    t = time.perf_counter()
+    current = await tenant_versions(res.redis, tenant_id)
+    timings.cache_ms = _ms(t)
+    wanted = await collections.resolve(
+        res.engine, tenant_id, params.collection_ids, current.catalog
+    )
     model = f"{res.settings.embedding_provider}:{res.settings.embedding_model}"
 
     key = None
     if use_cache or store:
         t = time.perf_counter()
         ids = wanted.ids
-        versions = await collection_versions(res.redis, tenant_id, ids)
         request = normalised_request(params, wanted.restrict)
         request["x"] = [str(d) for d in wanted.exclude_documents]
-        key = cache.cache_key(tenant_id, request, ids, versions, model)
-        timings.cache_ms = _ms(t)
+        key = cache.cache_key(tenant_id, request, ids, current.of(ids), model)
+        timings.cache_ms += _ms(t)
         if use_cache:
             body = await cache.get(key)
-            timings.cache_ms = _ms(t)
+            timings.cache_ms += _ms(t)
             if body is not None:
                 response = SearchResponse.model_validate(body)
                 response.cache_hit = True
@@ -260,11 +271,18 @@ async def _search(
         results = [r for r in results if r.score >= params.min_score]
     timings.total_ms = _ms(start)
     response = SearchResponse(results=results, mode=params.mode, timings=timings)
-    if store and key is not None:
-        await cache.put(
-            key, response.model_dump(mode="json"), res.settings.search_cache_ttl_seconds
-        )
-    return SearchOutcome(response, qvec, {"cache_hit": False, "query_vector_cached": vec_cached})
+    outcome = SearchOutcome(response, qvec, {"cache_hit": False, "query_vector_cached": vec_cached})
+    if store and key is not None and res.settings.search_cache_ttl_seconds > 0:
+        cache_key, ttl = key, res.settings.search_cache_ttl_seconds
+
+        async def put() -> None:
+            await cache.put(cache_key, response.model_dump(mode="json"), ttl)
+
+        if defer_store:
+            outcome.store = put
+        else:
+            await put()
+    return outcome
 
 
 def log_fields(response: SearchResponse) -> dict[str, Any]:
