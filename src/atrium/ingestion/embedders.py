@@ -14,9 +14,13 @@ import os
 import threading
 from dataclasses import dataclass
 
+import structlog
+
 from atrium.config import Settings
 from atrium.ingestion.chunking import Chunker
 from atrium.ingestion.embedding import Embedder, LiteLLMEmbedder, LocalOnnxEmbedder
+
+log = structlog.get_logger("atrium.ingestion")
 
 #: Set by the worker's main process before it forks its pool: how many processes share the CPU.
 PROCESSES_ENV = "ATRIUM_WORKER_PROCESSES"
@@ -73,6 +77,16 @@ def build_embedder(settings: Settings, threads: int | None = None) -> Embedder:
             api_key=settings.embedding_api_key.get_secret_value() or None,
             max_tokens=settings.embedding_max_tokens,
         )
+        # Without the provider's tokenizer, chunks are cut by characters so that even 4 tokens
+        # per character fit: a limit left at the local model's 256 makes ~60-character chunks.
+        if settings.embedding_max_tokens < 4 * settings.chunk_tokens + 2:
+            log.warning(
+                "embedding_max_tokens_small",
+                hint="set ATRIUM_EMBEDDING_MAX_TOKENS to the hosted model's input limit "
+                "(e.g. 8191 for OpenAI's text-embedding-3 models); chunks are cut to fit it",
+                max_tokens=settings.embedding_max_tokens,
+                chunk_tokens=settings.chunk_tokens,
+            )
     if embedder.dimension != settings.embedding_dimension:
         raise ValueError(
             f"the embedding model gives {embedder.dimension}-dimensional vectors but "
