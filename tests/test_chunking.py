@@ -221,3 +221,64 @@ def test_for_embedder_uses_characters_for_litellm() -> None:
     assert (chunker.mode, chunker.capacity, chunker.overlap) == ("characters", (600, 800), 80)
     chunks = chunker.split(generated_prose(20))
     assert [c.token_count for c in chunks] == embedder.count_tokens([c.text for c in chunks])
+
+
+MIXED_MARKDOWN = """# Café culture in Zürich
+
+Owners reported a 12% rise in visits; naïve estimates said 5%.\u00a0Prices rose too.
+
+- 東京 and 北京 were the most common origins (CJK characters are tokens of their own)
+- Straße, façade, déjà vu: accents are stripped by the model's normalizer
+
+```python
+def total(items):
+    return sum(item.price for item in items)  # tabs\tand odd   spacing
+```
+
+""" + generated_prose(40, seed=3)
+
+
+@pytest.mark.parametrize("markdown", [False, True])
+def test_word_sum_sizing_gives_the_tokenizers_chunks(tokenizer: Tokenizer, markdown: bool) -> None:
+    # The splitter is sized by summing cached per-word counts (much cheaper than running the
+    # tokenizer on every candidate piece); for BERT's tokenizer that sum is the real count, so
+    # the chunks must be exactly those of the tokenizer-driven splitter.
+    from semantic_text_splitter import MarkdownSplitter, TextSplitter
+
+    chunker = Chunker(tokenizer, max_tokens=256, chunk_tokens=120, overlap_tokens=16)
+    assert chunker._by_words
+    reference = (MarkdownSplitter if markdown else TextSplitter).from_huggingface_tokenizer(
+        _PLAIN, chunker.capacity, overlap=16, trim=True
+    )
+    for text in [MIXED_MARKDOWN, *long_texts()]:
+        got = [(chunk.char_start, chunk.text) for chunk in chunker.split(text, markdown=markdown)]
+        assert got == reference.chunk_indices(text)
+
+
+def test_chunks_carry_the_models_token_ids(tokenizer: Tokenizer) -> None:
+    chunker = Chunker(tokenizer, max_tokens=256)
+    chunks = chunker.split(MIXED_MARKDOWN, markdown=True)
+    for chunk in chunks:
+        assert chunk.token_ids == _PLAIN.encode(chunk.text, add_special_tokens=True).ids
+        assert len(chunk.token_ids) == chunk.token_count
+    # Ids are a by-product, not part of a chunk's identity.
+    first = chunks[0]
+    assert first == Chunk(first.text, 0, first.token_count, first.char_start, first.char_end)
+
+
+def test_tokenizers_with_spaces_inside_tokens_are_sized_by_the_tokenizer() -> None:
+    # Byte-level BPE glues a space to the next word: counts are not sums over words, so the
+    # chunker must leave sizing to the tokenizer itself.
+    from tokenizers import models, pre_tokenizers
+
+    bpe = Tokenizer(models.BPE(vocab={"a": 0, "Ġ": 1, "b": 2}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    chunker = Chunker(bpe, max_tokens=64, chunk_tokens=16, overlap_tokens=0)
+    assert not chunker._by_words
+    chunks = chunker.split("ab ba " * 40)
+    assert chunks and all(chunk.token_count <= 64 for chunk in chunks)
+
+
+def test_character_mode_chunks_have_no_token_ids() -> None:
+    chunker = Chunker(None, max_tokens=8191, chunk_tokens=100, overlap_tokens=10)
+    assert all(chunk.token_ids is None for chunk in chunker.split(generated_prose(5)))

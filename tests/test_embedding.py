@@ -311,3 +311,12 @@ def test_litellm_connection_refused_is_transient() -> None:
 def test_litellm_count_tokens_is_an_estimate() -> None:
     embedder = LiteLLMEmbedder("openai/test-embedding", 16)
     assert embedder.count_tokens(["", "abcd", "abcde", "x" * 400]) == [1, 1, 2, 100]
+
+
+def test_local_embeds_token_ids_like_texts(local: LocalOnnxEmbedder) -> None:
+    texts = [text for text in VARIED_TEXTS if text]
+    ids = [local.tokenizer.encode(text, add_special_tokens=True).ids for text in texts]
+    assert np.array_equal(local.embed_token_ids(ids), local.embed(texts))
+    assert local.embed_token_ids([]).shape == (0, 384)
+    with pytest.raises(ValueError, match="exceeds"):
+        local.embed_token_ids([[101] + [1000] * local.max_tokens + [102]])

@@ -33,6 +33,17 @@ class Tools:
     embedder: Embedder
     chunker: Chunker
 
+    @property
+    def reuse_token_ids(self) -> bool:
+        """Whether chunks' ``token_ids`` can go straight to the embedder: it takes ids, and the
+        chunker counted with the embedder's own tokenizer."""
+        tokenizer = getattr(self.embedder, "tokenizer", None)
+        return (
+            tokenizer is not None
+            and self.chunker.source_tokenizer is tokenizer
+            and callable(getattr(self.embedder, "embed_token_ids", None))
+        )
+
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

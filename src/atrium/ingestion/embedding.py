@@ -268,25 +268,55 @@ class LocalOnnxEmbedder:
         Returns:
             Float32 array of shape ``(len(texts), dimension)``, rows L2-normalised.
         """
-        result = np.zeros((len(texts), self.dimension), dtype=np.float32)
         if not texts:
-            return result
+            return np.zeros((0, self.dimension), dtype=np.float32)
         # One tokenizer pass (parallel in Rust) for all texts; the ids are
-        # then sorted and padded here, so nothing is tokenized twice.
+        # then sorted and padded per batch, so nothing is tokenized twice.
         encodings = self._model_tokenizer.encode_batch(list(texts), add_special_tokens=True)
-        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        return self._run([encoding.ids for encoding in encodings])
+
+    def embed_token_ids(self, token_ids: Sequence[Sequence[int]]) -> FloatMatrix:
+        """Embed texts that were already tokenized with this model's tokenizer.
+
+        The chunker tokenizes every chunk to count it exactly (``Chunk.token_ids``);
+        giving those ids here saves a second tokenization of the same text. The
+        result is the same as :meth:`embed` on the texts.
+
+        Args:
+            token_ids: Per text, its ids with [CLS] and [SEP], as :attr:`tokenizer`
+                gives them with ``add_special_tokens=True``.
+
+        Returns:
+            Float32 array of shape ``(len(token_ids), dimension)``, rows L2-normalised.
+
+        Raises:
+            ValueError: If a sequence is longer than ``max_tokens`` (this method
+                never truncates: the caller promised texts within the limit).
+        """
+        if not token_ids:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        longest = max(len(ids) for ids in token_ids)
+        if longest > self.max_tokens:
+            raise ValueError(
+                f"a token sequence of {longest} exceeds the model's limit of {self.max_tokens}"
+            )
+        return self._run(token_ids)
+
+    def _run(self, token_ids: Sequence[Sequence[int]]) -> FloatMatrix:
+        """Embed token id sequences: sorted by length, padded per batch, pooled, normalised."""
+        result = np.zeros((len(token_ids), self.dimension), dtype=np.float32)
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
-            batch = [encodings[i] for i in indices]
-            width = max(len(encoding.ids) for encoding in batch)
-            input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
-            attention_mask = np.zeros((len(batch), width), dtype=np.int64)
-            token_type_ids = np.zeros((len(batch), width), dtype=np.int64)
-            for row, encoding in enumerate(batch):
-                length = len(encoding.ids)
-                input_ids[row, :length] = encoding.ids
+            width = max(len(token_ids[i]) for i in indices)
+            input_ids = np.full((len(indices), width), self._pad_id, dtype=np.int64)
+            attention_mask = np.zeros((len(indices), width), dtype=np.int64)
+            for row, index in enumerate(indices):
+                length = len(token_ids[index])
+                input_ids[row, :length] = token_ids[index]
                 attention_mask[row, :length] = 1
-                token_type_ids[row, :length] = encoding.type_ids
+            # One segment per input: token type 0 everywhere, as the tokenizer gives it.
+            token_type_ids = np.zeros_like(input_ids)
             feeds = {
                 "input_ids": input_ids,
                 "attention_mask": attention_mask,

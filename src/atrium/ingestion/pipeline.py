@@ -155,12 +155,23 @@ class _Run:
                 self.document_id, self.run_id
             )
 
-    async def _embed(self, texts: list[str], token_counts: list[int]) -> np.ndarray[Any, Any]:
+    async def _embed(
+        self,
+        texts: list[str],
+        token_counts: list[int],
+        token_ids: list[list[int]] | None,
+    ) -> np.ndarray[Any, Any]:
         embedder = self.tools.embedder
+        # The chunker already tokenized every chunk to count it: the local model takes those
+        # ids instead of tokenizing the same texts again.
+        embed_ids = getattr(embedder, "embed_token_ids", None) if token_ids is not None else None
         vectors = np.zeros((len(texts), embedder.dimension), dtype=np.float32)
         done = 0
         for group in length_groups(token_counts):
-            vectors[group] = embedder.embed([texts[i] for i in group])
+            if embed_ids is not None and token_ids is not None:
+                vectors[group] = embed_ids([token_ids[i] for i in group])
+            else:
+                vectors[group] = embedder.embed([texts[i] for i in group])
             done += len(group)
             if done < len(texts):
                 span = STAGE_PERCENT["store"] - STAGE_PERCENT["embed"]
@@ -214,6 +225,9 @@ class _Run:
             raise BadDocument("The document has no text to index")
         texts = [chunk.text for chunk in chunks]
         token_counts = [chunk.token_count for chunk in chunks]
+        token_ids: list[list[int]] | None = None
+        if self.tools.reuse_token_ids and all(chunk.token_ids is not None for chunk in chunks):
+            token_ids = [chunk.token_ids or [] for chunk in chunks]
         self.timings["chunk_ms"] = _ms(time.perf_counter() - mark)
         await self._progress("embed", STAGE_PERCENT["embed"])
 
@@ -224,7 +238,7 @@ class _Run:
         async with reserve(
             self.res, self.tenant_id, Metric.embedding_tokens, tokens, ttl_seconds=3600
         ):
-            vectors = await self._embed(texts, token_counts)
+            vectors = await self._embed(texts, token_counts, token_ids)
         self.timings["embed_ms"] = _ms(time.perf_counter() - mark)
         await self._progress("store", STAGE_PERCENT["store"])
 
