@@ -189,9 +189,15 @@ async def test_every_format_becomes_ready_in_the_tenants_partition_only(
     assert r.status_code == 202, r.text
     other_doc = r.json()["documents"][0]
 
-    for doc in uploaded:
+    for done, doc in enumerate(uploaded, 1):
         final = await wait_document(client, ctx, doc["id"])
         assert final["status"] == "ready", final
+        # A document seen ready has already moved the collection's cache version (bumped
+        # right after its chunks commit), so no search can be answered from a stale entry.
+        now = await collection_versions(
+            app.state.redis, ctx.tenant.id, [uuid.UUID(ctx.collection_id)]
+        )
+        assert now[0] >= before + done
         assert final["progress"] == 100 and final["stage"] is None
         assert final["chunk_count"] >= 1 and final["token_count"] > 0
         assert {"extract_ms", "chunk_ms", "embed_ms", "store_ms", "total_ms"} <= set(

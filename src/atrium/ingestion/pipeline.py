@@ -263,7 +263,13 @@ class _Run:
             )
             if not written:
                 raise Superseded()
-        await adjust(self.res, self.tenant_id, Metric.chunks, min(0, added))
+            # The chunks are committed: from now on a search must not be answered from the
+            # cache, before the quota is counted or the row says ``ready`` (and even if a newer
+            # run takes the row over).
+            await bump_collection_version(self.res.redis, self.tenant_id, collection_id)
+        if added < 0:
+            # A re-index that made fewer chunks gives the difference back.
+            await adjust(self.res, self.tenant_id, Metric.chunks, added)
         self.timings["store_ms"] = _ms(time.perf_counter() - mark)
         self.timings["total_ms"] = _ms(time.perf_counter() - started)
         async with unit_of_work(self.res.sessionmaker) as session:
@@ -275,9 +281,6 @@ class _Run:
                 timings=self.timings,
                 title=None,
             )
-        # The chunks are in: searches must not be answered from the cache any longer, even if
-        # a newer run took the row over meanwhile.
-        await bump_collection_version(self.res.redis, self.tenant_id, collection_id)
         if not finished:
             raise Superseded()
         return Outcome("ready", len(texts), tokens, self.timings)
