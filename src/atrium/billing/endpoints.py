@@ -21,7 +21,7 @@ router = APIRouter(tags=["plans and usage"])
 _AUTH_ERRORS = (Unauthorized, Forbidden, NotFound)
 
 
-def get_quota(request: Request) -> Quota:
+async def get_quota(request: Request) -> Quota:
     """The quota engine of this app."""
     return Quota.of(request)
 

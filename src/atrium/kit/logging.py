@@ -68,12 +68,27 @@ def _route_template(scope: Scope) -> str | None:
     ``scope["route"]`` holds the route as its router declared it, without the prefix given to
     ``include_router``; resolving against the app's routes gives the full template.
     """
-    if scope.get("route") is None:
+    route = scope.get("route")
+    if route is None:
         return None
-    from prometheus_fastapi_instrumentator.routing import get_route_name
-    from starlette.requests import HTTPConnection
+    # Resolving walks every route of the app (a visible share of a fast request), and the
+    # answer only depends on which route matched: remember it per route object.
+    key = (id(scope.get("app")), id(route), scope.get("method"))
+    template = _TEMPLATES.get(key)
+    if template is None:
+        from prometheus_fastapi_instrumentator.routing import get_route_name
+        from starlette.requests import HTTPConnection
 
-    return get_route_name(HTTPConnection(scope), should_include_root_path=False)
+        template = get_route_name(HTTPConnection(scope), should_include_root_path=False)
+        if template is None:
+            return None
+        if len(_TEMPLATES) >= 10_000:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = template
+    return template
+
+
+_TEMPLATES: dict[tuple[int, int, object], str] = {}
 
 
 class RequestContextMiddleware:

@@ -33,7 +33,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import structlog
 from fastapi import FastAPI, Request
@@ -242,14 +242,55 @@ def render_latest(depths: dict[str, int] | None = None) -> bytes:
     return body + generate_latest(extra)
 
 
+def _cached_handler_class() -> type:
+    from prometheus_fastapi_instrumentator.middleware import PrometheusInstrumentatorMiddleware
+    from starlette.requests import Request as StarletteRequest
+
+    class CachedHandler(PrometheusInstrumentatorMiddleware):
+        """prometheus-fastapi-instrumentator's middleware, remembering each path's handler.
+
+        The library resolves the route template by matching the path against every route of
+        the app on every request, before the app runs (it needs the label up front): a
+        tenth of a millisecond on this app's ~100 routes, measurable on a 1 ms search. The
+        answer depends only on the path, so it is kept in a bounded map.
+        """
+
+        _handlers: dict[tuple[str, str], tuple[str, bool]]
+
+        def _get_handler(self, request: StarletteRequest) -> tuple[str, bool]:
+            handlers = self.__dict__.setdefault("_handlers", {})
+            key = (request.scope.get("root_path", ""), request.scope["path"])
+            found = handlers.get(key)
+            if found is None:
+                found = super()._get_handler(request)
+                if len(handlers) >= 10_000:
+                    handlers.clear()
+                handlers[key] = found
+            return found
+
+    return CachedHandler
+
+
+_CachedHandler: Any = _cached_handler_class()
+
+
 def install_metrics(app: FastAPI, settings: Settings) -> None:
     """Instrument HTTP requests and serve ``GET /metrics`` (bearer token when configured)."""
     from prometheus_fastapi_instrumentator import Instrumentator
+    from prometheus_fastapi_instrumentator.middleware import PrometheusInstrumentatorMiddleware
+    from starlette.middleware import Middleware
 
     Instrumentator(
         should_group_status_codes=False,
         excluded_handlers=["^/metrics$", "^/healthz$"],
     ).instrument(app)
+    # The same middleware, with its route lookup remembered per path (see _CachedHandler).
+    app.user_middleware = [
+        Middleware(_CachedHandler, *m.args, **m.kwargs)
+        if cast(Any, m.cls) is PrometheusInstrumentatorMiddleware
+        else m
+        for m in app.user_middleware
+    ]
     token = settings.metrics_token.get_secret_value()
 
     @app.get(

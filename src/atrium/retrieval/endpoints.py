@@ -34,8 +34,8 @@ router = APIRouter(tags=["search"])
 log = structlog.get_logger("atrium.retrieval")
 
 
-def resources(request: Request) -> Resources:
-    """The app's pools for retrieval."""
+async def resources(request: Request) -> Resources:
+    """The app's pools for retrieval (async: a plain function would run in a thread)."""
     state = request.app.state
     return Resources(
         settings=state.settings,
