@@ -377,3 +377,25 @@ async def test_a_batch_survives_a_database_outage_and_a_deleted_tenant(
     await quota.flush()
     assert await _db_used(quota_app, tenant.id, Metric.searches) == 2
     assert await _db_used(quota_app, gone.id, Metric.searches) == 0
+
+
+async def test_a_reservation_with_reads_alongside_survives_a_script_flush(
+    quota_app: Any, qclient: httpx.AsyncClient
+) -> None:
+    """Search reserves and reads its cache versions in one pipeline (EVALSHA by hash): a Redis
+    that lost its scripts (restart, SCRIPT FLUSH) still admits exactly."""
+    tenant, _ = await _limited_tenant(quota_app, qclient, searches_per_month=2)
+    quota = Quota.of(quota_app)
+    redis = quota_app.state.redis
+    await redis.hset(f"probe:{tenant.id}", mapping={"a": "1"})
+    await redis.script_flush()
+    held = await quota.reserve(tenant.id, Metric.searches, 1).acquire(
+        [("HGETALL", f"probe:{tenant.id}")]
+    )
+    assert held.replies == [{"a": "1"}]
+    await held.record_later()
+    await (await quota.reserve(tenant.id, Metric.searches, 1).acquire()).record_later()
+    with pytest.raises(QuotaExceeded):
+        await quota.reserve(tenant.id, Metric.searches, 1).acquire([("HGETALL", "x")])
+    assert (await quota.usage_of(tenant.id, Metric.searches)).used == 2
+    await redis.delete(f"probe:{tenant.id}")

@@ -45,12 +45,13 @@ import enum
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 from sqlalchemy import Table, and_, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError, NoResultFound, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -612,7 +613,14 @@ class Quota:
             )
 
     async def _try_reserve(
-        self, billing: TenantBilling, metric: Metric, amount: int, member: str, ttl_seconds: int
+        self,
+        billing: TenantBilling,
+        metric: Metric,
+        amount: int,
+        member: str,
+        ttl_seconds: int,
+        alongside: Sequence[tuple[str, ...]] = (),
+        replies: list[Any] | None = None,
     ) -> tuple[bool, int, int, int | None]:
         limit = billing.limit(self.catalog, metric.limit)
         tag, _ = await self._period_for(billing, metric)
@@ -627,10 +635,29 @@ class Quota:
             member,
             ttl_seconds * 1000 + 60_000,
         ]
+        first: Any = None
+        if alongside:
+            # The reservation and the caller's reads in one round trip. EVALSHA, not the
+            # Script object: in a pipeline that would first ask SCRIPT EXISTS (a round trip).
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._reserve.sha, len(keys), *keys, *args)
+                for command in alongside:
+                    pipe.execute_command(*command)
+                out = await pipe.execute(raise_on_error=False)
+            for reply in out[1:]:
+                if isinstance(reply, Exception):
+                    raise reply
+            if replies is not None:
+                replies.extend(out[1:])
+            if not isinstance(out[0], NoScriptError):
+                first = out[0]
         for _ in range(3):
-            admitted, used, reserved = await self._reserve(keys=keys, args=args)
+            if first is None:
+                first = await self._reserve(keys=keys, args=args)
+            admitted, used, reserved = first
             if int(admitted) >= 0:
                 return bool(int(admitted)), int(used), int(reserved), limit
+            first = None
             await self.ensure_loaded(billing, metric)
         raise RuntimeError("usage counters could not be loaded into Redis")
 
@@ -892,9 +919,15 @@ class Reservation:
         self._done = False
         #: The request's unit of work whose commit the recording waits for (SQLite only).
         self._defer_to = defer_to
+        #: Replies to the commands sent ``alongside`` the reservation (see :meth:`acquire`).
+        self.replies: list[Any] = []
 
-    async def acquire(self) -> Reservation:
+    async def acquire(self, alongside: Sequence[tuple[str, ...]] = ()) -> Reservation:
         """Hold the capacity.
+
+        Args:
+            alongside: Redis commands to send in the same round trip (a search reads its
+                cache versions this way); their replies land in :attr:`replies`.
 
         Raises:
             QuotaExceeded: when ``amount`` does not fit in what is left.
@@ -902,9 +935,20 @@ class Reservation:
         billing = await self.quota.billing(self.tenant_id)
         self._billing = billing
         if self.amount == 0:
+            if alongside:
+                async with self.quota.redis.pipeline(transaction=False) as pipe:
+                    for command in alongside:
+                        pipe.execute_command(*command)
+                    self.replies = list(await pipe.execute())
             return self
         admitted, used, reserved, limit = await self.quota._try_reserve(
-            billing, self.metric, self.amount, self.member, self.ttl
+            billing,
+            self.metric,
+            self.amount,
+            self.member,
+            self.ttl,
+            alongside,
+            self.replies,
         )
         if not admitted:
             assert limit is not None

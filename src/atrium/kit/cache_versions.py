@@ -17,8 +17,9 @@ entry can never outlive the version that made it (a missing token is simply a ne
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -62,11 +63,26 @@ class TenantVersions:
         return [self.versions.get(str(c), 0) for c in collection_ids]
 
 
-async def tenant_versions(redis: Redis, tenant_id: uuid.UUID) -> TenantVersions:
+def versions_command(tenant_id: uuid.UUID) -> tuple[str, str]:
+    """The read behind :func:`tenant_versions`, to send in another round trip's pipeline."""
+    return ("HGETALL", _key(tenant_id))
+
+
+async def tenant_versions(
+    redis: Redis, tenant_id: uuid.UUID, reply: Mapping[Any, Any] | None = None
+) -> TenantVersions:
     """The tenant's catalog token and collection versions (one round trip, two when the
-    token must first be created: the first search after a Redis flush)."""
+    token must first be created: the first search after a Redis flush).
+
+    Args:
+        redis: the app's Redis client.
+        tenant_id: whose versions.
+        reply: the reply to :func:`versions_command` when it was already sent.
+    """
+    if reply is None:
+        reply = await redis.hgetall(_key(tenant_id))
     # The app's Redis client decodes replies, so fields and values are str.
-    raw = {str(k): str(v) for k, v in (await redis.hgetall(_key(tenant_id))).items()}
+    raw = {str(k): str(v) for k, v in reply.items()}
     token = raw.pop(CATALOG_FIELD, None)
     if token is None:
         # Created before the caller reads the catalog: a change committed after that read

@@ -12,6 +12,7 @@ from sse_starlette import EventSourceResponse
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
+from atrium.kit.cache_versions import tenant_versions, versions_command
 from atrium.kit.errors import (
     BadGateway,
     Forbidden,
@@ -89,10 +90,23 @@ async def search_route(
     """
     start = time.perf_counter()
     use_cache, store = _cache_flags(cache_control)
-    hold = await metering.reserve(request, subject.tenant_id, Metric.searches)
+    # The quota hold and the cache versions in one Redis round trip.
+    hold = await metering.reserve(
+        request,
+        subject.tenant_id,
+        Metric.searches,
+        alongside=[versions_command(subject.tenant_id)],
+    )
     try:
+        versions = await tenant_versions(res.redis, subject.tenant_id, hold.replies[0])
         outcome = await search(
-            res, subject.tenant_id, body, use_cache=use_cache, store=store, defer_store=True
+            res,
+            subject.tenant_id,
+            body,
+            use_cache=use_cache,
+            store=store,
+            defer_store=True,
+            versions=versions,
         )
     except BaseException:
         await metering.release(hold)

@@ -12,6 +12,7 @@ Stage latencies and token counts also go to the Prometheus metrics here.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from atrium.billing.quota import Metric, Quota, Reservation
@@ -20,7 +21,14 @@ from atrium.kit import metrics
 __all__ = ["Metric", "Reservation", "observe", "release", "reserve", "settle"]
 
 
-async def reserve(ctx: Any, tenant_id: uuid.UUID, metric: Metric, amount: int = 1) -> Reservation:
+async def reserve(
+    ctx: Any,
+    tenant_id: uuid.UUID,
+    metric: Metric,
+    amount: int = 1,
+    *,
+    alongside: Sequence[tuple[str, ...]] = (),
+) -> Reservation:
     """Hold ``amount`` of ``metric`` for ``tenant_id``.
 
     Args:
@@ -28,11 +36,12 @@ async def reserve(ctx: Any, tenant_id: uuid.UUID, metric: Metric, amount: int = 
         tenant_id: the caller's tenant.
         metric: ``Metric.searches``, ``Metric.answers`` or ``Metric.llm_tokens``.
         amount: how much to hold (for tokens: the most the request may use).
+        alongside: Redis reads to make in the same round trip (``reservation.replies``).
 
     Raises:
         atrium.billing.quota.QuotaExceeded: the plan has no room left (402).
     """
-    return await Quota.of(ctx).reserve(tenant_id, metric, amount).acquire()
+    return await Quota.of(ctx).reserve(tenant_id, metric, amount).acquire(alongside)
 
 
 async def settle(reservation: Reservation | None, actual: int | None = None) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.config import Settings
 from atrium.ingestion.embedding import EmbeddingError
-from atrium.kit.cache_versions import tenant_versions
+from atrium.kit.cache_versions import TenantVersions, tenant_versions
 from atrium.kit.errors import BadGateway, GatewayTimeout
 from atrium.retrieval import cache, collections, repository
 from atrium.retrieval.embedding import Vector, embed_query
@@ -128,6 +128,7 @@ async def search(
     use_cache: bool = True,
     store: bool = True,
     defer_store: bool = False,
+    versions: TenantVersions | None = None,
 ) -> SearchOutcome:
     """Run a search for ``tenant_id``.
 
@@ -139,6 +140,8 @@ async def search(
         store: store a fresh result in the cache.
         defer_store: leave that cache write to the caller (``outcome.store``), to run after
             the response has gone out.
+        versions: the tenant's cache versions when the caller already read them (in its
+            quota reservation's round trip); None reads them here.
 
     Raises:
         NotFound: a requested collection is not one of the tenant's.
@@ -163,6 +166,7 @@ async def search(
             use_cache=use_cache,
             store=store,
             defer_store=defer_store,
+            versions=versions,
         )
     finally:
         embedding.add_done_callback(_discard)
@@ -192,9 +196,10 @@ async def _search(
     use_cache: bool,
     store: bool,
     defer_store: bool,
+    versions: TenantVersions | None,
 ) -> SearchOutcome:
     t = time.perf_counter()
-    current = await tenant_versions(res.redis, tenant_id)
+    current = versions or await tenant_versions(res.redis, tenant_id)
     timings.cache_ms = _ms(t)
     wanted = await collections.resolve(
         res.engine, tenant_id, params.collection_ids, current.catalog
