@@ -100,6 +100,25 @@ class RateLimitState:
         return out
 
 
+#: pyrate-limiter's check-and-insert script, run as is, then the bookkeeping a check needs
+#: (trim what left the window, count, oldest entry for the reset time, expiry) in the same
+#: script: one EVALSHA per check instead of a pipeline of five commands. Extra arguments:
+#: ARGV[8] the newest score to trim, ARGV[9] the key's expiry in ms.
+#: Returns {failing rate (-1: admitted), blocking timestamp, count, oldest score or -1}.
+HIT_SCRIPT = (
+    "local verdict = (function()\n"
+    + LuaScript.PUT_ITEM
+    + """
+end)()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[8])
+local count = redis.call('ZCOUNT', KEYS[1], ARGV[5], '+inf')
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+redis.call('PEXPIRE', KEYS[1], ARGV[9])
+return {verdict[1], verdict[2], count, oldest[2] or -1}
+"""
+)
+
+
 class PerIdentifierRedisBucketFactory(BucketFactory):
     """A pyrate-limiter bucket factory that gives every identifier its own Redis bucket.
 
@@ -114,6 +133,14 @@ class PerIdentifierRedisBucketFactory(BucketFactory):
         self.redis = redis
         self.rates = rates
         self._script_hash: str | None = None
+        self._hit_hash: str | None = None
+
+    async def hit_script_hash(self, *, reload: bool = False) -> str:
+        """The SHA of :data:`HIT_SCRIPT` (pyrate's check-and-insert plus the bookkeeping)."""
+        assert self.redis is not None, "a factory without a Redis client cannot load scripts"
+        if self._hit_hash is None or reload:
+            self._hit_hash = str(await self.redis.script_load(HIT_SCRIPT))
+        return self._hit_hash
 
     async def script_hash(self, *, reload: bool = False) -> str:
         """The SHA of pyrate-limiter's check-and-insert script, loaded into Redis once."""
@@ -150,9 +177,8 @@ async def hit(redis: Redis, key: str, times: int, seconds: int, name: str = "") 
 
     The check-and-insert is pyrate-limiter's ``RedisBucket`` Lua script with the arguments its
     sliding-window algorithm computes: atomic in Redis, so concurrent requests on any number
-    of API replicas never exceed ``times``; a refused request is not counted. It is sent in
-    one pipeline with the bookkeeping (trim, count, oldest entry, expiry), so a check costs one
-    round trip.
+    of API replicas never exceed ``times``; a refused request is not counted. It runs in one
+    script with the bookkeeping (trim, count, oldest entry, expiry): one command per check.
 
     Args:
         redis: the app's Redis client.
@@ -181,24 +207,21 @@ async def hit(redis: Redis, key: str, times: int, seconds: int, name: str = "") 
         rate.limit,
         -1 if offset is None else offset,
     ]
+    args += [window_start - 1, interval_ms + 1000]
     for attempt in range(2):
-        sha = await factory.script_hash(reload=attempt > 0)
+        sha = await factory.hit_script_hash(reload=attempt > 0)
         try:
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.evalsha(sha, 1, key, *args)
-                pipe.zremrangebyscore(key, 0, window_start - 1)
-                pipe.zcount(key, window_start, "+inf")
-                pipe.zrange(key, 0, 0, withscores=True)
-                pipe.pexpire(key, interval_ms + 1000)
-                verdict, _, count, oldest, _ = await pipe.execute()
+            verdict = await redis.evalsha(sha, 1, key, *args)
             break
         except NoScriptError:
             # Redis restarted (or SCRIPT FLUSH): load the script again and retry once.
             if attempt:
                 raise
+    count, oldest = int(verdict[2]), verdict[3]
     failing, blocking = int(verdict[0]), int(verdict[1])
-    remaining = max(0, times - int(count))
-    reset_ms = max(0, int(oldest[0][1]) + interval_ms - now) if oldest else 0
+    remaining = max(0, times - count)
+    oldest_ms = int(float(oldest))
+    reset_ms = max(0, oldest_ms + interval_ms - now) if oldest_ms >= 0 else 0
     retry_after = None
     if failing >= 0:
         retry_ms = _ALGORITHM.retry_after(rate, now, blocking if blocking >= 0 else None)
