@@ -421,12 +421,22 @@ class Result:
     p50_ms: float
     p99_ms: float
     throughput: float
+    #: CPU time of the serving process per request (None: not an HTTP server run).
+    server_cpu_ms: float | None = None
 
     def row(self) -> str:
+        cpu = "" if self.server_cpu_ms is None else f"{self.server_cpu_ms:.2f}"
         return (
             f"| {self.name} | {self.clients} | {self.requests} | {self.p50_ms:.2f} | "
-            f"{self.p99_ms:.2f} | {self.throughput:.0f} |"
+            f"{self.p99_ms:.2f} | {self.throughput:.0f} | {cpu} |"
         )
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (from /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -441,6 +451,7 @@ async def measure(
     total: int,
     make_call: Callable[[int], Awaitable[Callable[[int], Awaitable[None]]]],
     warmup: int = 20,
+    server_pid: int | None = None,
 ) -> Result:
     """Run ``total`` calls spread over ``clients`` concurrent workers; latency per call.
 
@@ -460,9 +471,11 @@ async def measure(
             await call(i)
             latencies.append((time.perf_counter() - t) * 1000)
 
+    cpu0 = process_cpu_seconds(server_pid) if server_pid else 0.0
     start = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in calls))
     wall = time.perf_counter() - start
+    cpu = process_cpu_seconds(server_pid) - cpu0 if server_pid else None
     result = Result(
         name,
         clients,
@@ -470,6 +483,7 @@ async def measure(
         statistics.median(latencies),
         percentile(latencies, 0.99),
         total / wall,
+        None if cpu is None else cpu * 1000 / total,
     )
     print(f"  {result.row()}", flush=True)
     return result
@@ -532,6 +546,66 @@ def route_caller(
         return call
 
     return make
+
+
+def floor_caller(
+    base: str, tenant: Tenant, texts: Sequence[str]
+) -> Callable[[int], Awaitable[Callable[[int], Awaitable[None]]]]:
+    """The same search through bench/_floor_app.py: HTTP + FastAPI + SQL + JSON only."""
+    import aiohttp
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+    _open_sessions.append(session)
+
+    async def make(_: int) -> Callable[[int], Awaitable[None]]:
+        async def call(i: int) -> None:
+            async with session.post(
+                f"{base}/floor/{tenant.id}", json={"query": texts[i % len(texts)], "top_k": 10}
+            ) as r:
+                body = await r.json()
+                assert r.status == 200 and body["results"], body
+
+        return call
+
+    return make
+
+
+_open_sessions: list[Any] = []
+
+
+def start_floor_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "_floor_app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--timeout-keep-alive",
+            "300",
+        ],
+        env={**os.environ, **env, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'bench'}"},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    import urllib.request
+
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the floor app exited:\n" + log.read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError("the floor app did not start:\n" + log.read_text()[-3000:])
 
 
 async def route_ids(api: Api, tenant: Tenant, query: str, **extra: Any) -> list[int]:
@@ -643,26 +717,50 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for q in query_texts:
             await route_ids(api, big, q)
 
+        fport = free_port()
+        floor = start_floor_server(svc.env, fport, OUT_DIR / "search-floor.log")
+        floor_base = f"http://127.0.0.1:{fport}"
+        for q in query_texts:  # the floor app's own query-vector LRU
+            await (await floor_caller(floor_base, big, [q])(0))(0)
+
         print("latency (ms) and throughput (requests/s), 100k chunks, top_k 10", flush=True)
         runs = []
         inside: list[dict[str, float]] = []
-        for clients, total in ((1, args.requests), (32, args.requests * 4)):
-            runs.append(
-                await measure(
-                    "raw SQL (psycopg, same query)",
-                    clients,
-                    total,
-                    raw_sql_caller(svc.conninfo, [big.id], queries),
+        try:
+            for clients, total in ((1, args.requests), (32, args.requests * 4)):
+                runs.append(
+                    await measure(
+                        "raw SQL (psycopg, same query)",
+                        clients,
+                        total,
+                        raw_sql_caller(svc.conninfo, [big.id], queries),
+                    )
                 )
-            )
-            runs.append(
-                await measure(
-                    "POST /search (API key)",
-                    clients,
-                    total,
-                    route_caller(api, [big], query_texts, sink=inside if clients == 1 else None),
+                runs.append(
+                    await measure(
+                        "floor: uvicorn + FastAPI + same SQL, nothing else",
+                        clients,
+                        total,
+                        floor_caller(floor_base, big, query_texts),
+                        server_pid=floor.pid,
+                    )
                 )
-            )
+                runs.append(
+                    await measure(
+                        "POST /search (API key)",
+                        clients,
+                        total,
+                        route_caller(
+                            api, [big], query_texts, sink=inside if clients == 1 else None
+                        ),
+                        server_pid=server.pid,
+                    )
+                )
+        finally:
+            os.killpg(floor.pid, 15)
+            floor.wait(20)
+            for session in _open_sessions:
+                await session.close()
         results["latency"] = [r.__dict__ for r in runs]
         # What the search service itself reports (collections, cache versions, embedding LRU,
         # SQL): the rest of the route's time is HTTP, auth, rate limit, quota and FastAPI.
@@ -690,7 +788,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             return call
 
         results["cache_hit"] = (
-            await measure("POST /search, cache hit", 1, args.requests, cached_call)
+            await measure(
+                "POST /search, cache hit", 1, args.requests, cached_call, server_pid=server.pid
+            )
         ).__dict__
         if args.latency_only:
             return results
@@ -797,14 +897,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(results: dict[str, Any]) -> str:
     lines = []
     lat = [Result(**r) for r in results["latency"]]
-    lines.append("| path | clients | requests | p50 ms | p99 ms | requests/s |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append(
+        "| path | clients | requests | p50 ms | p99 ms | requests/s | server CPU ms/request |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
     lines.extend(r.row() for r in lat)
     lines.append(Result(**results["cache_hit"]).row())
     raw1 = next(r for r in lat if r.name.startswith("raw") and r.clients == 1)
+    floor1 = next(r for r in lat if r.name.startswith("floor") and r.clients == 1)
     route1 = next(r for r in lat if r.name.startswith("POST") and r.clients == 1)
     lines.append("")
-    lines.append(f"/search p50 / raw SQL p50 (1 client): {route1.p50_ms / raw1.p50_ms:.2f}")
+    lines.append(
+        f"/search p50 / raw SQL p50 (1 client): {route1.p50_ms / raw1.p50_ms:.2f}; "
+        f"floor p50 / raw SQL p50: {floor1.p50_ms / raw1.p50_ms:.2f}; "
+        f"/search p50 / floor p50: {route1.p50_ms / floor1.p50_ms:.2f}"
+    )
     inside = results["route_inside_ms"]
     lines.append(
         f"inside the search service (p50): {inside['total_ms']:.2f} ms, of which SQL "
