@@ -399,3 +399,47 @@ async def test_a_reservation_with_reads_alongside_survives_a_script_flush(
         await quota.reserve(tenant.id, Metric.searches, 1).acquire([("HGETALL", "x")])
     assert (await quota.usage_of(tenant.id, Metric.searches)).used == 2
     await redis.delete(f"probe:{tenant.id}")
+
+
+async def test_a_hold_of_several_metrics_is_all_or_none_and_sees_plan_changes(
+    quota_app: Any, qclient: httpx.AsyncClient
+) -> None:
+    """``Quota.hold`` (a document's tokens and chunks in one script): nothing is held when one
+    metric does not fit, a counter lost in Redis is rebuilt, and the plan snapshot it keeps in
+    the process is dropped as soon as the plan changes."""
+    tenant, _ = await _limited_tenant(
+        quota_app, qclient, embedding_tokens_per_month=1000, chunks=10
+    )
+    quota = Quota.of(quota_app)
+    tokens, chunks = await quota.hold(
+        tenant.id, [(Metric.embedding_tokens, 600), (Metric.chunks, 4)]
+    )
+    await tokens.record_later()
+    await chunks.record_later()
+    await quota.flush()
+    assert await _db_used(quota_app, tenant.id, Metric.embedding_tokens) == 600
+    assert await _db_used(quota_app, tenant.id, Metric.chunks) == 4
+    # Chunks fit, tokens do not: neither is held.
+    with pytest.raises(QuotaExceeded) as refused:
+        await quota.hold(tenant.id, [(Metric.chunks, 1), (Metric.embedding_tokens, 401)])
+    assert refused.value.metric is Metric.embedding_tokens
+    for metric in (Metric.chunks, Metric.embedding_tokens):
+        assert (await quota.usage_of(tenant.id, metric)).reserved == 0
+    # Released work counts nothing; a zero amount holds nothing.
+    tokens, chunks = await quota.hold(
+        tenant.id, [(Metric.embedding_tokens, 400), (Metric.chunks, 0)]
+    )
+    await tokens.release()
+    await chunks.record_later()
+    assert (await quota.usage_of(tenant.id, Metric.embedding_tokens)).reserved == 0
+    # Redis lost the counters: rebuilt from MySQL, still exact.
+    await quota.redis.flushdb()
+    with pytest.raises(QuotaExceeded):
+        await quota.hold(tenant.id, [(Metric.chunks, 7)])
+    # A plan change applies to the very next hold.
+    admin = await superuser_headers(quota_app)
+    await set_plan(
+        qclient, admin, tenant.id, "free", {"requests_per_minute_per_user": None, "chunks": 20}
+    )
+    (held,) = await quota.hold(tenant.id, [(Metric.chunks, 7)])
+    await held.release()

@@ -42,6 +42,7 @@ import asyncio
 import calendar
 import datetime as dt
 import enum
+import hashlib
 import json
 import time
 import uuid
@@ -95,6 +96,9 @@ BILLING_CACHE_SECONDS = 300
 #: (the replica that made it forgets at once). Saves a Redis round trip on every request.
 LOCAL_BILLING_CACHE_SECONDS = 5.0
 _LOCAL_BILLING_MAX = 10_000
+#: Snapshots that :meth:`Quota.hold` checks against Redis in its own round trip, by tenant:
+#: (SHA-1 of the JSON in Redis, snapshot). Per process, shared by every engine in it.
+_VERIFIED: dict[str, tuple[str, TenantBilling]] = {}
 #: Usage warnings are mailed when a metric reaches these percentages of its limit.
 ALERT_THRESHOLDS = (80, 100)
 
@@ -309,6 +313,43 @@ redis.call('PEXPIRE', KEYS[2], ARGV[7])
 return {1, used, reserved + amount}
 """
 
+# Several metrics held at once, all or none (a document's embedding tokens and chunks).
+# KEYS: the billing snapshot key, then (usage hash, reservations zset) per metric.
+# ARGV: SHA-1 of the snapshot the limits come from, now ms, then per metric: metric, amount,
+# limit (-1: none), reservation expiry ms, member, zset ttl ms.
+# Returns {1} when every hold is in; {-2} when the snapshot changed or is gone (a plan change:
+# reread it); {-1, i} when metric i's hash must be rebuilt first; {0, i, used, reserved} when
+# metric i does not fit (nothing is held then).
+_RESERVE_MANY = """
+local snapshot = redis.call('GET', KEYS[1])
+if not snapshot or redis.sha1hex(snapshot) ~= ARGV[1] then return {-2} end
+local n = (#KEYS - 1) / 2
+for i = 1, n do
+  if redis.call('HEXISTS', KEYS[2 * i], '_loaded') == 0 then return {-1, i} end
+end
+for i = 1, n do
+  local zset = KEYS[2 * i + 1]
+  local a = 2 + (i - 1) * 6
+  redis.call('ZREMRANGEBYSCORE', zset, '-inf', ARGV[2])
+  local reserved = 0
+  local members = redis.call('ZRANGE', zset, 0, -1)
+  for j = 1, #members do
+    reserved = reserved + tonumber(string.match(members[j], ':(%d+)$'))
+  end
+  local used = tonumber(redis.call('HGET', KEYS[2 * i], ARGV[a + 1]) or '0')
+  local limit = tonumber(ARGV[a + 3])
+  if limit >= 0 and used + reserved + tonumber(ARGV[a + 2]) > limit then
+    return {0, i, used, reserved}
+  end
+end
+for i = 1, n do
+  local a = 2 + (i - 1) * 6
+  redis.call('ZADD', KEYS[2 * i + 1], ARGV[a + 4], ARGV[a + 5])
+  redis.call('PEXPIRE', KEYS[2 * i + 1], ARGV[a + 6])
+end
+return {1}
+"""
+
 # KEYS: usage hash, reservations zset. ARGV: metric, member ('' for none), committed used,
 # its version, hash ttl ms, then any further members settled by the same write (a batch).
 # Writes the figure only if newer than what the hash holds; works on a hash that is not loaded
@@ -482,6 +523,7 @@ class Quota:
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
         self._load = redis.register_script(_LOAD)
+        self._reserve_many = redis.register_script(_RESERVE_MANY)
         self._local: dict[str, tuple[float, TenantBilling]] = {}
         #: Settled work waiting for the next batched write (see :meth:`record_later`).
         self._batch: list[tuple[Reservation, int]] = []
@@ -577,6 +619,100 @@ class Quota:
         :meth:`Reservation.settle` was called, the reservation is given back.
         """
         return Reservation(self, tenant_id, metric, amount, ttl_seconds)
+
+    async def hold(
+        self,
+        tenant_id: uuid.UUID,
+        holds: Sequence[tuple[Metric, int]],
+        *,
+        ttl_seconds: int = DEFAULT_RESERVATION_TTL,
+    ) -> list[Reservation]:
+        """Hold several metrics at once, all or none, in one Redis round trip.
+
+        For work that knows all its amounts up front (a document: its embedding tokens and
+        chunks). The plan snapshot is kept in this process and checked in the same script (the
+        JSON in Redis must still have the SHA-1 it had): a plan change, which drops that key,
+        is seen by the next hold, without a read of its own. Settle or release each returned
+        reservation as usual (:meth:`Reservation.record_later`, :meth:`Reservation.commit`,
+        :meth:`Reservation.release`); an amount of 0 holds nothing.
+
+        Raises:
+            QuotaExceeded: for the first metric that does not fit (then nothing is held).
+        """
+        reservations = [Reservation(self, tenant_id, m, a, ttl_seconds) for m, a in holds]
+        live = [r for r in reservations if r.amount > 0]
+        stale = False
+        for _ in range(5):
+            digest, billing = await self._verified_billing(tenant_id, stale=stale)
+            stale = False
+            if not live:
+                break
+            now_ms = int(_utcnow().timestamp() * 1000)
+            keys: list[str] = [billing_cache_key(tenant_id)]
+            args: list[Any] = [digest, now_ms]
+            limits: list[int | None] = []
+            for r in live:
+                limit = billing.limit(self.catalog, r.metric.limit)
+                tag, _ = await self._period_for(billing, r.metric)
+                keys += [usage_key(tenant_id, tag), reservations_key(tenant_id, tag, r.metric)]
+                args += [
+                    r.metric.value,
+                    r.amount,
+                    -1 if limit is None else limit,
+                    now_ms + ttl_seconds * 1000,
+                    r.member,
+                    ttl_seconds * 1000 + 60_000,
+                ]
+                limits.append(limit)
+            reply = await self._reserve_many(keys=keys, args=args)
+            status = int(reply[0])
+            if status == -2:
+                stale = True
+                continue
+            if status == -1:
+                await self.ensure_loaded(billing, live[int(reply[1]) - 1].metric)
+                continue
+            if status == 0:
+                index = int(reply[1]) - 1
+                refused, limit = live[index], limits[index]
+                assert limit is not None
+                metrics.record_quota_rejection(refused.metric.value)
+                raise QuotaExceeded(
+                    refused.metric,
+                    limit,
+                    int(reply[2]) + int(reply[3]),
+                    None if refused.metric.is_level else billing.period.end,
+                    billing.plan,
+                )
+            for r in live:
+                r._held = True
+            break
+        else:
+            raise RuntimeError("quota holds could not be placed (counters or plan kept changing)")
+        for r in reservations:
+            r._billing = billing
+        return reservations
+
+    async def _verified_billing(
+        self, tenant_id: uuid.UUID, *, stale: bool
+    ) -> tuple[str, TenantBilling]:
+        """The snapshot :meth:`hold` checks, with the SHA-1 of its JSON in Redis."""
+        key = str(tenant_id)
+        now = _utcnow()
+        entry = None if stale else _VERIFIED.get(key)
+        if entry is not None and entry[1].period.end > now:
+            return entry
+        raw = await self.redis.get(billing_cache_key(tenant_id))
+        snapshot = TenantBilling.from_json(str(raw)) if raw else None
+        if snapshot is None or snapshot.period.end <= now:
+            # Loads it from MySQL and puts exactly this JSON in Redis.
+            snapshot = await self.billing(tenant_id, fresh=True)
+            raw = snapshot.to_json()
+        digest = hashlib.sha1(str(raw).encode(), usedforsecurity=False).hexdigest()
+        if len(_VERIFIED) >= _LOCAL_BILLING_MAX:
+            _VERIFIED.clear()
+        _VERIFIED[key] = entry = (digest, snapshot)
+        return entry
 
     async def _period_for(self, billing: TenantBilling, metric: Metric) -> tuple[str, dt.datetime]:
         if metric.is_level:
