@@ -22,6 +22,7 @@ from atrium.billing.quota import (
     period_containing,
     usage_key,
 )
+from atrium.kit.db import unit_of_work
 from atrium.models.billing import BillingAccount, UsageCounter
 from tests.test_quota_helpers import (
     build_quota_app,
@@ -443,3 +444,36 @@ async def test_a_hold_of_several_metrics_is_all_or_none_and_sees_plan_changes(
     )
     (held,) = await quota.hold(tenant.id, [(Metric.chunks, 7)])
     await held.release()
+
+
+async def test_a_batch_written_within_a_unit_of_work_follows_its_outcome(
+    quota_app: Any, qclient: httpx.AsyncClient
+) -> None:
+    """``flush(within=...)``: the figures commit with the caller's rows; a rollback queues
+    the work again (still held), and Redis shows it only once MySQL has it."""
+    tenant, _ = await _limited_tenant(quota_app, qclient, embedding_tokens_per_month=100)
+    quota = Quota(quota_app.state.redis, quota_app.state.sessionmaker, quota_app.state.settings)
+    (held,) = await quota.hold(tenant.id, [(Metric.embedding_tokens, 60)])
+    await held.record_later()
+
+    async def fails_after_the_flush() -> None:
+        async with unit_of_work(quota_app.state.sessionmaker) as session:
+            await quota.flush(within=session)
+            raise RuntimeError("the caller's own write failed")
+
+    with pytest.raises(RuntimeError):
+        await fails_after_the_flush()
+    assert await _db_used(quota_app, tenant.id, Metric.embedding_tokens) == 0
+    figures = await quota.usage_of(tenant.id, Metric.embedding_tokens)  # flushes the requeued
+    assert (figures.used, figures.reserved) == (60, 0)
+    (held,) = await quota.hold(tenant.id, [(Metric.embedding_tokens, 40)])
+    await held.record_later()
+    async with unit_of_work(quota_app.state.sessionmaker) as session:
+        await quota.flush(within=session)
+        # Not committed yet: the hold still keeps the capacity, MySQL does not have it.
+        with pytest.raises(QuotaExceeded):
+            await quota.hold(tenant.id, [(Metric.embedding_tokens, 1)])
+    assert await _db_used(quota_app, tenant.id, Metric.embedding_tokens) == 100
+    figures = await quota.usage_of(tenant.id, Metric.embedding_tokens)
+    assert (figures.used, figures.reserved) == (100, 0)
+    await quota.close()

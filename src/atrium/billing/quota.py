@@ -870,12 +870,19 @@ class Quota:
         self._flushes.add(task)
         task.add_done_callback(self._flushes.discard)
 
-    async def flush(self) -> None:
+    async def flush(self, within: AsyncSession | None = None) -> None:
         """Write every queued settlement now: one MySQL transaction, then one Redis round trip.
 
         Called by the timer, before usage figures are read (so a caller sees its own work
         counted at once), and at shutdown. When MySQL cannot be written the work is queued
         again for the next attempt; the reservations keep holding the capacity meanwhile.
+
+        Args:
+            within: an open :func:`~atrium.kit.db.unit_of_work` to write the figures in, so
+                they commit with the caller's own rows (a document's settlements with its
+                ``ready``: one transaction less per document). Redis is updated once that
+                commits; on a rollback the work is queued again. Without one (or when it is
+                no longer open), the batch gets its own transaction.
         """
         if self._timer is not None:
             self._timer.cancel()
@@ -898,22 +905,40 @@ class Quota:
         # Rows are locked in one order by every process, so concurrent batches never deadlock.
         ordered = [groups[k] for k in sorted(groups)]
 
+        async def write_in(session: AsyncSession) -> list[tuple[int, int] | None]:
+            out: list[tuple[int, int] | None] = []
+            for g in ordered:
+                try:
+                    used, version = await add_to_counter(
+                        session, g.billing.tenant_id, g.metric, g.period_start, g.amount
+                    )
+                except (NoResultFound, IntegrityError):
+                    # The tenant was deleted since (its counter row cannot exist): there
+                    # is nobody left to bill, and one gone tenant must not hold up the rest.
+                    log.info("usage_of_deleted_tenant_dropped", tenant_id=g.billing.tenant_id)
+                    out.append(None)
+                    continue
+                await _record_daily(session, g.billing.tenant_id, g.metric, g.amount, used)
+                out.append((used, version))
+            return out
+
+        if within is not None:
+            written: list[tuple[int, int] | None] = []
+
+            async def when_done(committed: bool) -> None:
+                if committed:
+                    await self._mirror(ordered, written)
+                else:
+                    self._requeue(batch)
+
+            if after_commit(within, when_done):
+                # A failure here propagates to the caller, whose rollback queues the work again.
+                written.extend(await write_in(within))
+                return
+
         async def write() -> list[tuple[int, int] | None]:
             async with self.sessionmaker() as session:
-                out: list[tuple[int, int] | None] = []
-                for g in ordered:
-                    try:
-                        used, version = await add_to_counter(
-                            session, g.billing.tenant_id, g.metric, g.period_start, g.amount
-                        )
-                    except (NoResultFound, IntegrityError):
-                        # The tenant was deleted since (its counter row cannot exist): there
-                        # is nobody left to bill, and one gone tenant must not hold up the rest.
-                        log.info("usage_of_deleted_tenant_dropped", tenant_id=g.billing.tenant_id)
-                        out.append(None)
-                        continue
-                    await _record_daily(session, g.billing.tenant_id, g.metric, g.amount, used)
-                    out.append((used, version))
+                out = await write_in(session)
                 await session.commit()
                 return out
 
@@ -923,12 +948,20 @@ class Quota:
             log.exception(
                 "usage_batch_not_recorded_yet", settlements=len(batch), groups=len(ordered)
             )
-            self._batch[:0] = batch
-            if self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(
-                    BATCH_FLUSH_SECONDS, self._start_flush
-                )
+            self._requeue(batch)
             return
+        await self._mirror(ordered, figures)
+
+    def _requeue(self, batch: list[tuple[Reservation, int]]) -> None:
+        """Queue work whose write failed for the next attempt."""
+        self._batch[:0] = batch
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(
+                BATCH_FLUSH_SECONDS, self._start_flush
+            )
+
+    async def _mirror(self, ordered: list[_Group], figures: list[tuple[int, int] | None]) -> None:
+        """Copy written figures to Redis (dropping the batch's reservations), then warn."""
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for g, figure in zip(ordered, figures, strict=True):

@@ -287,8 +287,6 @@ class _Run:
                 await held_tokens.release()
             if not chunks_settled:
                 await held_chunks.release()
-        # Both settlements of this document in one MySQL transaction, before it is ``ready``.
-        await quota.flush()
         if added < 0:
             # A re-index that made fewer chunks gives the difference back.
             await adjust(quota, self.tenant_id, Metric.chunks, added)
@@ -303,6 +301,10 @@ class _Run:
                 timings=self.timings,
                 title=None,
             )
+            # Both settlements of this document in the transaction that makes it ``ready``
+            # (counted if and only if the row says so; one transaction less per document).
+            # Written even when a newer run took the row over: the work was done.
+            await quota.flush(within=session)
         if not finished:
             raise Superseded()
         return Outcome("ready", len(texts), tokens, self.timings)
