@@ -641,8 +641,8 @@ def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -
         _para(
             "Mean wall time per document in a worker process: extract "
             f"{stage.get('extract_ms', 0):.1f} ms, chunk {stage.get('chunk_ms', 0):.1f} ms, "
-            f"embed {stage.get('embed_ms', 0):.1f} ms, store (quota hold, then one transaction: "
-            "advisory locks, DELETE, binary COPY into the tenant's partition) "
+            f"embed (quota hold included) {stage.get('embed_ms', 0):.1f} ms, store (one "
+            "transaction: advisory locks, DELETE, binary COPY into the tenant's partition) "
             f"{stage.get('store_ms', 0):.1f} ms; total {stage.get('total_ms', 0):.1f} ms."
         ),
         "\n".join(
@@ -666,11 +666,13 @@ def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -
                     "at ~1/8 of the cost) and each chunk is tokenized once, its ids going "
                     "straight to the model; a document's chunks are embedded in groups of "
                     "similar length (a short last chunk is not padded to the full length); chunks "
-                    "go in with one binary COPY per document; a document's two quota settlements "
-                    "are written in one transaction; the row is written at stage boundaries only "
-                    "(not at all in between for a document done in under a second); task results "
-                    "are not stored; uploads carry many files per request and hold their quota "
-                    "once per request.",
+                    "go in with one binary COPY per document; a document's two quota holds "
+                    "(tokens, chunks) go in one Redis script, which also checks the plan "
+                    "snapshot the worker process keeps, and its two settlements are written in "
+                    "the transaction that makes it `ready`; the row is written at stage "
+                    "boundaries only (not at all in between for a document done in under a "
+                    "second); task results are not stored; uploads carry many files per request "
+                    "and hold their quota once per request.",
                     "  ",
                 ),
                 _para(
