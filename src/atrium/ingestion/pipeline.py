@@ -188,10 +188,9 @@ class _Run:
         started = time.perf_counter()
         async with unit_of_work(self.res.sessionmaker) as session:
             repo = DocumentRepository(session, self.tenant_id)
-            claimed = await repo.claim(self.document_id, self.run_id)
-            if claimed is None:
+            document = await repo.claim(self.document_id, self.run_id)
+            if document is None:
                 return Outcome("skipped")
-            document, queued_since = claimed
             if document.attempts > max_attempts:
                 reason = (
                     f"Processing was started {document.attempts - 1} times without finishing "
@@ -201,11 +200,12 @@ class _Run:
                 await repo.fail(self.document_id, self.run_id, reason, {})
                 return Outcome("failed", error=reason)
             collection_id = document.collection_id
-            old_chunks = document.chunk_count or 0
+            old_chunks = document.chunk_count
             blob_key = document.blob_key
             content_type = document.content_type
-            metadata = {**(document.metadata_ or {}), "title": document.title}
-            if queued_since is not None and document.started_at is not None:
+            metadata = {**document.metadata, "title": document.title}
+            queued_since = document.queued_since
+            if queued_since is not None:
                 wait = (document.started_at - queued_since).total_seconds()
                 self.timings["queue_ms"] = _ms(max(0.0, wait))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, select, update
@@ -16,6 +17,22 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.models.base import utcnow
 from atrium.models.ingestion import Collection, CollectionStatus, Document, DocumentStatus
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What a processing run needs of the document it claimed (see ``claim``)."""
+
+    attempts: int
+    collection_id: uuid.UUID
+    chunk_count: int
+    blob_key: str
+    content_type: str
+    metadata: dict[str, Any]
+    title: str
+    started_at: dt.datetime
+    #: When it was queued (its previous heartbeat).
+    queued_since: dt.datetime | None
 
 
 class DocumentRepository:
@@ -83,18 +100,27 @@ class DocumentRepository:
             Document.status == DocumentStatus.processing,
         )
 
-    async def claim(
-        self, document_id: uuid.UUID, run_id: str
-    ) -> tuple[Document, dt.datetime | None] | None:
+    async def claim(self, document_id: uuid.UUID, run_id: str) -> Claimed | None:
         """Start a processing run: the document becomes ``processing`` and owned by ``run_id``.
 
-        Returns the document and when it was queued (its previous heartbeat), or None when
-        there is nothing to do (gone, being deleted, already ready or failed, or its collection
-        is being deleted).
+        Returns what the run needs of the document, or None when there is nothing to do (gone,
+        being deleted, already ready or failed, or its collection is being deleted). Plain
+        columns and one UPDATE, not an ORM object and its flush: this runs once per document.
         """
         row = (
             await self.session.execute(
-                select(Document, Collection.status)
+                select(
+                    Document.status,
+                    Document.attempts,
+                    Document.collection_id,
+                    Document.chunk_count,
+                    Document.blob_key,
+                    Document.content_type,
+                    Document.metadata_,
+                    Document.title,
+                    Document.heartbeat_at,
+                    Collection.status,
+                )
                 .join(Collection, Collection.id == Document.collection_id)
                 .where(Document.id == document_id, Document.tenant_id == self.tenant_id)
                 .with_for_update()
@@ -102,23 +128,38 @@ class DocumentRepository:
         ).one_or_none()
         if row is None:
             return None
-        document, collection_status = row
-        if collection_status is not CollectionStatus.active or document.status not in (
+        status, attempts, collection_id, chunk_count, blob_key, content_type = row[:6]
+        metadata, title, queued_since, collection_status = row[6:]
+        if collection_status is not CollectionStatus.active or status not in (
             DocumentStatus.queued,
             DocumentStatus.processing,
         ):
             return None
-        queued_since = document.heartbeat_at
         now = utcnow()
-        document.status = DocumentStatus.processing
-        document.stage = "extract"
-        document.progress = 0
-        document.run_id = run_id
-        document.attempts += 1
-        document.started_at = now
-        document.heartbeat_at = now
-        await self.session.flush()
-        return document, queued_since
+        await self.session.execute(
+            update(Document)
+            .where(Document.id == document_id, Document.tenant_id == self.tenant_id)
+            .values(
+                status=DocumentStatus.processing,
+                stage="extract",
+                progress=0,
+                run_id=run_id,
+                attempts=attempts + 1,
+                started_at=now,
+                heartbeat_at=now,
+            )
+        )
+        return Claimed(
+            attempts=attempts + 1,
+            collection_id=collection_id,
+            chunk_count=chunk_count or 0,
+            blob_key=blob_key,
+            content_type=content_type,
+            metadata=dict(metadata or {}),
+            title=title,
+            started_at=now,
+            queued_since=queued_since,
+        )
 
     async def progress(self, document_id: uuid.UUID, run_id: str, stage: str, percent: int) -> bool:
         """Record the run's stage and percent; False when the run no longer owns the document."""
