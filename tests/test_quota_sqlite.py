@@ -72,3 +72,41 @@ async def test_multi_file_upload_on_sqlite_is_fast_and_fully_metered(sqlite_app:
         body = r.json()
         assert usage_of(body, "documents")["used"] == 2
         assert usage_of(body, "stored_bytes")["used"] == sum(len(c) for c in contents[1:])
+
+
+async def test_batched_settlements_on_sqlite(sqlite_app: Any) -> None:
+    """Searches' batched settlements use SQLite's upsert dialect: several tenants and metrics
+    in one batch, counted again on a second batch, with the day's figures."""
+    from sqlalchemy import select
+
+    from atrium.billing.quota import Metric, Quota
+    from atrium.models.billing import UsageCounter, UsageDaily
+
+    owner = await create_user(sqlite_app)
+    a = await create_tenant(sqlite_app, owner)
+    b = await create_tenant(sqlite_app, owner)
+    quota = Quota.of(sqlite_app)
+    for _ in range(2):
+        for tenant, metric, n in ((a, Metric.searches, 3), (b, Metric.answers, 2)):
+            for _ in range(n):
+                await (await quota.reserve(tenant.id, metric, 1).acquire()).record_later()
+        await (await quota.reserve(a.id, Metric.llm_tokens, 500).acquire()).record_later(120)
+        await quota.flush()
+    async with sqlite_app.state.sessionmaker() as s:
+        counters = {
+            (r.tenant_id, r.metric): (r.used, r.version)
+            for r in (await s.execute(select(UsageCounter))).scalars()
+            if r.tenant_id in (a.id, b.id)
+        }
+        daily = {
+            (r.tenant_id, r.metric): r.value
+            for r in (await s.execute(select(UsageDaily))).scalars()
+            if r.tenant_id in (a.id, b.id)
+        }
+    assert counters[(a.id, "searches")] == (6, 2)
+    assert counters[(b.id, "answers")] == (4, 2)
+    assert counters[(a.id, "llm_tokens")] == (240, 2)
+    assert daily[(a.id, "searches")] == 6
+    assert daily[(a.id, "llm_tokens")] == 240
+    figures = await quota.usage_of(a.id, Metric.searches)
+    assert (figures.used, figures.reserved) == (6, 0)

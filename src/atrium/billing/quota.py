@@ -53,8 +53,8 @@ from typing import Any, TypeVar, cast
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
-from sqlalchemy import Table, and_, case, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, NoResultFound, OperationalError
+from sqlalchemy import Table, and_, case, func, insert, select, tuple_, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from atrium.billing.plans import Limit, PlanCatalog, get_catalog
@@ -466,6 +466,113 @@ async def _record_daily(
         )
         if inserted.rowcount == 0:  # type: ignore[attr-defined]
             await session.execute(update(t).where(key).values(value=value))
+
+
+def _upsert(session: AsyncSession, table: Table, rows: list[dict[str, Any]], update: Any) -> Any:
+    """A multi-row INSERT that updates the rows already there (``update(new)`` gives the SET
+    clause, ``new`` being the row that was to be inserted), on MySQL/MariaDB and SQLite."""
+    dialect = session.bind.dialect.name if session.bind is not None else ""
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        lite = sqlite_insert(table).values(rows)
+        return lite.on_conflict_do_update(
+            index_elements=list(table.primary_key.columns), set_=update(lite.excluded)
+        )
+    from sqlalchemy.dialects.mysql import insert as mysql_insert
+
+    my = mysql_insert(table).values(rows)
+    return my.on_duplicate_key_update(**update(my.inserted))
+
+
+async def _write_groups(
+    session: AsyncSession, groups: list[_Group]
+) -> list[tuple[int, int] | None]:
+    """A batch's counters and daily figures in at most five statements, however many tenants
+    it holds (a statement per tenant made each batch's cost grow with the number of active
+    tenants, and with it the latency of the searches sharing the process).
+
+    Returns:
+        ``(used, version)`` per group, in order; None for a tenant deleted since its work was
+        done (nobody is left to bill, and its rows would break the foreign key).
+    """
+    if not groups:
+        return []
+    now = _utcnow()
+    t, d = _COUNTERS, _DAILY
+    wanted = {g.billing.tenant_id for g in groups}
+    live = set((await session.execute(select(Tenant.id).where(Tenant.id.in_(wanted)))).scalars())
+    keep = [g for g in groups if g.billing.tenant_id in live]
+    for gone in wanted - live:
+        log.info("usage_of_deleted_tenant_dropped", tenant_id=str(gone))
+    figures: dict[tuple[uuid.UUID, str, str], tuple[int, int]] = {}
+    if keep:
+        # Rows are written (and locked) in the batch's sorted order: no deadlocks between
+        # processes flushing at the same time.
+        await session.execute(
+            _upsert(
+                session,
+                t,
+                [
+                    {
+                        "tenant_id": g.billing.tenant_id,
+                        "metric": g.metric.value,
+                        "period_start": g.period_start,
+                        "used": g.amount,
+                        "version": 1,
+                        "updated_at": now,
+                    }
+                    for g in keep
+                ],
+                lambda new: {
+                    "used": t.c.used + new.used,
+                    "version": t.c.version + 1,
+                    "updated_at": new.updated_at,
+                },
+            )
+        )
+        read = await session.execute(
+            select(t.c.tenant_id, t.c.metric, t.c.period_start, t.c.used, t.c.version).where(
+                tuple_(t.c.tenant_id, t.c.metric, t.c.period_start).in_(
+                    [(g.billing.tenant_id, g.metric.value, g.period_start) for g in keep]
+                )
+            )
+        )
+        for row in read:
+            figures[(row.tenant_id, row.metric, _tag(row.period_start))] = (
+                int(row.used),
+                int(row.version),
+            )
+        # The day's figures: what the day consumed (monthly metrics), or where a level
+        # stands at the end of it.
+        day = now.date()
+        for level in (False, True):
+            rows = [
+                {
+                    "tenant_id": g.billing.tenant_id,
+                    "metric": g.metric.value,
+                    "day": day,
+                    "value": figures[_group_key(g)][0] if level else g.amount,
+                }
+                for g in keep
+                if g.metric.is_level is level
+            ]
+            if rows:
+                await session.execute(
+                    _upsert(
+                        session,
+                        d,
+                        rows,
+                        (lambda new: {"value": new.value})
+                        if level
+                        else (lambda new: {"value": d.c.value + new.value}),
+                    )
+                )
+    return [figures[_group_key(g)] if g.billing.tenant_id in live else None for g in groups]
+
+
+def _group_key(g: _Group) -> tuple[uuid.UUID, str, str]:
+    return (g.billing.tenant_id, g.metric.value, _tag(g.period_start))
 
 
 # The engine -------------------------------------------------------------------------------------
@@ -906,21 +1013,7 @@ class Quota:
         ordered = [groups[k] for k in sorted(groups)]
 
         async def write_in(session: AsyncSession) -> list[tuple[int, int] | None]:
-            out: list[tuple[int, int] | None] = []
-            for g in ordered:
-                try:
-                    used, version = await add_to_counter(
-                        session, g.billing.tenant_id, g.metric, g.period_start, g.amount
-                    )
-                except (NoResultFound, IntegrityError):
-                    # The tenant was deleted since (its counter row cannot exist): there
-                    # is nobody left to bill, and one gone tenant must not hold up the rest.
-                    log.info("usage_of_deleted_tenant_dropped", tenant_id=g.billing.tenant_id)
-                    out.append(None)
-                    continue
-                await _record_daily(session, g.billing.tenant_id, g.metric, g.amount, used)
-                out.append((used, version))
-            return out
+            return await _write_groups(session, ordered)
 
         if within is not None:
             written: list[tuple[int, int] | None] = []
