@@ -676,12 +676,15 @@ def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -
                     "  ",
                 ),
                 _para(
-                    "Where the rest goes (CPU per document in one worker process, 80 articles "
-                    "processed in-process on this host): ~40 ms outside the model next to "
-                    "~340 ms in it; of those 40 ms, plan quota holds and their settlement ~12 ms "
-                    "(all metering switched off: ~28 ms in all), chunking ~5 ms (it was ~30 ms "
-                    "before the word-count sizer), and the rest database round trips (claim, "
-                    "ownership check under the chunk locks, finish), the COPY and the blob read. "
+                    "Where the rest goes: a py-spy profile of one worker pool process during a "
+                    "300-article run (2026-11-23, after the one-script holds) found 82% of its "
+                    "samples in ONNX Runtime's `run` and no hotspot in the rest: MySQL driver "
+                    "socket writes and SQLAlchemy ~6% (claim, ownership check, the `ready` "
+                    "transaction with the settlements; the pool's pre-ping adds a round trip "
+                    "per checkout), the event loop ~5%, the COPY ~1.5%, chunking ~1%, the quota "
+                    "engine's own code ~0.5%, Celery's pipe to the main process ~1%. Earlier, "
+                    "in one quiet process: ~40 ms per article outside the model, of which plan "
+                    "quota holds and their settlement ~12 ms before the one-script holds. "
                     "Outside the worker: the API's uploads, PostgreSQL's COPY and index inserts, "
                     "Redis (broker, holds) and Celery's main process, as counted above.",
                     "  ",
