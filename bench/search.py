@@ -221,13 +221,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_server(
+    env: dict[str, str],
+    port: int,
+    log: Path,
+    app: str = "atrium.app:create_app",
+    ready_path: str = "/healthz",
+    extra_path: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """One uvicorn worker serving ``app`` (a factory), once it answers ``ready_path``."""
+    pythonpath = str(ROOT / "src") + (f":{extra_path}" if extra_path else "")
     proc = subprocess.Popen(
         [
             sys.executable,
             "-m",
             "uvicorn",
-            "atrium.app:create_app",
+            app,
             "--factory",
             "--host",
             "127.0.0.1",
@@ -239,7 +248,7 @@ def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[
             "--timeout-keep-alive",
             "300",
         ],
-        env={**os.environ, **env, "PYTHONPATH": str(ROOT / "src")},
+        env={**os.environ, **env, "PYTHONPATH": pythonpath},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -249,13 +258,13 @@ def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError("the API exited:\n" + log.read_text()[-3000:])
+            raise RuntimeError(f"{app} exited:\n" + log.read_text()[-3000:])
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{ready_path}", timeout=1):
                 return proc
         except OSError:
             time.sleep(0.3)
-    raise RuntimeError("the API did not start:\n" + log.read_text()[-3000:])
+    raise RuntimeError(f"{app} did not start:\n" + log.read_text()[-3000:])
 
 
 # Setup through the API --------------------------------------------------------------------------
@@ -574,38 +583,9 @@ _open_sessions: list[Any] = []
 
 
 def start_floor_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "_floor_app:create_app",
-            "--factory",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-access-log",
-            "--timeout-keep-alive",
-            "300",
-        ],
-        env={**os.environ, **env, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'bench'}"},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    return start_server(
+        env, port, log, "_floor_app:create_app", "/openapi.json", extra_path=ROOT / "bench"
     )
-    import urllib.request
-
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("the floor app exited:\n" + log.read_text()[-3000:])
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=1):
-                return proc
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError("the floor app did not start:\n" + log.read_text()[-3000:])
 
 
 async def route_ids(api: Api, tenant: Tenant, query: str, **extra: Any) -> list[int]:

@@ -1234,13 +1234,9 @@ class Reservation:
     async def commit(self, actual: int | None = None) -> None:
         """Record the work (``actual``, else what :meth:`settle` said, else ``amount``): now,
         or on SQLite inside a request once the request has committed."""
-        if self._done:
+        amount = self._finish(actual)
+        if amount is None:
             return
-        self._done = True
-        if actual is not None:
-            self.actual = actual
-        amount = self.amount if self.actual is None else self.actual
-        assert self._billing is not None, "acquire() first"
         if self._defer_to is not None and amount != 0:
 
             async def when_done(committed: bool) -> None:
@@ -1251,17 +1247,23 @@ class Reservation:
                 return
         await self._record(amount)
 
+    def _finish(self, actual: int | None) -> int | None:
+        """Mark the reservation done; the amount to record, or None when it already was."""
+        if self._done:
+            return None
+        self._done = True
+        if actual is not None:
+            self.actual = actual
+        assert self._billing is not None, "acquire() first"
+        return self.amount if self.actual is None else self.actual
+
     async def record_later(self, actual: int | None = None) -> None:
         """Like :meth:`commit`, but recorded in MySQL with the next batch (searches, answers,
         tokens: work done all day long, where a transaction each would cost more than the
         work). The capacity stays held until the batch is written."""
-        if self._done:
+        amount = self._finish(actual)
+        if amount is None:
             return
-        self._done = True
-        if actual is not None:
-            self.actual = actual
-        amount = self.amount if self.actual is None else self.actual
-        assert self._billing is not None, "acquire() first"
         if amount == 0:
             await self.release()
             return
