@@ -557,19 +557,40 @@ def _para(text: str, indent: str = "") -> str:
     )
 
 
-def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -> str:
-    docs = sum(r.docs for r in rounds)
-    chunks = sum(r.chunks for r in rounds)
-    tokens = sum(r.tokens for r in rounds)
-    failed = sum(r.failed for r in rounds)
-    pipe_s = sum(r.pipeline_s for r in rounds)
-    upload_s = sum(r.upload_s for r in rounds)
-    alone_s = sum(r.alone.wall_s for r in rounds if r.alone)
-    alone_cpu = sum(r.alone.cpu_s for r in rounds if r.alone)
+@dataclass
+class Totals:
+    """The rounds added up: what the report and the console summary both print."""
+
+    docs: int
+    chunks: int
+    pipe_s: float
+    alone_s: float
+    alone_cpu: float
+    cpu_by: dict[str, float]
+
+
+def _totals(rounds: list[Round]) -> Totals:
     cpu_by: dict[str, float] = {}
     for r in rounds:
         for k, v in r.cpu_by.items():
             cpu_by[k] = cpu_by.get(k, 0.0) + v
+    return Totals(
+        docs=sum(r.docs for r in rounds),
+        chunks=sum(r.chunks for r in rounds),
+        pipe_s=sum(r.pipeline_s for r in rounds),
+        alone_s=sum(r.alone.wall_s for r in rounds if r.alone),
+        alone_cpu=sum(r.alone.cpu_s for r in rounds if r.alone),
+        cpu_by=cpu_by,
+    )
+
+
+def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -> str:
+    t = _totals(rounds)
+    docs, chunks, pipe_s, alone_s = t.docs, t.chunks, t.pipe_s, t.alone_s
+    alone_cpu, cpu_by = t.alone_cpu, t.cpu_by
+    tokens = sum(r.tokens for r in rounds)
+    failed = sum(r.failed for r in rounds)
+    upload_s = sum(r.upload_s for r in rounds)
     pipe_cpu = _own_cpu(cpu_by)
     ratio = alone_s / pipe_s
     per_round = sorted(r.alone.wall_s / r.pipeline_s for r in rounds if r.alone)
@@ -816,15 +837,9 @@ def main() -> None:
     if not args.no_shipped:
         shipped = _embedder_alone([t for r in rounds for t in r.texts], 1, cores, 32)
 
-    docs = sum(r.docs for r in rounds)
-    chunks = sum(r.chunks for r in rounds)
-    pipe_s = sum(r.pipeline_s for r in rounds)
-    alone_s = sum(r.alone.wall_s for r in rounds if r.alone)
-    alone_cpu = sum(r.alone.cpu_s for r in rounds if r.alone)
-    cpu_by: dict[str, float] = {}
-    for r in rounds:
-        for k, v in r.cpu_by.items():
-            cpu_by[k] = cpu_by.get(k, 0.0) + v
+    t = _totals(rounds)
+    docs, chunks, pipe_s, alone_s = t.docs, t.chunks, t.pipe_s, t.alone_s
+    alone_cpu, cpu_by = t.alone_cpu, t.cpu_by
     print(
         f"pipeline: {docs} docs ({sum(r.failed for r in rounds)} failed), {chunks} chunks in "
         f"{pipe_s:.1f} s: {docs / pipe_s:.2f} docs/s, {chunks / pipe_s:.1f} chunks/s"
