@@ -64,12 +64,13 @@ def delete_collection(self: Task, *, tenant_id: str, collection_id: str) -> dict
         files = await get_blobstore(res.settings).delete_prefix(
             collection_prefix(tenant, collection)
         )
-        # 3. The rows (documents go with their collection: ON DELETE CASCADE).
+        # 3. The rows (documents go with their collection: ON DELETE CASCADE), after the
+        #    version moved: see ingestion.tasks.delete_document.
+        await bump_collection_version(res.redis, tenant, collection)
         async with unit_of_work(res.sessionmaker) as session:
             row = await CollectionRepository(session, tenant).get(collection)
             if row is not None:
                 await session.delete(row)
-        await bump_collection_version(res.redis, tenant, collection)
         return {"deleted": True, "chunks": chunks, "files": files}
 
     try:

@@ -153,11 +153,14 @@ def delete_document(self: Task, *, tenant_id: str, document_id: str) -> dict[str
         async with res.vector_pool.connection() as conn:
             chunks = await delete_document_chunks(conn, tenant, document_id_)
         await get_blobstore(res.settings).delete(blob_key)
+        # The version moves before the row goes: while the row is there, searches leave the
+        # document out by id (part of their cache key); once it is gone they no longer do, and
+        # only a new version keeps them from finding a result cached before the deletion.
+        await bump_collection_version(res.redis, tenant, collection_id)
         async with unit_of_work(res.sessionmaker) as session:
             document = await DocumentRepository(session, tenant).get(document_id_)
             if document is not None and document.status is DocumentStatus.deleting:
                 await session.delete(document)
-        await bump_collection_version(res.redis, tenant, collection_id)
         return {"deleted": True, "chunks": chunks}
 
     try:
