@@ -104,7 +104,8 @@ def test_pdf_is_detected_and_extracted_with_its_title() -> None:
     assert "First page line one" in result.text and "Second page text" in result.text
     assert result.pages == 2
     assert result.title == "Quarterly report"
-    assert extract.inspect_upload(data, "application/pdf").title == "Quarterly report"
+    # The upload only sniffs the type; the title comes from the worker's extraction.
+    assert extract.inspect_upload(data, "application/pdf") == extract.PDF
 
 
 def test_docx_is_detected_and_keeps_structure_as_markdown() -> None:
@@ -150,8 +151,8 @@ def test_markdown_and_plain_text() -> None:
 
 def test_type_comes_from_content_not_from_the_declared_name() -> None:
     # A PDF declared as octet-stream (no information) is a PDF.
-    assert extract.inspect_upload(make_pdf([["x y z"]]), "application/octet-stream")
-    assert extract.inspect_upload(b"plain words", None).content_type == extract.TEXT
+    assert extract.inspect_upload(make_pdf([["x y z"]]), "application/octet-stream") == extract.PDF
+    assert extract.inspect_upload(b"plain words", None) == extract.TEXT
 
 
 def test_text_with_byte_order_marks() -> None:
@@ -173,13 +174,9 @@ def test_text_with_byte_order_marks() -> None:
         (make_zip({"xl/workbook.xml": b"<x/>"}), None, 415, "Excel"),
         (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + b"\x00" * 64, None, 415, "legacy Microsoft Office"),
         (b"PK\x03\x04 broken", None, 422, "damaged"),
-        (b"%PDF-1.4 this is no pdf", None, 422, "could not be read as a PDF"),
-        (make_image_only_pdf(), None, 422, "without extractable text"),
-        (encrypt_pdf(make_pdf([["secret text"]]), "pw"), None, 422, "encrypted"),
         (b"just text", "application/pdf", 415, "sent as application/pdf"),
         (make_pdf([["text"]]), "text/plain", 415, "its content is a PDF"),
         (make_docx(), "application/pdf", 415, "Word (DOCX)"),
-        (b"<html><body></body></html>", None, 422, "without any text"),
     ],
 )
 def test_bad_documents_are_refused_with_a_reason(
@@ -192,9 +189,30 @@ def test_bad_documents_are_refused_with_a_reason(
     assert info.value.message.startswith("File 'x'")
 
 
+# Found only by parsing, which the API no longer does: the upload is accepted (its type is
+# right) and the worker's extraction fails the document with the reason.
+@pytest.mark.parametrize(
+    ("data", "content_type", "words"),
+    [
+        (b"%PDF-1.4 this is no pdf", extract.PDF, "could not be read as a PDF"),
+        (make_image_only_pdf(), extract.PDF, "without extractable text"),
+        (encrypt_pdf(make_pdf([["secret text"]]), "pw"), extract.PDF, "encrypted"),
+        (b"<html><body></body></html>", extract.HTML, "without any text"),
+    ],
+)
+def test_unreadable_documents_fail_extraction_with_a_reason(
+    data: bytes, content_type: str, words: str
+) -> None:
+    assert extract.inspect_upload(data, None) == content_type
+    with pytest.raises(BadDocument) as info:
+        extract.extract(data, content_type, "File 'x'")
+    assert words in info.value.message
+    assert info.value.message.startswith("File 'x'")
+
+
 def test_pdf_with_only_an_owner_password_is_readable() -> None:
     data = encrypt_pdf(make_pdf([["open to read"]]), user_password="")
-    assert extract.inspect_upload(data, None).content_type == extract.PDF
+    assert extract.inspect_upload(data, None) == extract.PDF
     assert "open to read" in extract.extract(data, extract.PDF).text
 
 

@@ -137,6 +137,24 @@ class Settings(BaseSettings):
     ingestion_sweep_interval_seconds: int = Field(
         300, ge=5, description="How often beat looks for stuck documents and deletions."
     )
+    ingestion_extract_timeout_seconds: int = Field(
+        300,
+        ge=5,
+        description="Longest a worker spends reading one document's text (a sandboxed child "
+        "process, killed after this); the document then fails with the reason.",
+    )
+    ingestion_extract_memory_mb: int = Field(
+        1024,
+        ge=128,
+        description="Memory (MB) the sandbox that reads one document may allocate; a document "
+        "needing more fails with the reason.",
+    )
+    ingestion_max_pdf_pages: int = Field(
+        2000, ge=1, description="A PDF with more pages fails (split it)."
+    )
+    ingestion_max_inflated_mb: int = Field(
+        256, ge=1, description="The most (MB) a DOCX's compressed parts may inflate to, together."
+    )
 
     llm_model: str = Field(
         "", description="litellm model for answers (e.g. openai/gpt-4o-mini). Empty: extractive."

@@ -16,7 +16,7 @@ from atrium.auth.subject import AuthSubject
 from atrium.collections.metadata import parse_metadata_json
 from atrium.collections.service import get as get_collection
 from atrium.ingestion import service
-from atrium.ingestion.extract import SUPPORTED
+from atrium.ingestion.extract import SUPPORTED, fallback_title
 from atrium.ingestion.limits import MAX_FILES_PER_REQUEST, human_bytes, max_upload_bytes
 from atrium.ingestion.repository import DocumentRepository
 from atrium.ingestion.schemas import Document, DocumentCreate, DocumentUpload, UploadedDocument
@@ -146,13 +146,12 @@ def _item_from_json(body: bytes) -> service.Incoming:
     async def read() -> bytes:
         return encoded
 
-    first_line = next((line.strip() for line in data.text.splitlines() if line.strip()), "")
     return service.Incoming(
         label="The text",
         read=read,
         size=len(encoded),
         title=data.title,
-        fallback_title=first_line[:120] or None,
+        fallback_title=fallback_title(encoded),
         metadata=data.metadata,
     )
 
@@ -185,15 +184,18 @@ async def upload_documents(
 ) -> DocumentUpload:
     """Add documents to a collection: a multipart upload of one or more files, or JSON text.
 
-    Each document is checked now (type from its content, size, readable text) and processed
+    Each document is checked now (size, type from its content, text that decodes) and read
     in the background: `queued` → `processing` → `ready` or `failed`. Answers 202 with each
     document's id and status. Bytes already in the collection are not stored twice: that
     document comes back with `duplicate: true` (200 when every document was a duplicate).
+    Without a `title`, a document is named after its file (JSON text: its first line) until it
+    is read; then its own title (PDF or DOCX properties, HTML title, first heading) replaces it.
 
     Errors name the file: 413 larger than the upload limit, 415 an unsupported type or a
-    Content-Type that contradicts the content, 422 empty, not UTF-8, an encrypted PDF, a PDF
-    without text (scanned images), or metadata that is not a small flat JSON object; 409 when
-    the collection is being deleted. One bad file refuses the whole request.
+    Content-Type that contradicts the content, 422 empty, not UTF-8, a damaged ZIP/DOCX, or
+    metadata that is not a small flat JSON object; 409 when the collection is being deleted.
+    One bad file refuses the whole request. A file that cannot be read (an encrypted or
+    scanned PDF, a damaged PDF, a ZIP bomb, a page without text) ends `failed` with the reason.
     """
     settings = request.app.state.settings
     limit = await max_upload_bytes(session, subject.tenant_id, settings)

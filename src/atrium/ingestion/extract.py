@@ -4,8 +4,24 @@ The type comes from the bytes, never from the file name: PDF by its ``%PDF-`` he
 ZIP holding ``word/document.xml``, HTML by sniffing its first tag (the WHATWG rules), anything
 else that decodes as UTF-8 (or UTF-16/32 with a byte-order mark) is text, Markdown when it
 looks like Markdown. A declared ``Content-Type`` that contradicts the content is refused as
-mislabelled (415), as is any other binary format; an empty, undecodable, encrypted or image-only
-document is refused with 422. Every refusal says what to do.
+mislabelled (415), as is any other binary format; an empty or undecodable text, or a damaged
+ZIP, is refused with 422. Every refusal says what to do.
+
+Two stages, for two places (see docs/security.md, "Uploads"):
+
+* :func:`inspect_upload` runs in the API on untrusted bytes, so it only *sniffs*: magic bytes, a
+  bounded look at the first bytes, a ZIP's central directory (never inflating a part), and text
+  decoded piece by piece without keeping it. Its time is linear in the size and its memory does
+  not grow with it.
+* :func:`extract` parses the whole document and runs only in the worker, inside the sandbox
+  (``ingestion.sandbox``: a child process with a memory and a time limit). It still checks a
+  DOCX's parts (count, declared and actual inflated sizes, compression ratio) before handing it to
+  python-docx, and caps a PDF's pages. An encrypted, image-only or damaged PDF, a Word file or
+  HTML page without text, or a ZIP bomb ends the document ``failed`` with the reason.
+
+Every regular expression here may see user text: each runs in linear time (no nested or
+overlapping quantifiers, nothing that crosses lines, possessive quantifiers where a failing match
+would otherwise backtrack); tests/test_untrusted_files.py feeds each 1 MB adversarial inputs.
 
 Extraction keeps structure where the chunker can use it: Markdown stays Markdown, and DOCX and
 HTML headings, list items and tables become Markdown, so the Markdown splitter cuts at sections.
@@ -13,9 +29,12 @@ HTML headings, list items and tables become Markdown, so the Markdown splitter c
 
 from __future__ import annotations
 
+import codecs
 import io
 import re
+import struct
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,18 +100,38 @@ _HTML_TAG = re.compile(
     rb"|br|p|!--)(?:[\s>/]|$)",
     re.IGNORECASE,
 )
-_MD_HEADING = re.compile(r"^#{1,6}\s+\S", re.MULTILINE)
-_MD_FENCE = re.compile(r"^(```|~~~)", re.MULTILINE)
-_MD_BLOCK = re.compile(r"^\s{0,3}(?:[-*+]\s+\S|\d{1,3}[.)]\s+\S|>\s?\S|\|.*\|\s*$)", re.MULTILINE)
-_MD_INLINE = re.compile(r"\[[^\]\n]+\]\([^)\s]+\)|\*\*[^*\n]+\*\*|`[^`\n]+`")
+# Markdown sniffing and titles. None of these crosses a line (``[ \t]``, not ``\s``), a bracket
+# scan stops at the next opening bracket too (so scans from different starts never overlap), and
+# quantifiers that would only backtrack into a failure are possessive: linear time on any input.
+_MD_HEADING = re.compile(r"^#{1,6}[ \t]++\S", re.MULTILINE)
+_MD_FENCE = re.compile(r"^(?:```|~~~)", re.MULTILINE)
+_MD_BLOCK = re.compile(
+    r"^[ \t]{0,3}+(?:[-*+][ \t]++\S|\d{1,3}+[.)][ \t]++\S|>[ \t]?\S|\|[^\n]*\|[ \t]*+$)",
+    re.MULTILINE,
+)
+_MD_INLINE = re.compile(r"\[[^\[\]\n]++\]\([^()\s]++\)|\*\*[^*\n]++\*\*|`[^`\n]++`")
+# An ATX heading: the text after the hashes, to the end of its line (closing hashes cut in code).
+_MD_TITLE = re.compile(r"^ {0,3}+#{1,6}[ \t]++(\S[^\n]*+)", re.MULTILINE)
+_HTML_FIRST_HEADING = re.compile(r"^# ([^\n]+)", re.MULTILINE)
+_BLANK_LINES = re.compile(r"\n{3,}")
+_DOCX_HEADING = re.compile(r"Heading (\d)")
 
+#: Text is checked in pieces of this many bytes at upload (memory stays flat whatever the size).
+_TEXT_STEP = 1024 * 1024
+#: Characters of text looked at to tell Markdown from plain text.
+_MARKDOWN_SAMPLE = 20000
+#: The first bytes a fallback title (a JSON text's first line) is taken from.
+_FALLBACK_TITLE_BYTES = 4096
 
-@dataclass(frozen=True)
-class Detected:
-    """What an upload is, found from its content."""
-
-    content_type: str
-    title: str | None = None
+#: Parts a DOCX may have (Word writes a few dozen; thousands only come from crafted files).
+MAX_ZIP_ENTRIES = 5000
+#: A part larger than this once inflated must not be compressed more than ``MAX_ZIP_RATIO`` times.
+ZIP_RATIO_FLOOR = 4 * 1024 * 1024
+MAX_ZIP_RATIO = 100
+_ZIP_READ = 1024 * 1024
+_EOCD = b"PK\x05\x06"
+_EOCD64_LOCATOR = b"PK\x06\x07"
+_EOCD64 = b"PK\x06\x06"
 
 
 @dataclass(frozen=True)
@@ -103,6 +142,19 @@ class Extracted:
     markdown: bool
     title: str | None = None
     pages: int | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of one extraction (the worker passes the configured ones).
+
+    Attributes:
+        max_pdf_pages: a PDF with more pages fails (split it).
+        max_inflated_bytes: the most a DOCX's parts may inflate to, all together.
+    """
+
+    max_pdf_pages: int = 2000
+    max_inflated_bytes: int = 256 * 1024 * 1024
 
 
 def describe(content_type: str) -> str:
@@ -125,50 +177,83 @@ def _title(value: Any) -> str | None:
     return value[:_MAX_TITLE] or None
 
 
-def _decode_text(data: bytes, label: str) -> str:
-    """The text of a text file, or the reason it is not one."""
-    boms = (
-        (b"\xef\xbb\xbf", "utf-8"),
-        (b"\xff\xfe\x00\x00", "utf-32-le"),
-        (b"\x00\x00\xfe\xff", "utf-32-be"),
-        (b"\xff\xfe", "utf-16-le"),
-        (b"\xfe\xff", "utf-16-be"),
-    )
-    for bom, encoding in boms:
-        if data.startswith(bom):
-            try:
-                return data[len(bom) :].decode(encoding)
-            except UnicodeDecodeError as exc:
+_BOMS = (
+    (b"\xef\xbb\xbf", "utf-8"),
+    (b"\xff\xfe\x00\x00", "utf-32-le"),
+    (b"\x00\x00\xfe\xff", "utf-32-be"),
+    (b"\xff\xfe", "utf-16-le"),
+    (b"\xfe\xff", "utf-16-be"),
+)
+
+
+def _text_pieces(data: bytes, label: str) -> Iterator[str]:
+    """The text of a text file, decoded a piece at a time, or the reason it is not one.
+
+    Decoding incrementally keeps memory flat at upload, where only a verdict is needed.
+    """
+    encoding, start, bom = "utf-8", 0, False
+    for mark, name in _BOMS:
+        if data.startswith(mark):
+            encoding, start, bom = name, len(mark), True
+            break
+    decoder = codecs.getincrementaldecoder(encoding)()
+    for offset in range(start, max(len(data), start + 1), _TEXT_STEP):
+        end = offset + _TEXT_STEP
+        try:
+            piece = decoder.decode(data[offset:end], final=end >= len(data))
+        except UnicodeDecodeError as exc:
+            at = offset + exc.start
+            if bom:
                 raise BadDocument(
                     f"{label} starts with a {encoding.upper()} byte-order mark but is not valid "
-                    f"{encoding.upper()} (bad bytes at offset {exc.start + len(bom)}); "
+                    f"{encoding.upper()} (bad bytes at offset {at}); "
                     "save it as UTF-8 and upload it again"
                 ) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        kind = filetype.guess(data)
-        if kind is not None:
+            kind = filetype.guess(data[:8192])
+            if kind is not None:
+                raise BadDocument(
+                    f"{label} is {kind.mime} (.{kind.extension}), which is not supported; "
+                    f"upload {SUPPORTED}",
+                    415,
+                ) from None
+            if b"\x00" in data[:8192]:
+                raise BadDocument(
+                    f"{label} is binary data of an unknown type; upload {SUPPORTED}", 415
+                ) from None
             raise BadDocument(
-                f"{label} is {kind.mime} (.{kind.extension}), which is not supported; "
-                f"upload {SUPPORTED}",
-                415,
+                f"{label} is not valid UTF-8 text (undecodable bytes at offset {at}); "
+                "save it as UTF-8 and upload it again"
             ) from None
-        if b"\x00" in data[:8192]:
-            raise BadDocument(
-                f"{label} is binary data of an unknown type; upload {SUPPORTED}", 415
-            ) from None
-        raise BadDocument(
-            f"{label} is not valid UTF-8 text (undecodable bytes at offset {exc.start}); "
-            "save it as UTF-8 and upload it again"
-        ) from None
-    if "\x00" in text:
-        raise BadDocument(f"{label} is binary data of an unknown type; upload {SUPPORTED}", 415)
-    return text
+        if "\x00" in piece:
+            raise BadDocument(f"{label} is binary data of an unknown type; upload {SUPPORTED}", 415)
+        yield piece
+
+
+def _decode_text(data: bytes, label: str) -> str:
+    """The whole text of a text file (worker side)."""
+    return "".join(_text_pieces(data, label))
+
+
+def _scan_text(data: bytes, label: str) -> str:
+    """Check a text file without keeping it: the first characters, for sniffing Markdown.
+
+    Raises:
+        BadDocument: undecodable, binary, or nothing but whitespace.
+    """
+    sample = ""
+    blank = True
+    for piece in _text_pieces(data, label):
+        if blank and piece and not piece.isspace():
+            blank = False
+        if len(sample) < _MARKDOWN_SAMPLE:
+            sample += piece[: _MARKDOWN_SAMPLE - len(sample)]
+    if blank:
+        raise BadDocument(f"{label} contains only whitespace")
+    return sample
 
 
 def _looks_like_markdown(text: str) -> bool:
-    sample = text[:20000]
+    sample = text[:_MARKDOWN_SAMPLE]
     if _MD_HEADING.search(sample) or _MD_FENCE.search(sample):
         return True
     return len(_MD_BLOCK.findall(sample)) + len(_MD_INLINE.findall(sample)) >= 3
@@ -181,14 +266,52 @@ def _is_html(data: bytes) -> bool:
     return head.lstrip().lower().startswith(b"<?xml") and b"<html" in head.lower()
 
 
-def _zip_kind(data: bytes, label: str) -> str:
+def _damaged_zip(label: str) -> BadDocument:
+    return BadDocument(
+        f"{label} looks like a ZIP or Word file but is damaged; save it again and upload it"
+    )
+
+
+def _too_many_parts(label: str, count: int) -> BadDocument:
+    return BadDocument(
+        f"{label} is a ZIP with {count} parts; a Word document has at most {MAX_ZIP_ENTRIES}. "
+        "Open it in Word, save it again as .docx and upload the new file"
+    )
+
+
+def _zip_entry_count(data: bytes, label: str) -> int:
+    """The number of entries a ZIP's end-of-central-directory record announces.
+
+    Read from the record alone (the last bytes), before anything builds the directory: a
+    crafted file cannot make the API hold one object per entry of a million-entry directory.
+    """
+    tail = max(0, len(data) - (22 + 0xFFFF))
+    at = data.rfind(_EOCD, tail)
+    if at < 0 or len(data) - at < 22:
+        raise _damaged_zip(label)
+    count = struct.unpack_from("<H", data, at + 10)[0]
+    if count == 0xFFFF and at >= 20 and data[at - 20 : at - 16] == _EOCD64_LOCATOR:
+        record = struct.unpack_from("<Q", data, at - 12)[0]
+        if data[record : record + 4] != _EOCD64:
+            raise _damaged_zip(label)
+        count = struct.unpack_from("<Q", data, record + 32)[0]
+    return int(count)
+
+
+def _zip_names(data: bytes, label: str) -> set[str]:
+    """The names in a ZIP's central directory; no part is inflated."""
+    count = _zip_entry_count(data, label)
+    if count > MAX_ZIP_ENTRIES:
+        raise _too_many_parts(label, count)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = set(archive.namelist())
-    except (zipfile.BadZipFile, ValueError, OSError):
-        raise BadDocument(
-            f"{label} looks like a ZIP or Word file but is damaged; save it again and upload it"
-        ) from None
+            return set(archive.namelist())
+    except (zipfile.BadZipFile, ValueError, OSError, struct.error):
+        raise _damaged_zip(label) from None
+
+
+def _zip_kind(data: bytes, label: str) -> str:
+    names = _zip_names(data, label)
     if "word/document.xml" in names:
         return DOCX
     if "xl/workbook.xml" in names:
@@ -205,12 +328,15 @@ def _zip_kind(data: bytes, label: str) -> str:
 def detect(data: bytes, label: str = "The document") -> str:
     """The content type of ``data``, judged from the bytes alone.
 
+    Bounded work only (see the module docstring): safe on untrusted bytes in the API.
+
     Args:
         data: the uploaded bytes.
         label: how messages name the upload (e.g. ``File 'a.pdf'``).
 
     Raises:
-        BadDocument: 422 when empty or undecodable text, 415 when of an unsupported type.
+        BadDocument: 422 when empty, undecodable text or a damaged ZIP, 415 when of an
+            unsupported type.
     """
     if not data:
         raise BadDocument(f"{label} is empty")
@@ -228,8 +354,8 @@ def detect(data: bytes, label: str = "The document") -> str:
         # HTML declares its own charset (meta tags); BeautifulSoup decodes it, so HTML need not be
         # UTF-8.
         return HTML
-    text = _decode_text(data, label)
-    return MARKDOWN if _looks_like_markdown(text) else TEXT
+    sample = _scan_text(data, label)
+    return MARKDOWN if _looks_like_markdown(sample) else TEXT
 
 
 def _family(content_type: str) -> str:
@@ -311,22 +437,19 @@ def _no_pdf_text(label: str) -> BadDocument:
     )
 
 
-def _extract_pdf(data: bytes, label: str) -> Extracted:
+def _extract_pdf(data: bytes, label: str, limits: Limits) -> Extracted:
     reader = _pdf_reader(data, label)
+    count = len(reader.pages)
+    if count > limits.max_pdf_pages:
+        raise BadDocument(
+            f"{label} has {count} pages; at most {limits.max_pdf_pages} are read per document. "
+            "Split it into smaller PDFs and upload those"
+        )
     pages = [_pdf_page_text(page) for page in reader.pages]
     text = "\n\n".join(p.strip() for p in pages if p.strip())
     if not text.strip():
         raise _no_pdf_text(label)
     return Extracted(text=text, markdown=False, title=_pdf_title(reader), pages=len(pages))
-
-
-def _check_pdf(data: bytes, label: str) -> str | None:
-    """Upload-time check: readable, not locked, and some page has text (stops at the first)."""
-    reader = _pdf_reader(data, label)
-    for page in reader.pages:
-        if _pdf_page_text(page).strip():
-            return _pdf_title(reader)
-    raise _no_pdf_text(label)
 
 
 def _docx_block(block: Any) -> str:
@@ -344,7 +467,7 @@ def _docx_block(block: Any) -> str:
     style = (block.style.name if block.style is not None else "") or ""
     if style == "Title":
         return "# " + text
-    match = re.match(r"Heading (\d)", style)
+    match = _DOCX_HEADING.match(style)
     if match:
         return "#" * min(6, int(match.group(1)) + 1) + " " + text
     if style.startswith("List"):
@@ -352,9 +475,69 @@ def _docx_block(block: Any) -> str:
     return text
 
 
-def _extract_docx(data: bytes, label: str) -> Extracted:
+def _zip_bomb(label: str, why: str) -> BadDocument:
+    return BadDocument(
+        f"{label} is a Word file whose parts {why}; that is what a ZIP bomb does, not Word. "
+        "Open it in Word, save it again as .docx and upload the new file"
+    )
+
+
+def check_zip_parts(data: bytes, label: str, limits: Limits) -> None:
+    """Refuse a ZIP whose parts would inflate beyond the limits, before anything inflates them.
+
+    The declared sizes are checked first (count, each part, the total, the ratio), then every
+    part is inflated as a stream and its real size counted against the same caps: a declared
+    size is never trusted alone.
+
+    Raises:
+        BadDocument: too many parts, too large once inflated, too compressed, or damaged.
+    """
+    cap = limits.max_inflated_bytes
+    count = _zip_entry_count(data, label)
+    if count > MAX_ZIP_ENTRIES:
+        raise _too_many_parts(label, count)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
+            if len(infos) > MAX_ZIP_ENTRIES:
+                raise _too_many_parts(label, len(infos))
+            declared = sum(info.file_size for info in infos)
+            if declared > cap:
+                raise _zip_bomb(label, f"would inflate to {declared:,} bytes (at most {cap:,})")
+            total = 0
+            for info in infos:
+                size = 0
+                with archive.open(info) as part:
+                    while piece := part.read(_ZIP_READ):
+                        size += len(piece)
+                        total += len(piece)
+                        if total > cap:
+                            raise _zip_bomb(label, f"inflate to more than {cap:,} bytes")
+                        if size > ZIP_RATIO_FLOOR and size > MAX_ZIP_RATIO * max(
+                            info.compress_size, 1
+                        ):
+                            raise _zip_bomb(
+                                label,
+                                f"are compressed more than {MAX_ZIP_RATIO} times ({info.filename})",
+                            )
+    except BadDocument:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError, EOFError) as exc:
+        raise BadDocument(
+            f"{label} is a damaged ZIP or Word file ({type(exc).__name__}: {exc}); save it "
+            "again and upload the new file"
+        ) from None
+    except NotImplementedError as exc:  # an unsupported compression method
+        raise BadDocument(
+            f"{label} uses a ZIP feature Word does not ({exc}); save it again as .docx and "
+            "upload the new file"
+        ) from None
+
+
+def _extract_docx(data: bytes, label: str, limits: Limits) -> Extracted:
     import docx
 
+    check_zip_parts(data, label, limits)
     try:
         document = docx.Document(io.BytesIO(data))
         blocks = [_docx_block(block) for block in document.iter_inner_content()]
@@ -431,22 +614,41 @@ def _extract_html(data: bytes, label: str) -> Extracted:
         block.insert_after("\n\n")
     raw = _clean(soup.get_text())
     lines = [" ".join(line.split()) for line in raw.split("\n")]
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+    text = _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
     if not text:
         raise BadDocument(f"{label} is an HTML page without any text")
     if title is None:
-        first = re.search(r"^# (.+)$", text, re.MULTILINE)
+        first = _HTML_FIRST_HEADING.search(text)
         title = _title(first.group(1)) if first else None
     return Extracted(text=text, markdown=True, title=title)
 
 
-def _first_line_title(text: str, markdown: bool) -> str | None:
-    if markdown:
-        heading = re.search(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.MULTILINE)
-        if heading:
-            return _title(heading.group(1))
-        return None
+def markdown_title(text: str) -> str | None:
+    """The text of the first Markdown (ATX) heading, without its closing hashes.
+
+    Linear time on any input (the regex never backtracks; closing hashes are cut with string
+    methods).
+    """
+    for match in _MD_TITLE.finditer(text):
+        content = match.group(1).rstrip()
+        bare = content.rstrip("#")
+        if bare != content and (not bare or bare[-1] in " \t"):
+            content = bare.rstrip()
+        title = _title(content)
+        if title:
+            return title
     return None
+
+
+def fallback_title(data: bytes) -> str | None:
+    """The first non-blank line of a text's first bytes (120 characters at most).
+
+    The title of a JSON text sent without one, until its own title (a first heading) is
+    known; the worker recognises it the same way (see ``ingestion.pipeline``).
+    """
+    head = data[:_FALLBACK_TITLE_BYTES].decode("utf-8", "ignore")
+    line = next((line.strip() for line in head.splitlines() if line.strip()), "")
+    return line[:120] or None
 
 
 def _extract_text(data: bytes, content_type: str, label: str) -> Extracted:
@@ -454,35 +656,40 @@ def _extract_text(data: bytes, content_type: str, label: str) -> Extracted:
     if not text.strip():
         raise BadDocument(f"{label} contains only whitespace")
     markdown = content_type == MARKDOWN
-    return Extracted(text=text, markdown=markdown, title=_first_line_title(text, markdown))
+    return Extracted(text=text, markdown=markdown, title=markdown_title(text) if markdown else None)
 
 
-def extract(data: bytes, content_type: str, label: str = "The document") -> Extracted:
+def extract(
+    data: bytes, content_type: str, label: str = "The document", limits: Limits | None = None
+) -> Extracted:
     """The full text of a document whose type :func:`detect` found.
 
+    Parses the whole document: call it in the worker's sandbox (``ingestion.sandbox``), never
+    in the API.
+
     Raises:
-        BadDocument: when it holds no text or cannot be read.
+        BadDocument: when it holds no text, cannot be read, or exceeds ``limits``.
     """
+    limits = limits or Limits()
     if content_type == PDF:
-        return _extract_pdf(data, label)
+        return _extract_pdf(data, label, limits)
     if content_type == DOCX:
-        return _extract_docx(data, label)
+        return _extract_docx(data, label, limits)
     if content_type == HTML:
         return _extract_html(data, label)
     return _extract_text(data, content_type, label)
 
 
-def inspect_upload(data: bytes, declared: str | None, label: str = "The document") -> Detected:
-    """Everything checked at upload time, so a bad document is refused with a 4xx at once.
+def inspect_upload(data: bytes, declared: str | None, label: str = "The document") -> str:
+    """What the API checks at upload, bounded in time and memory; returns the content type.
 
-    Detects the type, refuses a contradicting declared type, and makes sure text can be
-    extracted (for a PDF, only up to the first page with text, to keep uploads fast).
+    Detects the type from the bytes (see :func:`detect`) and refuses a contradicting declared
+    type. Nothing is parsed: whether a PDF, DOCX or HTML page holds readable text is found by
+    the worker, which fails the document with the reason when it does not.
 
     Raises:
         BadDocument: with the status code to answer.
     """
     content_type = detect(data, label)
     check_declared(declared, content_type, label)
-    if content_type == PDF:
-        return Detected(PDF, _check_pdf(data, label))
-    return Detected(content_type, extract(data, content_type, label).title)
+    return content_type

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
@@ -24,9 +24,11 @@ import psycopg_pool
 import redis.exceptions
 import sqlalchemy.exc
 import structlog
+from celery.exceptions import SoftTimeLimitExceeded
 
 from atrium.billing.quota import Metric, Quota, QuotaExceeded, adjust
 from atrium.ingestion import extract as extraction
+from atrium.ingestion import sandbox
 from atrium.ingestion.embedders import Tools
 from atrium.ingestion.embedding import EmbeddingError
 from atrium.ingestion.exceptions import BadDocument, Superseded
@@ -36,6 +38,9 @@ from atrium.kit.blobstore import get_blobstore
 from atrium.kit.cache_versions import bump_collection_version
 from atrium.kit.db import unit_of_work
 from atrium.kit.runtime import Resources
+
+if TYPE_CHECKING:
+    from atrium.config import Settings
 
 log = structlog.get_logger("atrium.ingestion")
 
@@ -122,6 +127,32 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
+def sandbox_limits(settings: Settings) -> sandbox.SandboxLimits:
+    """The bounds of reading one document, from settings."""
+    return sandbox.SandboxLimits(
+        seconds=float(settings.ingestion_extract_timeout_seconds),
+        memory_bytes=settings.ingestion_extract_memory_mb * 1024 * 1024,
+        extract=extraction.Limits(
+            max_pdf_pages=settings.ingestion_max_pdf_pages,
+            max_inflated_bytes=settings.ingestion_max_inflated_mb * 1024 * 1024,
+        ),
+    )
+
+
+def final_title(current: str, filename: str | None, found: str | None, data: bytes) -> str:
+    """The title a document keeps once its text is extracted.
+
+    An upload without a ``title`` is named after its file (or, for JSON text, its first line,
+    or ``Untitled``) until the worker has read it; then the document's own title (PDF or DOCX
+    properties, HTML ``<title>``, first heading) replaces that name. A title the client gave
+    is kept, unless it is exactly that placeholder.
+    """
+    if not found:
+        return current
+    placeholders = {filename} if filename else {"Untitled", extraction.fallback_title(data)}
+    return found[:500] if current in placeholders else current
+
+
 class _Run:
     """One processing run of one document."""
 
@@ -203,7 +234,8 @@ class _Run:
             old_chunks = document.chunk_count
             blob_key = document.blob_key
             content_type = document.content_type
-            metadata = {**document.metadata, "title": document.title}
+            user_metadata = document.metadata
+            title, filename = document.title, document.filename
             queued_since = document.queued_since
             if queued_since is not None:
                 wait = (document.started_at - queued_since).total_seconds()
@@ -218,7 +250,11 @@ class _Run:
                 "The uploaded file is missing from storage; delete this document and upload "
                 "the file again"
             ) from None
-        extracted = extraction.extract(data, content_type)
+        # Parsed in a child process bounded in memory and time (a crafted file fails this
+        # document, never the worker): see ``ingestion.sandbox``.
+        extracted = sandbox.extract_isolated(data, content_type, sandbox_limits(self.res.settings))
+        new_title = final_title(title, filename, extracted.title, data)
+        metadata = {**user_metadata, "title": new_title}
         del data
         self._large = len(extracted.text) > LARGE_TEXT_CHARS
         self.timings["extract_ms"] = _ms(time.perf_counter() - mark)
@@ -299,7 +335,7 @@ class _Run:
                 chunk_count=len(texts),
                 token_count=tokens,
                 timings=self.timings,
-                title=None,
+                title=new_title if new_title != title else None,
             )
             # Both settlements of this document in the transaction that makes it ``ready``
             # (counted if and only if the row says so; one transaction less per document).
@@ -347,6 +383,16 @@ async def process(
         if exc.transient:
             raise TransientFailure(str(exc), run.run_id) from exc
         reason = f"The embedding provider refused this document: {exc}"
+        await run.fail(reason)
+        return Outcome("failed", timings=run.timings, error=reason)
+    except (SoftTimeLimitExceeded, MemoryError) as exc:
+        # The worker's own limits (chunking or embedding a huge text): this document fails,
+        # the worker goes on; retrying would only meet the same limit.
+        what = "time" if isinstance(exc, SoftTimeLimitExceeded) else "memory"
+        reason = (
+            f"Processing needed more {what} than the worker allows per document; split it "
+            "into smaller files and upload those"
+        )
         await run.fail(reason)
         return Outcome("failed", timings=run.timings, error=reason)
     except Exception as exc:

@@ -31,6 +31,8 @@ class Claimed:
     metadata: dict[str, Any]
     title: str
     started_at: dt.datetime
+    #: The uploaded file's name (the title's placeholder until the text is read).
+    filename: str | None
     #: When it was queued (its previous heartbeat).
     queued_since: dt.datetime | None
 
@@ -120,6 +122,7 @@ class DocumentRepository:
                     Document.title,
                     Document.heartbeat_at,
                     Collection.status,
+                    Document.filename,
                 )
                 .join(Collection, Collection.id == Document.collection_id)
                 .where(Document.id == document_id, Document.tenant_id == self.tenant_id)
@@ -129,7 +132,7 @@ class DocumentRepository:
         if row is None:
             return None
         status, attempts, collection_id, chunk_count, blob_key, content_type = row[:6]
-        metadata, title, queued_since, collection_status = row[6:]
+        metadata, title, queued_since, collection_status, filename = row[6:]
         if collection_status is not CollectionStatus.active or status not in (
             DocumentStatus.queued,
             DocumentStatus.processing,
@@ -158,6 +161,7 @@ class DocumentRepository:
             metadata=dict(metadata or {}),
             title=title,
             started_at=now,
+            filename=filename,
             queued_since=queued_since,
         )
 

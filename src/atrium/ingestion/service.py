@@ -1,8 +1,11 @@
 """Documents: upload (validated, stored, queued), read, re-index and delete.
 
-Uploads are checked completely before anything is stored: one bad file in a multipart request
-refuses the whole request with a 4xx naming that file. The raw bytes go to the blob store, the
-row is committed as ``queued``, and only then is the processing task sent (enqueue after commit).
+Uploads are checked before anything is stored: one bad file in a multipart request refuses the
+whole request with a 4xx naming that file. The check is bounded (the type sniffed from the bytes,
+text decoded piece by piece, a ZIP's directory read without inflating anything; see
+``extract.inspect_upload``): parsing happens in the worker's sandbox, which fails a document it
+cannot read with the reason. The raw bytes go to the blob store, the row is committed as
+``queued``, and only then is the processing task sent (enqueue after commit).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ class Incoming:
         declared_type: the Content-Type the client sent for it, if any.
         filename: the uploaded file's name, if any.
         title: a title the client gave (wins over the document's own).
-        fallback_title: used when neither the client nor the document gives a title.
+        fallback_title: the title until the worker finds the document's own (JSON text: its
+            first line); a file is named after its file name.
         metadata: validated metadata.
     """
 
@@ -142,15 +146,16 @@ async def _check(item: Incoming, limit: int) -> _Checked:
     if len(data) > limit:
         raise _too_large(item.label, len(data), limit)
     try:
-        detected = await run_in_threadpool(
+        # Bounded work (linear time, flat memory) but still CPU: off the event loop.
+        content_type = await run_in_threadpool(
             extract.inspect_upload, data, item.declared_type, item.label
         )
     except BadDocument as exc:
         raise _to_http(exc) from None
-    title = item.title or detected.title or item.filename or item.fallback_title or "Untitled"
-    return _Checked(
-        item, hashlib.sha256(data).hexdigest(), detected.content_type, title[:500], len(data)
-    )
+    # The document's own title (PDF/DOCX properties, first heading...) is only known once the
+    # worker has read it; it then replaces this placeholder (see ``pipeline.final_title``).
+    title = item.title or item.filename or item.fallback_title or "Untitled"
+    return _Checked(item, hashlib.sha256(data).hexdigest(), content_type, title[:500], len(data))
 
 
 async def upload(
