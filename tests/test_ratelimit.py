@@ -259,3 +259,118 @@ async def test_plan_limits_apply_per_key_and_per_user(app: Any, client: httpx.As
     r = await client.get(f"/v1/tenants/{tenant.id}/audit-events", headers=colleague_h)
     assert r.status_code == 403
     assert r.headers["X-RateLimit-Remaining"] == "0"
+
+
+# Per-account limits cannot be dodged (issue 13, finding 4) ------------------------------------
+
+# (route, the limited field, the per-address limit, how the body is sent)
+ACCOUNT_ROUTES = [
+    ("/v1/auth/login", "username", 10, "Application/x-www-form-urlencoded"),
+    ("/console/session/login", "username", 10, "APPLICATION/JSON"),
+    ("/v1/auth/register", "email", 5, "APPLICATION/JSON"),
+    ("/v1/auth/forgot-password", "email", 5, "APPLICATION/JSON"),
+    ("/v1/auth/request-verify-token", "email", 5, "APPLICATION/JSON; Charset=UTF-8"),
+]
+
+
+async def _account_post(
+    client: httpx.AsyncClient, path: str, content_type: str, body: dict[str, str]
+) -> httpx.Response:
+    import json
+    from urllib.parse import urlencode
+
+    headers = {"content-type": content_type}
+    if path.startswith("/console/"):
+        from tests.test_console import csrf
+        from tests.test_console import headers as console_headers
+
+        headers.update(console_headers(await csrf(client)))
+    form = "x-www-form-urlencoded" in content_type.lower()
+    content = urlencode(body) if form else json.dumps(body)
+    return await client.post(path, content=content, headers=headers)
+
+
+@pytest.mark.parametrize(("path", "field", "limit", "content_type"), ACCOUNT_ROUTES)
+async def test_upper_case_media_types_do_not_skip_the_per_address_limit(
+    client: httpx.AsyncClient, path: str, field: str, limit: int, content_type: str
+) -> None:
+    # The routes parse these bodies (media types are case-insensitive), so the per-address
+    # limit must count them: it used to compare the media type case-sensitively and skip it.
+    body = {field: "victim@example.com", "password": "Not-the-password-123"}
+    for _ in range(limit):
+        r = await _account_post(client, path, content_type, body)
+        # Parsed and validated by the route (not a 422): the route accepts this media type.
+        assert r.status_code not in (422, 429), r.text
+    refused = await _account_post(client, path, content_type, body)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["detail"]["limit"] == limit
+    assert int(refused.headers["Retry-After"]) >= 1
+
+
+async def test_requests_without_a_readable_field_share_one_bucket(
+    client: httpx.AsyncClient, app: Any
+) -> None:
+    # Absent field, wrong type, not an object, an unknown media type: limited all the same.
+    # (Broken JSON never reaches the limits: FastAPI refuses it before any dependency runs.)
+    bodies: list[tuple[bytes, str]] = [
+        (b'{"mail": "a@example.com"}', "application/json"),
+        (b'{"email": 42}', "application/json"),
+        (b'["a@example.com"]', "application/json"),
+        (b"email=a@example.com", "text/plain"),
+        (b'{"email": "   "}', "application/json"),
+    ]
+    for content, content_type in bodies:
+        r = await client.post(
+            "/v1/auth/forgot-password", content=content, headers={"content-type": content_type}
+        )
+        assert r.status_code == 422, r.text
+    refused = await client.post("/v1/auth/forgot-password", content=b"{}")
+    assert refused.status_code == 429
+    keys = [k async for k in app.state.redis.scan_iter("atrium:rl:forgot-password-email:*")]
+    assert keys == ["atrium:rl:forgot-password-email:email:missing"]
+    # A real address still has its own bucket.
+    ok = await client.post("/v1/auth/forgot-password", json={"email": "someone@example.com"})
+    assert ok.status_code == 202
+
+
+async def test_accents_and_case_of_an_address_share_its_bucket(
+    rl_app: Any, clean_state: None
+) -> None:
+    async with _client(rl_app) as c:
+        for spelling in ("Ann@Example.com", "ANN@EXAMPLE.COM"):
+            r = await c.post("/v1/_rltest/login", data={"username": spelling})
+            assert r.status_code == 200
+        # Accent-insensitive collations would find the same account: same bucket.
+        r = await c.post("/v1/_rltest/login", data={"username": "ánn@exámple.com"})
+        assert r.status_code == 429
+
+
+# IPv6 clients by /64 (issue 13, finding 15) -------------------------------------------------
+
+
+async def test_ipv6_clients_are_limited_per_64_and_mapped_ipv4_as_ipv4(
+    rl_app: Any, clean_state: None
+) -> None:
+    same_64 = ["2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:fffe", "2001:db8:1:2:abcd::9"]
+    for ip in same_64:
+        async with _client(rl_app, ip) as c:
+            assert (await c.get("/v1/_rltest/ip")).status_code == 200
+    # A fourth address of the same /64 is the same client: refused.
+    async with _client(rl_app, "2001:db8:1:2:1234::1") as c:
+        assert (await c.get("/v1/_rltest/ip")).status_code == 429
+    # The next /64 is someone else.
+    async with _client(rl_app, "2001:db8:1:3::1") as c:
+        assert (await c.get("/v1/_rltest/ip")).status_code == 200
+
+    # An IPv4-mapped address is its IPv4 client.
+    for ip in ("10.7.7.7", "::ffff:10.7.7.7", "::ffff:a07:707"):
+        async with _client(rl_app, ip) as c:
+            assert (await c.get("/v1/_rltest/ip")).status_code == 200
+    async with _client(rl_app, "10.7.7.7") as c:
+        assert (await c.get("/v1/_rltest/ip")).status_code == 429
+    keys = sorted([k async for k in rl_app.state.redis.scan_iter("atrium:rl:rltest-ip:*")])
+    assert keys == [
+        "atrium:rl:rltest-ip:ip:10.7.7.7",
+        "atrium:rl:rltest-ip:ip:2001:db8:1:2::/64",
+        "atrium:rl:rltest-ip:ip:2001:db8:1:3::/64",
+    ]
