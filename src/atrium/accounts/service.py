@@ -24,6 +24,7 @@ from atrium.accounts import exports, sessions
 from atrium.accounts.manager import VERIFY_TOKEN_LIFETIME, UserManager, link, send_mail
 from atrium.accounts.passwords import check_password, password_helper
 from atrium.accounts.schemas import NewUser, UserCreate
+from atrium.apikeys.service import revoke_keys_created_by
 from atrium.audit.service import record
 from atrium.auth.tokens import AccessClaims
 from atrium.config import Settings
@@ -478,6 +479,9 @@ async def delete_account(
 ) -> list[uuid.UUID]:
     """Delete the account; purge the tenants it alone owned. Returns the purged tenant ids.
 
+    Every API key the user created, in any tenant, is revoked first (the database would only
+    forget who created it: the key would keep working).
+
     Raises:
         Forbidden: the password is wrong.
         Conflict: the user is the only owner of tenants that have other members (named).
@@ -507,6 +511,14 @@ async def delete_account(
         )
         purged.append(tenant.id)
     await sessions.revoke(session, redis, settings, user.id)
+    await revoke_keys_created_by(
+        session,
+        redis,
+        user.id,
+        reason="account_deleted",
+        actor_user_id=user.id,
+        request=request,
+    )
     record(
         session,
         "user.deleted",

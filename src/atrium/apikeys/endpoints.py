@@ -14,7 +14,14 @@ from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
 from atrium.kit.db import DBSession
-from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized, error_responses
+from atrium.kit.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    Unprocessable,
+    error_responses,
+)
 from atrium.kit.pagination import Page, Params, paginate_query
 from atrium.models import ApiKey as ApiKeyModel
 from atrium.models import utcnow
@@ -52,7 +59,7 @@ def _created(key: ApiKeyModel, secret: str) -> ApiKeyCreated:
     status_code=status.HTTP_201_CREATED,
     response_model=ApiKeyCreated,
     summary="Create an API key",
-    responses=error_responses(*_AUTH_ERRORS),
+    responses=error_responses(*_AUTH_ERRORS, Unprocessable),
 )
 async def create_api_key(
     tenant_id: uuid.UUID,
@@ -64,6 +71,7 @@ async def create_api_key(
     """Create a key with the given scopes. The response holds the secret: it is shown once.
 
     An API key with `keys:manage` may create keys, but only with scopes it holds itself.
+    `rate_limit_per_minute` may lower the plan's per-key limit, not raise it (422).
     """
     key, secret = await service.create_key(session, subject, data, request)
     return _created(key, secret)
@@ -109,7 +117,10 @@ async def revoke_api_key(
     session: DBSession,
     subject: AuthSubject = Depends(require(Permission.keys_manage)),
 ) -> Response:
-    """Revoke the key: it is refused from the next request on. Revoking twice is harmless."""
+    """Revoke the key: it is refused from the next request on. Revoking twice is harmless.
+
+    An API key may only revoke keys whose scopes it holds itself (403 otherwise).
+    """
     await service.revoke_key(session, subject, key_id, request)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -132,7 +143,8 @@ async def rotate_api_key(
     """Issue a new secret with the same name, scopes and expiry, and revoke the old one.
 
     With `grace_period_seconds` the old secret keeps working that long (at most 7 days), so
-    deployments can switch over; without it, the old secret is refused at once.
+    deployments can switch over; without it, the old secret is refused at once. An API key
+    may only rotate keys whose scopes it holds itself (403 otherwise).
     """
     key, secret = await service.rotate_key(
         session, subject, key_id, data or ApiKeyRotate(), request

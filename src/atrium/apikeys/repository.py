@@ -1,4 +1,5 @@
-"""SQL for API keys. Every statement but the authentication lookup is scoped to a tenant."""
+"""SQL for API keys. Every statement but the authentication lookup is scoped to a tenant, or
+(for an account's deletion) to the user who created the keys."""
 
 from __future__ import annotations
 
@@ -47,6 +48,33 @@ async def get(
         query = query.with_for_update()
     result = await session.execute(query)
     return result.scalar_one_or_none()
+
+
+async def live_keys_created_by(
+    session: AsyncSession,
+    user_id: uuid.UUID,
+    *,
+    now: dt.datetime,
+    tenant_id: uuid.UUID | None = None,
+) -> Sequence[ApiKey]:
+    """The keys ``user_id`` created that still work or may again: not revoked (or rotating,
+    whose grace period has not ended) and not expired; locked for update.
+
+    Args:
+        session: the unit of work.
+        user_id: the creator (keys a key minted carry its creator's id too).
+        now: the moment that decides "revoked" and "expired".
+        tenant_id: only this tenant's keys; None: every tenant's (the account is being deleted).
+    """
+    query = select(ApiKey).where(
+        ApiKey.created_by_user_id == user_id,
+        or_(ApiKey.revoked_at.is_(None), ApiKey.revoked_at > now),
+        or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now),
+    )
+    if tenant_id is not None:
+        query = query.where(ApiKey.tenant_id == tenant_id)
+    result = await session.execute(query.order_by(ApiKey.created_at, ApiKey.id).with_for_update())
+    return result.scalars().all()
 
 
 def add(session: AsyncSession, key: ApiKey) -> None:

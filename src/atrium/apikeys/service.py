@@ -39,8 +39,10 @@ from atrium.audit.service import record
 from atrium.auth.dependencies import ensure_tenant_usable
 from atrium.auth.permissions import Permission, Scope, permissions_for_scopes
 from atrium.auth.subject import AuthSubject
+from atrium.billing.plans import Limit
+from atrium.billing.quota import limits_in_session
 from atrium.config import Settings
-from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized
+from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from atrium.models import ApiKey, TenantStatus, utcnow
 
 log = structlog.get_logger("atrium.apikeys")
@@ -418,19 +420,57 @@ def _actor(subject: AuthSubject) -> dict[str, Any]:
     return {"actor_user_id": subject.user_id}
 
 
-def _ensure_no_escalation(subject: AuthSubject, scopes: list[Scope]) -> None:
-    """A key may only hand out what it holds itself."""
-    if subject.kind != "api_key":
-        return
+def _ensure_no_escalation(subject: AuthSubject, scopes: list[Scope] | list[str], verb: str) -> None:
+    """The caller may only create, rotate or revoke a key whose scopes it holds itself.
+
+    An API key's own scopes decide for a key, a member's role for a person. Without this, a key
+    holding only ``keys:manage`` could rotate a full-scope key and receive its secret, or
+    revoke keys it could never have created.
+
+    Args:
+        subject: the caller.
+        scopes: the scopes of the key being created, rotated or revoked.
+        verb: ``create``, ``rotate`` or ``revoke``, for the message.
+
+    Raises:
+        Forbidden: some of ``scopes`` grant permissions the caller lacks (403: the key is in the
+            caller's own tenant), naming them in ``detail.scopes_not_held``.
+    """
     beyond = sorted(
-        s.value for s in scopes if not _scope_permissions((s.value,)) <= subject.permissions
+        str(s) for s in scopes if not _scope_permissions((str(s),)) <= subject.permissions
     )
-    if beyond:
-        raise Forbidden(
-            "An API key cannot create a key with scopes it does not hold: " + ", ".join(beyond),
+    if not beyond:
+        return
+    who = "An API key" if subject.kind == "api_key" else "Your role"
+    raise Forbidden(
+        f"{who} cannot {verb} a key with scopes it does not hold: " + ", ".join(beyond),
+        detail={
+            "message": f"{who} cannot {verb} a key with scopes it does not hold",
+            "scopes_not_held": beyond,
+        },
+    )
+
+
+async def _ensure_within_plan(
+    session: AsyncSession, tenant_id: uuid.UUID, rate_limit_per_minute: int | None
+) -> None:
+    """A key's own rate limit may lower the plan's per-key limit, never raise it.
+
+    Raises:
+        Unprocessable: ``rate_limit_per_minute`` is above the plan's per-key limit (422).
+    """
+    if rate_limit_per_minute is None:
+        return
+    plan_limit = (await limits_in_session(session, tenant_id))[Limit.requests_per_minute_per_key]
+    if plan_limit is not None and rate_limit_per_minute > plan_limit:
+        raise Unprocessable(
+            f"rate_limit_per_minute ({rate_limit_per_minute}) is above your plan's limit of "
+            f"{plan_limit} requests per minute per key: ask for at most {plan_limit}, or leave "
+            "it empty to use the plan's",
             detail={
-                "message": "An API key cannot grant scopes it does not hold",
-                "scopes_not_held": beyond,
+                "message": "rate_limit_per_minute is above the plan's per-key limit",
+                "field": "rate_limit_per_minute",
+                "plan_limit": plan_limit,
             },
         )
 
@@ -439,7 +479,8 @@ async def create_key(
     session: AsyncSession, subject: AuthSubject, data: ApiKeyCreate, request: Request
 ) -> tuple[ApiKey, str]:
     """Create a key for the subject's tenant and audit it; the secret is returned once."""
-    _ensure_no_escalation(subject, data.scopes)
+    _ensure_no_escalation(subject, data.scopes, "create")
+    await _ensure_within_plan(session, subject.tenant_id, data.rate_limit_per_minute)
     key, secret = await issue_key(
         session,
         request.app.state.settings,
@@ -481,8 +522,14 @@ async def _publish(redis: Redis, key: ApiKey) -> None:
 async def revoke_key(
     session: AsyncSession, subject: AuthSubject, key_id: uuid.UUID, request: Request
 ) -> None:
-    """Revoke a key now (also one still in a rotation grace period). Idempotent."""
+    """Revoke a key now (also one still in a rotation grace period). Idempotent.
+
+    Raises:
+        NotFound: no such key in this tenant.
+        Forbidden: the key has scopes the caller does not hold.
+    """
     key = await _get_or_404(session, subject.tenant_id, key_id)
+    _ensure_no_escalation(subject, key.scopes, "revoke")
     now = utcnow()
     if key.revoked_at is not None and key.revoked_at <= now:
         return
@@ -515,9 +562,12 @@ async def rotate_key(
 
     Raises:
         NotFound: no such key in this tenant.
+        Forbidden: the key has scopes the caller does not hold (rotating it would hand the
+            caller a secret with them).
         Conflict: the key is revoked, expired or already rotated.
     """
     old = await _get_or_404(session, subject.tenant_id, key_id)
+    _ensure_no_escalation(subject, old.scopes, "rotate")
     now = utcnow()
     status = key_status(old, now)
     if status is not ApiKeyStatus.active:
@@ -559,6 +609,69 @@ async def rotate_key(
     )
     await _publish(request.app.state.redis, old)
     return new, secret
+
+
+async def revoke_keys_created_by(
+    session: AsyncSession,
+    redis: Redis,
+    user_id: uuid.UUID,
+    *,
+    reason: str,
+    tenant_id: uuid.UUID | None = None,
+    actor_user_id: uuid.UUID | None = None,
+    request: Request | None = None,
+) -> list[ApiKey]:
+    """Revoke, now, every working key ``user_id`` created: in ``tenant_id``, or everywhere.
+
+    Called when a member is removed or leaves (one tenant) and when an account is deleted (every
+    tenant): a key must not outlive its creator's access. Keys a key minted carry the same
+    creator, so they go too; a key an admin rotated is the admin's. Each key gets an
+    ``api_key.revoked`` audit event with ``reason``, and its cached record is overwritten, so it
+    is refused from the next request on, on every replica.
+
+    Args:
+        session: the unit of work (flushed, not committed).
+        redis: where the key records are cached.
+        user_id: the creator.
+        reason: why, for the audit log: ``member_removed``, ``member_left``, ``account_deleted``.
+        tenant_id: only this tenant's keys; None: every tenant's.
+        actor_user_id: who caused it (the admin who removed the member, or the user).
+        request: the HTTP request, for the audit log's IP and user agent.
+
+    Returns:
+        The keys revoked.
+    """
+    now = utcnow()
+    keys = list(
+        await repository.live_keys_created_by(session, user_id, now=now, tenant_id=tenant_id)
+    )
+    for key in keys:
+        key.revoked_at = now
+    await session.flush()
+    for key in keys:
+        record(
+            session,
+            "api_key.revoked",
+            request=request,
+            tenant_id=key.tenant_id,
+            actor_user_id=actor_user_id,
+            target_type="api_key",
+            target_id=key.id,
+            data={
+                "name": key.name,
+                "prefix": key.prefix,
+                "reason": reason,
+                "created_by_user_id": str(user_id),
+            },
+        )
+        # Before the commit, like revoke_key: a failed commit leaves the key refused for a few
+        # minutes (fail closed), never accepted after its creator lost access.
+        await _publish(redis, key)
+    if keys:
+        log.info(
+            "api_keys_revoked_with_creator", user_id=str(user_id), count=len(keys), reason=reason
+        )
+    return keys
 
 
 async def forget_tenant_status(redis: Redis, tenant_id: uuid.UUID) -> None:

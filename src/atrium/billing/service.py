@@ -206,8 +206,9 @@ async def usage_history(
 async def enforce_tenant_rate_limit(request: Request, subject: AuthSubject) -> None:
     """Count a tenant-route request against the caller's per-minute limit.
 
-    API keys use their own ``rate_limit_per_minute`` when set, else the plan's per-key limit;
-    people use the plan's per-user limit. Each key and each user has its own bucket.
+    API keys use their own ``rate_limit_per_minute`` when set, capped at the plan's per-key
+    limit, else the plan's per-key limit; people use the plan's per-user limit. Each key and
+    each user has its own bucket.
 
     Raises:
         TooManyRequests: over the limit (429 with ``Retry-After`` and ``X-RateLimit-*``).
@@ -216,7 +217,13 @@ async def enforce_tenant_rate_limit(request: Request, subject: AuthSubject) -> N
     limits = await quota.limits(subject.tenant_id)
     if subject.kind == "api_key":
         kind, who = "key", subject.api_key_id
-        per_minute = subject.rate_limit_per_minute or limits[Limit.requests_per_minute_per_key]
+        plan_limit = limits[Limit.requests_per_minute_per_key]
+        own = subject.rate_limit_per_minute
+        # A key's own limit may only lower the plan's: creation refuses more, and this cap
+        # holds when the plan was lowered after the key was made.
+        per_minute = (
+            plan_limit if own is None else own if plan_limit is None else min(own, plan_limit)
+        )
     else:
         kind, who = "user", subject.user_id
         per_minute = limits[Limit.requests_per_minute_per_user]

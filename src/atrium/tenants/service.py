@@ -241,6 +241,29 @@ async def change_role(
     return await _member_out(session, m)
 
 
+async def _revoke_their_keys(
+    session: AsyncSession,
+    request: Request,
+    tenant_id: uuid.UUID,
+    user_id: uuid.UUID,
+    *,
+    reason: str,
+    actor_user_id: uuid.UUID | None,
+) -> None:
+    # A departing member's keys must not outlive their access: revoked (and audited) at once.
+    from atrium.apikeys.service import revoke_keys_created_by
+
+    await revoke_keys_created_by(
+        session,
+        request.app.state.redis,
+        user_id,
+        tenant_id=tenant_id,
+        reason=reason,
+        actor_user_id=actor_user_id,
+        request=request,
+    )
+
+
 async def _free_seat(request: Request, tenant_id: uuid.UUID) -> None:
     # Members are metered by billing (a plan limit); a departure gives the seat back.
     from atrium.billing.quota import Metric, adjust
@@ -251,7 +274,7 @@ async def _free_seat(request: Request, tenant_id: uuid.UUID) -> None:
 async def remove_member(
     session: AsyncSession, subject: AuthSubject, user_id: uuid.UUID, request: Request
 ) -> None:
-    """Remove a member from the tenant.
+    """Remove a member from the tenant and revoke every API key they created in it.
 
     Raises:
         NotFound: the user is not a member.
@@ -269,6 +292,14 @@ async def remove_member(
     await session.delete(m)
     await session.flush()
     await _free_seat(request, subject.tenant_id)
+    await _revoke_their_keys(
+        session,
+        request,
+        subject.tenant_id,
+        user_id,
+        reason="member_removed",
+        actor_user_id=subject.user_id,
+    )
     record(
         session,
         "member.removed",
@@ -282,7 +313,7 @@ async def remove_member(
 
 
 async def leave(session: AsyncSession, subject: AuthSubject, request: Request) -> None:
-    """The caller leaves the tenant.
+    """The caller leaves the tenant; every API key they created in it is revoked.
 
     Raises:
         Conflict: the caller is its only owner.
@@ -297,6 +328,14 @@ async def leave(session: AsyncSession, subject: AuthSubject, request: Request) -
     await session.delete(m)
     await session.flush()
     await _free_seat(request, subject.tenant_id)
+    await _revoke_their_keys(
+        session,
+        request,
+        subject.tenant_id,
+        subject.user_id,
+        reason="member_left",
+        actor_user_id=subject.user_id,
+    )
     record(
         session,
         "member.left",
