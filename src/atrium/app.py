@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     install_error_handlers(app)
     install_metrics(app, settings)
+    _install_body_limits(app, settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -101,6 +102,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_console(app)  # the web console at / (not under /v1)
     return app
+
+
+def _install_body_limits(app: FastAPI, settings: Settings) -> None:
+    """Every route's request body is limited as it streams (inside CORS and the request id, so
+    a 413 carries their headers): uploads to the largest request any plan allows (the route
+    then applies the tenant's own plan), everything else to ``max_request_body_bytes``."""
+    import re
+
+    from atrium.ingestion.limits import human_bytes, max_request_bytes, upload_too_large_message
+    from atrium.kit.bodylimit import BodyLimitMiddleware, BodyLimitRule
+
+    # max_upload_bytes caps every plan's document size, so it bounds every tenant's request.
+    largest = settings.max_upload_bytes
+    upload = BodyLimitRule(
+        method="POST",
+        path=re.compile(r"/v1/tenants/[^/]+/collections/[^/]+/documents/?"),
+        limit=max_request_bytes(largest, multipart=True),
+        message=upload_too_large_message(largest, multipart=True),
+    )
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default_limit=settings.max_request_body_bytes,
+        default_message=(
+            f"The request body is larger than {human_bytes(settings.max_request_body_bytes)}, "
+            "the most this route accepts: send less data per request (documents go to "
+            "POST /v1/tenants/{tenant_id}/collections/{collection_id}/documents)"
+        ),
+        rules=[upload],
+    )
 
 
 def _v1_routers() -> list[APIRouter]:

@@ -181,6 +181,12 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(
         50 * 1024 * 1024, ge=1024, description="Largest accepted upload, before plan limits."
     )
+    max_request_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest request body of every route but uploads (JSON, forms), counted "
+        "as streamed; larger bodies get 413.",
+    )
     plans_file: Path | None = Field(
         None, description="Plans file (TOML). Empty: config/plans.toml of the source tree."
     )

@@ -17,10 +17,16 @@ from atrium.collections.metadata import parse_metadata_json
 from atrium.collections.service import get as get_collection
 from atrium.ingestion import service
 from atrium.ingestion.extract import SUPPORTED, fallback_title
-from atrium.ingestion.limits import MAX_FILES_PER_REQUEST, human_bytes, max_upload_bytes
+from atrium.ingestion.limits import (
+    MAX_FILES_PER_REQUEST,
+    max_request_bytes,
+    max_upload_bytes,
+    upload_too_large_message,
+)
 from atrium.ingestion.repository import DocumentRepository
 from atrium.ingestion.schemas import Document, DocumentCreate, DocumentUpload, UploadedDocument
 from atrium.kit.blobstore import get_blobstore
+from atrium.kit.bodylimit import restrict as restrict_body
 from atrium.kit.db import DBSession
 from atrium.kit.errors import (
     BadRequest,
@@ -41,8 +47,6 @@ router = APIRouter(
 )
 
 _AUTH_ERRORS = (Unauthorized, Forbidden, NotFound)
-# Multipart framing and JSON escaping add to the documents' own size.
-_ENVELOPE_BYTES = 1024 * 1024
 
 _UPLOAD_BODY: dict[str, Any] = {
     "required": True,
@@ -77,14 +81,6 @@ _UPLOAD_BODY: dict[str, Any] = {
 
 def _uploaded(document: Any, duplicate: bool) -> UploadedDocument:
     return UploadedDocument(**service.to_schema(document).model_dump(), duplicate=duplicate)
-
-
-def _content_length(request: Request) -> int | None:
-    value = request.headers.get("content-length")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        raise BadRequest("Content-Length must be a number") from None
 
 
 def _file_reader(upload: UploadFile) -> Any:
@@ -200,14 +196,16 @@ async def upload_documents(
     settings = request.app.state.settings
     limit = await max_upload_bytes(session, subject.tenant_id, settings)
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    length = _content_length(request)
     await get_collection(session, subject, collection_id)
-    if content_type == "multipart/form-data":
-        if length is not None and length > limit * MAX_FILES_PER_REQUEST + _ENVELOPE_BYTES:
-            raise PayloadTooLarge(
-                f"The request is {human_bytes(length)}; at most {MAX_FILES_PER_REQUEST} files "
-                f"of up to {human_bytes(limit)} each may be sent at once"
-            )
+    multipart = content_type == "multipart/form-data"
+    # The tenant's own limit on the bytes actually streamed (chunked bodies too), before any
+    # is read: the app-wide middleware only knows the largest plan's.
+    restrict_body(
+        request,
+        max_request_bytes(limit, multipart=multipart),
+        upload_too_large_message(limit, multipart=multipart),
+    )
+    if multipart:
         form = await request.form(max_files=MAX_FILES_PER_REQUEST, max_fields=20)
         try:
             items = _items_from_form(form)
@@ -223,12 +221,6 @@ async def upload_documents(
         finally:
             await form.close()
     elif content_type == "application/json" or content_type.endswith("+json"):
-        # JSON escapes can make the text up to six times longer than its UTF-8 bytes.
-        if length is not None and length > 6 * limit + _ENVELOPE_BYTES:
-            raise PayloadTooLarge(
-                f"The request is {human_bytes(length)}; the largest upload allowed is "
-                f"{human_bytes(limit)}"
-            )
         item = _item_from_json(await request.body())
         results = await service.upload(
             session,

@@ -14,6 +14,32 @@ from atrium.config import Settings
 
 #: Files accepted in one multipart request.
 MAX_FILES_PER_REQUEST = 100
+#: Multipart framing and JSON escaping add to the documents' own size.
+ENVELOPE_BYTES = 1024 * 1024
+
+
+def max_request_bytes(per_document: int, *, multipart: bool) -> int:
+    """The largest upload request body for documents of up to ``per_document`` bytes each.
+
+    A multipart request carries up to :data:`MAX_FILES_PER_REQUEST` files; a JSON request one
+    text, whose escapes can make it up to six times longer than its UTF-8 bytes.
+    """
+    documents = per_document * MAX_FILES_PER_REQUEST if multipart else per_document * 6
+    return documents + ENVELOPE_BYTES
+
+
+def upload_too_large_message(per_document: int, *, multipart: bool) -> str:
+    """What a 413 on an upload request says: the limit, and how to stay under it."""
+    most = human_bytes(max_request_bytes(per_document, multipart=multipart))
+    if multipart:
+        return (
+            f"The request is larger than {most}: send at most {MAX_FILES_PER_REQUEST} files of "
+            f"up to {human_bytes(per_document)} each per request (split larger batches)"
+        )
+    return (
+        f"The request is larger than {most}: the largest document allowed is "
+        f"{human_bytes(per_document)}"
+    )
 
 
 async def max_upload_bytes(session: AsyncSession, tenant_id: uuid.UUID, settings: Settings) -> int:
