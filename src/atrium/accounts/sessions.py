@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from atrium.audit.service import client_ip, record
 from atrium.auth import tokens
 from atrium.config import Settings
-from atrium.kit.db import unit_of_work
+from atrium.kit.db import abandon_request_unit, unit_of_work
 from atrium.kit.errors import Unauthorized
 from atrium.models import AuthSession, User, utcnow
 
@@ -174,6 +174,7 @@ async def revoke_reused(
     request: Request,
 ) -> None:
     """End the session of a replayed refresh token, in its own committed transaction."""
+    await abandon_request_unit(request)
     async with unit_of_work(sessionmaker) as session:
         await revoke(session, redis, settings, exc.user_id, only=[exc.session_id])
         record(

@@ -60,7 +60,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from atrium.billing.plans import Limit, PlanCatalog, get_catalog
 from atrium.config import Settings
 from atrium.kit import metrics
-from atrium.kit.db import after_commit
+from atrium.kit.db import after_commit, write_session
 from atrium.kit.errors import NotFound, PaymentRequired
 from atrium.models import Membership, Role, Tenant, User
 from atrium.models.billing import (
@@ -917,7 +917,7 @@ class Quota:
         tag, period_start = await self._period_for(billing, metric)
 
         async def write() -> tuple[int, int]:
-            async with self.sessionmaker() as session:
+            async with write_session(self.sessionmaker) as session:
                 used, version = await add_to_counter(
                     session, billing.tenant_id, metric, period_start, delta, absolute=absolute
                 )
@@ -1030,7 +1030,7 @@ class Quota:
                 return
 
         async def write() -> list[tuple[int, int] | None]:
-            async with self.sessionmaker() as session:
+            async with write_session(self.sessionmaker) as session:
                 out = await write_in(session)
                 await session.commit()
                 return out
@@ -1569,7 +1569,7 @@ async def send_usage_warning(
     now = _utcnow()
 
     async def write() -> list[str]:
-        async with quota.sessionmaker() as session:
+        async with write_session(quota.sessionmaker) as session:
             fresh = False
             for threshold in sorted(crossed, reverse=True):
                 result = await session.execute(

@@ -7,13 +7,18 @@ the request enqueued (see :mod:`atrium.kit.enqueue`).
 
 from __future__ import annotations
 
+import asyncio
+import re
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, Request
 from sqlalchemy import event
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -27,6 +32,12 @@ log = structlog.get_logger("atrium.kit.db")
 
 _AFTER_COMMIT = "atrium_after_commit"
 _OPEN = "atrium_unit_of_work_open"
+_BEGIN_PENDING = "atrium_sqlite_begin_pending"
+_WRITE = "atrium_sqlite_write"
+#: Statements that start a transaction without needing the write lock.
+_READ_ONLY = re.compile(r"\s*(SELECT|WITH|PRAGMA|EXPLAIN)\b", re.IGNORECASE)
+#: Request methods whose unit of work may write (and so takes SQLite's write lock up front).
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 #: Called once the unit of work ended: ``True`` when it committed, ``False`` on rollback.
 AfterCommit = Callable[[bool], Awaitable[None]]
@@ -41,9 +52,11 @@ def create_engine(url: str, pool_size: int = 10, *, busy_timeout: float = 30.0) 
         busy_timeout: seconds a SQLite connection waits for another's write lock before it
             fails with "database is locked".
     """
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # hide_parameters: a failed statement's error (and so the error log) shows its SQL but not
+    # the bound values, which are tenant data (collection names, descriptions, addresses).
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
     if url.startswith("sqlite"):
-        kwargs = {"connect_args": {"timeout": busy_timeout}}
+        kwargs = {"connect_args": {"timeout": busy_timeout}, "hide_parameters": True}
     else:
         kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
     engine = create_async_engine(url, **kwargs)
@@ -65,7 +78,25 @@ def create_engine(url: str, pool_size: int = 10, *, busy_timeout: float = 30.0) 
 
         @event.listens_for(engine.sync_engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN")
+            # BEGIN goes out with the transaction's first statement (below), once it is known
+            # whether the transaction must take the write lock up front.
+            conn.info[_BEGIN_PENDING] = True
+
+        @event.listens_for(engine.sync_engine, "before_cursor_execute")
+        def _sqlite_lazy_begin(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+            if not conn.info.pop(_BEGIN_PENDING, False):
+                return
+            # A deferred transaction that has read and then writes cannot wait for the write
+            # lock once another connection committed meanwhile: SQLite answers "database is
+            # locked" at once, the busy timeout does not apply (docs/decisions/0012). So a
+            # transaction that may write, or whose first statement writes, takes the lock at
+            # BEGIN, where the busy timeout does apply; read-only ones stay deferred and never
+            # wait for writers (WAL).
+            writes = conn.get_execution_options().get(_WRITE, False)
+            if writes or not _READ_ONLY.match(statement):
+                cursor.execute("BEGIN IMMEDIATE")
+            else:
+                cursor.execute("BEGIN")
 
     return engine
 
@@ -98,31 +129,124 @@ async def _run_after_commit(session: AsyncSession, committed: bool) -> None:
             log.exception("after_commit_failed", committed=committed)
 
 
+class SQLiteBusy(OperationalError):
+    """This process's writers of a SQLite database waited too long for their turn."""
+
+    def __init__(self, waited: float) -> None:
+        super().__init__(
+            "waiting for the SQLite write lock", None, Exception(f"database is locked ({waited} s)")
+        )
+
+
+@dataclass
+class _Writers:
+    """The writers of one SQLite database in this process (and event loop): one at a time."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    owner: asyncio.Task[Any] | None = None
+
+
+_WRITERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Writers]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _writers(database: str) -> _Writers:
+    per_loop = _WRITERS.setdefault(asyncio.get_running_loop(), {})
+    return per_loop.setdefault(database, _Writers())
+
+
 @asynccontextmanager
-async def unit_of_work(
+async def writing(session: AsyncSession, *, wait: float = 30.0) -> AsyncIterator[None]:
+    """Declare that ``session``'s transaction, which ends inside this block, may write.
+
+    On SQLite, the database has a single write lock. Writers of this process take turns in
+    arrival order (an asyncio lock, so a burst of uploads cannot starve a quota write the way
+    SQLite's polling busy handler does), and the transaction takes the lock with its first
+    statement (``BEGIN IMMEDIATE``), where the busy timeout applies, instead of failing with
+    "database is locked" when it writes after reading while another connection committed.
+    A write nested in the same task's own turn (rare: a detached audit write) does not queue
+    behind itself. On MySQL/MariaDB this does nothing.
+
+    Raises:
+        SQLiteBusy: the turn did not come within ``wait`` seconds.
+    """
+    bind = session.bind
+    if bind is None or bind.dialect.name != "sqlite":
+        yield
+        return
+    writers = _writers(str(bind.sync_engine.url.database))
+    task = asyncio.current_task()
+    if writers.owner is not None and writers.owner is task:
+        await session.connection(execution_options={_WRITE: True})
+        yield
+        return
+    try:
+        await asyncio.wait_for(writers.lock.acquire(), wait)
+    except TimeoutError:
+        raise SQLiteBusy(wait) from None
+    writers.owner = task
+    try:
+        await session.connection(execution_options={_WRITE: True})
+        yield
+    finally:
+        writers.owner = None
+        writers.lock.release()
+
+
+@asynccontextmanager
+async def write_session(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[AsyncSession]:
+    """A plain session for a short transaction that writes (see :func:`writing`); the caller
+    commits."""
+    async with sessionmaker() as session, writing(session):
+        yield session
+
+
+@asynccontextmanager
+async def unit_of_work(
+    sessionmaker: async_sessionmaker[AsyncSession], *, write: bool = True
+) -> AsyncIterator[AsyncSession]:
     """A session that commits on success, rolls back on error, then runs the
-    :func:`after_commit` hooks and sends enqueued jobs."""
+    :func:`after_commit` hooks and sends enqueued jobs.
+
+    Args:
+        sessionmaker: where the session comes from.
+        write: the unit may write (see :func:`writing`); ``False`` for read-only work, which
+            on SQLite then never waits for writers.
+    """
     async with sessionmaker() as session:
-        session.info[_OPEN] = True
         try:
-            yield session
+            async with writing(session) if write else nullcontext():
+                session.info[_OPEN] = True
+                try:
+                    yield session
+                except BaseException:
+                    session.info.pop(_OPEN, None)
+                    await session.rollback()
+                    raise
+                session.info.pop(_OPEN, None)
+                await session.commit()
         except BaseException:
-            session.info.pop(_OPEN, None)
-            await session.rollback()
-            discard_jobs(session)
-            await _run_after_commit(session, committed=False)
-            raise
-        session.info.pop(_OPEN, None)
-        try:
-            await session.commit()
-        except BaseException:
+            # The writer's turn (SQLite) is given back before the hooks run: they may write.
             discard_jobs(session)
             await _run_after_commit(session, committed=False)
             raise
         await _run_after_commit(session, committed=True)
         await send_jobs(session)
+
+
+async def abandon_request_unit(request: Request) -> None:
+    """Roll back the request's unit of work now, before a detached write on an error path.
+
+    The request is about to fail (its unit of work would roll back anyway); on SQLite its
+    transaction may hold the database's only write lock, which a detached transaction of the
+    same request (an audit record, a session revocation) would otherwise wait for in vain.
+    """
+    session: AsyncSession | None = getattr(request.state, "db_session", None)
+    if session is not None:
+        await session.rollback()
 
 
 async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -131,7 +255,8 @@ async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
     The session is also left on ``request.state.db_session`` so that code given only the
     request (the quota engine) can find the request's unit of work.
     """
-    async with unit_of_work(request.app.state.sessionmaker) as session:
+    write = request.method not in _SAFE_METHODS
+    async with unit_of_work(request.app.state.sessionmaker, write=write) as session:
         request.state.db_session = session
         yield session
 
