@@ -43,7 +43,7 @@ def create_app() -> FastAPI:
 
     @app.post("/floor/{tenant_id}")
     async def floor(tenant_id: uuid.UUID, body: FloorRequest) -> Any:
-        vec, _ = await embed_query(settings, body.query)
+        vec, _ = await embed_query(settings, body.query, tenant_id=tenant_id)
         async with pool.connection() as conn:
             rows = await repository.vector_search(
                 conn, tenant_id, vec, top_k=body.top_k, scope=repository.Scope()

@@ -413,3 +413,34 @@ async def test_one_log_line_per_query_with_stage_timings(
     assert third["kind"] == "answer" and third["answer_mode"] == "extractive"
     for key in ("llm_ms", "prompt_tokens", "completion_tokens", "embedding_ms", "cache_hit"):
         assert key in third, key
+
+
+async def test_query_vector_cache_is_not_shared_between_tenants(
+    client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from atrium.retrieval.embedding import get_embedder
+
+    embedder = get_embedder(app.state.settings)
+    embedded: list[list[str]] = []
+    real_embed = embedder.embed
+
+    def embed(texts: list[str]) -> Any:
+        embedded.append(list(texts))
+        return real_embed(texts)
+
+    monkeypatch.setattr(embedder, "embed", embed)
+    a, b = await make_tenant(app, client), await make_tenant(app, client)
+    for w in (a, b):
+        await create_collection(client, w, "docs")
+    text = f"what did my competitor search {uuid.uuid4().hex}"
+
+    first = await _search(client, a, query=text)
+    assert embedded == [[text]] and first["cache_hit"] is False
+    # Within tenant A the vector is reused (another top_k: not a result-cache hit).
+    await _search(client, a, query=text, top_k=3)
+    assert embedded == [[text]]
+    # Tenant B's first search of the same text runs the model: nothing tells B that A
+    # searched it (a shared vector would show as embedding_ms of a warm hit).
+    theirs = await _search(client, b, query=text)
+    assert embedded == [[text], [text]]
+    assert theirs["cache_hit"] is False

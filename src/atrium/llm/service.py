@@ -244,7 +244,7 @@ async def _extract(res: Resources, run: _Run) -> list[str]:
     t = time.perf_counter()
     qvec = run.query_vector
     if qvec is None:  # retrieval came from the cache
-        qvec, _ = await embed_query(res.settings, run.req.query)
+        qvec, _ = await embed_query(res.settings, run.req.query, tenant_id=run.tenant_id)
     sentences = await extractive.extract(
         res.settings, qvec, [(s.number, s.text) for s in run.sources]
     )

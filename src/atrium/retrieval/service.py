@@ -153,7 +153,7 @@ async def search(
     # The query is embedded (in a worker thread) while the collections and the cache are
     # looked up: on a cache miss its latency is mostly hidden; on a hit the vector still lands
     # in the query-vector LRU.
-    embedding = asyncio.ensure_future(_embed(res.settings, params.query))
+    embedding = asyncio.ensure_future(_embed(res.settings, params.query, tenant_id))
     try:
         return await _search(
             res,
@@ -178,9 +178,9 @@ def _discard(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-async def _embed(settings: Settings, text: str) -> tuple[Vector, bool, float]:
+async def _embed(settings: Settings, text: str, tenant_id: uuid.UUID) -> tuple[Vector, bool, float]:
     t = time.perf_counter()
-    vec, cached = await embed_query(settings, text)
+    vec, cached = await embed_query(settings, text, tenant_id=tenant_id)
     return vec, cached, _ms(t)
 
 
