@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from atrium.kit.blobstore import get_blobstore, tenant_prefix
+from atrium.kit.vectordb import ensure_tenant_partition
 from tests.test_accounts_support import (
     PASSWORD,
     bearer,
@@ -36,13 +37,16 @@ async def test_the_whole_account_journey(
 ) -> None:
     alice = new_email("alice")
 
-    # Register: the user and a tenant they own (with its vector partition).
+    # Register: the user and a tenant they own (its vector partition comes with its first
+    # upload; created here as that upload would).
     r = await register(client, alice, name="Alice", tenant_name="Alice & Co")
     assert r.status_code == 201, r.text
     shared = r.json()["tenant"]
     assert shared["name"] == "Alice & Co" and shared["role"] == "owner"
     assert r.json()["user"]["is_verified"] is False
-    assert await partition_exists(settings, shared["id"])
+    assert not await partition_exists(settings, shared["id"])
+    async with app.state.vector_pool.connection() as conn:
+        await ensure_tenant_partition(conn, uuid.UUID(shared["id"]))
 
     # Not verified yet: login says so.
     r = await login(client, alice)
@@ -117,6 +121,8 @@ async def test_the_whole_account_journey(
     r = await client.post("/v1/tenants", json={"name": "Alice Solo"}, headers=a)
     assert r.status_code == 201
     solo = r.json()["id"]
+    async with app.state.vector_pool.connection() as conn:  # as its first upload would
+        await ensure_tenant_partition(conn, uuid.UUID(solo))
     assert await partition_exists(settings, solo)
     await get_blobstore(settings).put(f"{tenant_prefix(solo)}doc/raw.txt", b"hello")
     await app.state.redis.set(f"atrium:t:{solo}:cache:x", "1")

@@ -190,9 +190,12 @@ async def test_email_change_refused_when_the_address_was_taken_meanwhile(
 async def test_delete_account_refused_while_sole_owner_of_a_shared_tenant(
     app: Any, client: httpx.AsyncClient, mailbox: Any, celery_worker: Any, settings: Any
 ) -> None:
+    from atrium.kit.vectordb import ensure_tenant_partition
     from tests.support.factories import add_member, create_user
 
     me = await signup(client, mailbox, tenant_name="Shared Co")
+    async with app.state.vector_pool.connection() as conn:  # as its first upload would
+        await ensure_tenant_partition(conn, uuid.UUID(me["tenant"]["id"]))
     colleague = await create_user(app)
     from atrium.models import Tenant
 
@@ -234,7 +237,7 @@ async def test_delete_account_refused_while_sole_owner_of_a_shared_tenant(
 async def test_delete_account_purges_sole_tenants_everywhere(
     app: Any, client: httpx.AsyncClient, mailbox: Any, celery_worker: Any, settings: Any
 ) -> None:
-    from atrium.kit.vectordb import partition_name
+    from atrium.kit.vectordb import ensure_tenant_partition, partition_name
 
     me = await signup(client, mailbox)
     tid = me["tenant"]["id"]
@@ -242,6 +245,7 @@ async def test_delete_account_purges_sole_tenants_everywhere(
     import psycopg
 
     async with await psycopg.AsyncConnection.connect(settings.vector_conninfo) as conn:
+        await ensure_tenant_partition(conn, uuid.UUID(tid))  # as its first upload would
         await conn.execute(
             f"INSERT INTO {partition_name(uuid.UUID(tid))} (tenant_id, id, collection_id, "
             "document_id, ordinal, text, embedding) VALUES (%s, %s, %s, %s, 0, 'hi', %s)",

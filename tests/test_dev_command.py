@@ -33,6 +33,9 @@ READY_TIMEOUT = 180.0
 STOP_TIMEOUT = 60.0
 #: The Redis db index the MariaDB/Redis run uses (not one of the test session's own).
 DEV_REDIS_DB = int(os.environ.get("ATRIUM_TEST_DEV_REDIS_DB", "14"))
+#: /readyz shows each component's detail only to the metrics token's bearer.
+METRICS_TOKEN = "dev-test-metrics-token"
+AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def _free_port() -> int:
@@ -45,7 +48,14 @@ def _base_env(data_dir: Path, port: int, extra: dict[str, str]) -> dict[str, str
     # Nothing of the test session's configuration: no ATRIUM_* at all, ATRIUM_ENVIRONMENT unset.
     env = {k: v for k, v in os.environ.items() if not k.startswith("ATRIUM_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env.update({"ATRIUM_DATA_DIR": str(data_dir), "ATRIUM_PORT": str(port), **extra})
+    env.update(
+        {
+            "ATRIUM_DATA_DIR": str(data_dir),
+            "ATRIUM_PORT": str(port),
+            "ATRIUM_METRICS_TOKEN": METRICS_TOKEN,
+            **extra,
+        }
+    )
     return env
 
 
@@ -86,7 +96,7 @@ class DevRun:
             if self.proc.poll() is not None:
                 pytest.fail(f"atrium dev exited with {self.proc.returncode}:\n{self.tail()}")
             try:
-                r = httpx.get(self.url + "/readyz", timeout=5)
+                r = httpx.get(self.url + "/readyz", headers=AUTH, timeout=5)
                 body = r.json()
                 if r.status_code == 200:
                     self._record_processes()
@@ -200,7 +210,7 @@ def _wait_for_task_metric(url: str, broker_url: str) -> None:
     needle = 'atrium_tasks_total{outcome="success",task="atrium.ping"}'
     text = ""
     for _ in range(60):
-        text = httpx.get(url + "/metrics", timeout=5).text
+        text = httpx.get(url + "/metrics", headers=AUTH, timeout=5).text
         if needle in text:
             break
         time.sleep(0.5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -35,7 +36,8 @@ async def test_create_list_get_and_rename(
     assert r.status_code == 201, r.text
     t = r.json()
     assert t["name"] == "Acme" and t["role"] == "owner" and t["status"] == "active"
-    assert await partition_exists(settings, t["id"])
+    # The vector partition waits for the first upload (see test_partition_is_created_lazily).
+    assert not await partition_exists(settings, t["id"])
     for bad in ({"name": ""}, {"name": "   "}, {"name": "x" * 201}, {}):
         assert (await client.post("/v1/tenants", json=bad, headers=h)).status_code == 422
     assert (await client.post("/v1/tenants", json={"name": "A"})).status_code == 401
@@ -288,3 +290,107 @@ async def test_an_api_key_cannot_leave(app: Any, client: httpx.AsyncClient) -> N
     _, secret = await create_api_key(app, tenant, creator=owner)
     r = await client.post(f"/v1/tenants/{tenant.id}/leave", headers=key_header(secret))
     assert r.status_code == 400 and "revoke" in r.json()["detail"]
+
+
+# Limits on tenant creation ---------------------------------------------------------------
+
+
+async def test_owned_tenants_are_capped_and_creation_is_rate_limited(
+    app: Any, client: httpx.AsyncClient, settings: Any
+) -> None:
+    cap = settings.max_tenants_per_user
+    owner = await create_user(app)
+    h = await bearer(owner)
+    # Tenants the user merely belongs to do not count.
+    await add_member(app, await create_tenant(app, await create_user(app)), owner, Role.admin)
+    created = []
+    for i in range(cap):
+        r = await client.post("/v1/tenants", json={"name": f"Mine {i}"}, headers=h)
+        assert r.status_code == 201, r.text
+        created.append(r.json()["id"])
+    r = await client.post("/v1/tenants", json={"name": "One too many"}, headers=h)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"]["limit"] == cap and r.json()["detail"]["owned"] == cap
+    assert "delete one" in r.json()["detail"]["message"]
+    assert (await client.get("/v1/tenants", headers=h)).json()["total"] == cap + 1
+
+    # A tenant being deleted frees its slot...
+    assert (await client.delete(f"/v1/tenants/{created[0]}", headers=h)).status_code == 202
+    r = await client.post("/v1/tenants", json={"name": "Replacement"}, headers=h)
+    assert r.status_code == 201, r.text
+    # ...but creating (or trying to) is limited per user: 10 an hour, refused ones included.
+    attempts = cap + 2
+    while attempts < 10:
+        r = await client.post("/v1/tenants", json={"name": "Again"}, headers=h)
+        assert r.status_code == 409, r.text
+        attempts += 1
+    r = await client.post("/v1/tenants", json={"name": "Again"}, headers=h)
+    assert r.status_code == 429, r.text
+    assert int(r.headers["Retry-After"]) > 0
+    assert r.headers["X-RateLimit-Limit"] == "10"
+    # Another user is not affected.
+    other = await bearer(await create_user(app))
+    assert (await client.post("/v1/tenants", json={"name": "Theirs"}, headers=other)).is_success
+
+
+async def test_the_cap_holds_when_creations_race(
+    app: Any, client: httpx.AsyncClient, settings: Any
+) -> None:
+    cap = settings.max_tenants_per_user
+    h = await bearer(await create_user(app))
+    responses = await asyncio.gather(
+        *(client.post("/v1/tenants", json={"name": f"Race {i}"}, headers=h) for i in range(8))
+    )
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [201] * cap + [409] * (8 - cap), [r.text for r in responses]
+    assert (await client.get("/v1/tenants", headers=h)).json()["total"] == cap
+
+
+async def test_partition_is_created_lazily_by_the_first_upload(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any, settings: Any
+) -> None:
+    from tests.support.retrieval import create_collection, make_tenant, upload, wait_ready
+
+    world = await make_tenant(app, client)
+    assert not await partition_exists(settings, world.tenant_id)
+    # Searching a tenant without a partition answers an empty result, not an error.
+    await create_collection(client, world, "docs")
+    for mode in ("vector", "hybrid"):
+        r = await client.post(
+            world.url("search"), json={"query": "tower", "mode": mode}, headers=world.headers
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["results"] == []
+    # Two first uploads at once: the worker creates the partition once, both land in it.
+    docs = [
+        await upload(client, world, "docs", "Eiffel", "The Eiffel Tower is in Paris.", {}),
+        await upload(client, world, "docs", "Ocean", "The Pacific is the deepest ocean.", {}),
+    ]
+    for doc in docs:
+        await wait_ready(client, world, "docs", doc)
+    assert await partition_exists(settings, world.tenant_id)
+    r = await client.post(
+        world.url("search"), json={"query": "tower in Paris", "top_k": 1}, headers=world.headers
+    )
+    assert r.status_code == 200, r.text
+    assert [x["title"] for x in r.json()["results"]] == ["Eiffel"]
+
+
+async def test_partition_creation_is_safe_when_workers_race(app: Any, settings: Any) -> None:
+    import psycopg
+
+    from atrium.kit.vectordb import drop_tenant_partition, ensure_tenant_partition
+
+    tenant_id = uuid.uuid4()
+
+    async def create() -> str:
+        async with await psycopg.AsyncConnection.connect(settings.vector_conninfo) as conn:
+            return await ensure_tenant_partition(conn, tenant_id)
+
+    try:
+        names = await asyncio.gather(*(create() for _ in range(8)))
+        assert len(set(names)) == 1
+        assert await partition_exists(settings, tenant_id)
+    finally:
+        async with app.state.vector_pool.connection() as conn:
+            await drop_tenant_partition(conn, tenant_id)

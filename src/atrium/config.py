@@ -107,6 +107,17 @@ class Settings(BaseSettings):
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="Port where `atrium worker` serves its metrics (0: off)."
     )
+    readyz_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How long GET /readyz reuses its last answer (0: check on every call).",
+    )
+    readyz_worker_check_seconds: float = Field(
+        30.0,
+        ge=0,
+        description="How long /readyz reuses its last Celery worker ping (one broadcast per "
+        "period per API process; 0: ping on every check).",
+    )
 
     access_token_ttl_seconds: int = Field(900, ge=60, description="Access token lifetime.")
     refresh_token_ttl_seconds: int = Field(
@@ -186,6 +197,12 @@ class Settings(BaseSettings):
         ge=1024,
         description="Largest request body of every route but uploads (JSON, forms), counted "
         "as streamed; larger bodies get 413.",
+    )
+    max_tenants_per_user: int = Field(
+        5,
+        ge=1,
+        description="Tenants one user may own (not counting those being deleted); "
+        "POST /v1/tenants answers 409 beyond it.",
     )
     plans_file: Path | None = Field(
         None, description="Plans file (TOML). Empty: config/plans.toml of the source tree."

@@ -31,7 +31,7 @@ from atrium.accounts.schemas import (
 )
 from atrium.audit.service import record
 from atrium.auth import tokens
-from atrium.auth.dependencies import CurrentUser
+from atrium.auth.user_limits import LimitedUser, user_rate_limit
 from atrium.kit.blobstore import get_blobstore
 from atrium.kit.db import DBSession
 from atrium.kit.errors import (
@@ -91,6 +91,11 @@ VERIFY_LIMITS = [
     Depends(rate_limit("verify", 30, 3600, key=by_ip)),
     Depends(rate_limit("verify-email", 5, 3600, key=_by_token_email)),
 ]
+# Per signed-in user (besides the general limit of every account route, see LimitedUser):
+# routes that check the password (a stolen access token must not become a password oracle)
+# share one bucket; exports build a ZIP of everything the user can see.
+PASSWORD_CHECK_LIMITS = [Depends(user_rate_limit("account-password", 10, 3600))]
+EXPORT_LIMITS = [Depends(user_rate_limit("export", 5, 3600))]
 
 
 def _pair(pair: sessions.TokenPair) -> TokenPair:
@@ -119,9 +124,7 @@ async def register(
     mail is sent (login needs a verified address). With an invitation token from an invitation
     mail, the account joins that tenant instead and is verified at once.
     """
-    user, tenant = await service.register(
-        session, request.app.state.vector_pool, manager, body, request
-    )
+    user, tenant = await service.register(session, manager, body, request)
     return Registered(user=User.model_validate(user), tenant=tenant)
 
 
@@ -201,7 +204,7 @@ async def refresh(body: RefreshBody, request: Request, session: DBSession) -> To
     status_code=status.HTTP_204_NO_CONTENT,
     responses=error_responses(Unauthorized),
 )
-async def logout(principal: CurrentUser, request: Request, session: DBSession) -> Response:
+async def logout(principal: LimitedUser, request: Request, session: DBSession) -> Response:
     """End this session: its access and refresh tokens stop working at once."""
     state = request.app.state
     await tokens.revoke_token(state.redis, principal.claims)
@@ -227,7 +230,7 @@ async def logout(principal: CurrentUser, request: Request, session: DBSession) -
     status_code=status.HTTP_204_NO_CONTENT,
     responses=error_responses(Unauthorized),
 )
-async def logout_all(principal: CurrentUser, request: Request, session: DBSession) -> Response:
+async def logout_all(principal: LimitedUser, request: Request, session: DBSession) -> Response:
     """End every session of the account, this one included."""
     state = request.app.state
     await tokens.revoke_token(state.redis, principal.claims)
@@ -285,14 +288,14 @@ async def reset_password(
 
 
 @router.get("/users/me", tags=["users"], response_model=User)
-async def get_me(principal: CurrentUser) -> User:
+async def get_me(principal: LimitedUser) -> User:
     """The caller's account."""
     return User.model_validate(principal.user)
 
 
 @router.patch("/users/me", tags=["users"], response_model=User)
 async def update_me(
-    body: UserUpdate, principal: CurrentUser, request: Request, session: DBSession
+    body: UserUpdate, principal: LimitedUser, request: Request, session: DBSession
 ) -> User:
     """Change the caller's name."""
     principal.user.name = body.name
@@ -304,11 +307,12 @@ async def update_me(
 @router.post(
     "/users/me/password",
     tags=["users"],
+    dependencies=PASSWORD_CHECK_LIMITS,
     response_model=Accepted,
-    responses=error_responses(Forbidden, Unprocessable),
+    responses=error_responses(Forbidden, Unprocessable, TooManyRequests),
 )
 async def change_password(
-    body: PasswordChange, principal: CurrentUser, request: Request, session: DBSession
+    body: PasswordChange, principal: LimitedUser, request: Request, session: DBSession
 ) -> Accepted:
     """Change the password (the current one is required); every other session ends."""
     state = request.app.state
@@ -328,12 +332,13 @@ async def change_password(
 @router.post(
     "/users/me/email",
     tags=["users"],
+    dependencies=PASSWORD_CHECK_LIMITS,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Accepted,
-    responses=error_responses(Forbidden, Unprocessable),
+    responses=error_responses(Forbidden, Unprocessable, TooManyRequests),
 )
 async def change_email(
-    body: EmailChange, principal: CurrentUser, request: Request, session: DBSession
+    body: EmailChange, principal: LimitedUser, request: Request, session: DBSession
 ) -> Accepted:
     """Start moving the account to a new address.
 
@@ -349,12 +354,13 @@ async def change_email(
 @router.delete(
     "/users/me",
     tags=["users"],
+    dependencies=PASSWORD_CHECK_LIMITS,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Accepted,
-    responses=error_responses(Forbidden, Conflict),
+    responses=error_responses(Forbidden, Conflict, TooManyRequests),
 )
 async def delete_me(
-    body: PasswordBody, principal: CurrentUser, request: Request, session: DBSession
+    body: PasswordBody, principal: LimitedUser, request: Request, session: DBSession
 ) -> Accepted:
     """Delete the account (the password is required).
 
@@ -371,7 +377,7 @@ async def delete_me(
 
 @router.get("/users/me/sessions", tags=["users"], response_model=Page[Session])
 async def list_sessions(
-    principal: CurrentUser, session: DBSession, params: Annotated[Params, Depends()]
+    principal: LimitedUser, session: DBSession, params: Annotated[Params, Depends()]
 ) -> Page[Session]:
     """The caller's signed-in devices, most recently used first."""
     current = principal.claims.session_id
@@ -401,7 +407,7 @@ async def list_sessions(
     responses=error_responses(NotFound),
 )
 async def delete_session(
-    session_id: uuid.UUID, principal: CurrentUser, request: Request, session: DBSession
+    session_id: uuid.UUID, principal: LimitedUser, request: Request, session: DBSession
 ) -> Response:
     """Sign a device out: its tokens stop working at once."""
     row = await session.get(AuthSession, session_id)
@@ -426,10 +432,12 @@ async def delete_session(
 @router.post(
     "/users/me/export",
     tags=["users"],
+    dependencies=EXPORT_LIMITS,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Export,
+    responses=error_responses(TooManyRequests),
 )
-async def start_export(principal: CurrentUser, request: Request, session: DBSession) -> Export:
+async def start_export(principal: LimitedUser, request: Request, session: DBSession) -> Export:
     """Build a ZIP of the caller's data in the background; a mail says when it is ready."""
     export = await service.start_export(session, principal.user, request)
     return Export(**service.describe_export(request.app.state.settings, export))
@@ -442,7 +450,7 @@ async def start_export(principal: CurrentUser, request: Request, session: DBSess
     responses=error_responses(NotFound),
 )
 async def get_export(
-    export_id: uuid.UUID, principal: CurrentUser, request: Request, session: DBSession
+    export_id: uuid.UUID, principal: LimitedUser, request: Request, session: DBSession
 ) -> Export:
     """An export's status and, once ready, a signed download link that expires."""
     export = await service.get_export(session, principal.user, export_id)

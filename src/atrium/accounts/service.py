@@ -14,7 +14,6 @@ from fastapi import Request
 from fastapi.security import OAuth2PasswordRequestForm
 from fastapi_users import exceptions as fu_exc
 from fastapi_users.jwt import decode_jwt, generate_jwt
-from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -67,7 +66,6 @@ def _default_tenant_name(user: User) -> str:
 
 async def register(
     session: AsyncSession,
-    vector_pool: AsyncConnectionPool,
     manager: UserManager,
     body: UserCreate,
     request: Request,
@@ -120,7 +118,7 @@ async def register(
         role = await invitations.accept(session, inv, tenant, user, request)
     else:
         tenant = await tenants.create_tenant(
-            session, vector_pool, user, body.tenant_name or _default_tenant_name(user), request
+            session, user, body.tenant_name or _default_tenant_name(user), request
         )
         role = Role.owner
         await manager.request_verify(user, request)

@@ -61,8 +61,9 @@ async def _prepare(conn: AsyncConnection[Any], tenant_id: uuid.UUID) -> sql.Iden
     if conn.adapters.types.get("vector") is None:
         await register_vector_async(conn)
         await conn.rollback()
-    # The partition is created with the tenant; this is a guard against a tenant created
-    # while the vector database was unreachable.
+    # Partitions are created lazily, by a tenant's first write (creating a tenant costs no
+    # PostgreSQL table); ensure_tenant_partition is idempotent and safe when several workers
+    # ingest the tenant's first documents at once.
     if tenant_id not in _known_partitions:
         if not await partition_exists(conn, tenant_id):
             await conn.rollback()

@@ -161,9 +161,20 @@ async def migrate(conn: AsyncConnection, dimension: int, target: int = HEAD) -> 
 
 
 async def ensure_tenant_partition(conn: AsyncConnection, tenant_id: uuid.UUID) -> str:
-    """Create the tenant's partition (and, through the parent, its indexes) if missing."""
+    """Create the tenant's partition (and, through the parent, its indexes) if missing.
+
+    Idempotent and safe under concurrency: partitions are created lazily, by the first
+    ingestion of a tenant, so several workers may ask at once. ``CREATE TABLE IF NOT EXISTS``
+    alone is not enough (two transactions can both see no table and one fails on the catalog's
+    unique index), so creators of the same partition take a transaction-level advisory lock
+    and the second one finds the table.
+    """
     name = partition_name(tenant_id)
     async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(%s)",
+            (int.from_bytes(tenant_id.bytes[8:], "big", signed=True),),
+        )
         await conn.execute(
             sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF chunks FOR VALUES IN ({})").format(
                 sql.Identifier(name), sql.Literal(str(tenant_id))

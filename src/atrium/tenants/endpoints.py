@@ -10,9 +10,10 @@ from fastapi import APIRouter, Depends, Request, Response, status
 
 from atrium.accounts import service as accounts
 from atrium.accounts.manager import UserManager, get_user_manager
-from atrium.auth.dependencies import CurrentUser, bearer_token, current_user, require
+from atrium.auth.dependencies import bearer_token, current_user, require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
+from atrium.auth.user_limits import LimitedUser, user_rate_limit
 from atrium.kit.db import DBSession
 from atrium.kit.errors import (
     BadRequest,
@@ -43,7 +44,7 @@ def _tenant(t: object) -> schemas.Tenant:
 
 @router.get("/tenants", tags=["tenants"], response_model=Page[schemas.TenantWithRole])
 async def list_tenants(
-    principal: CurrentUser, session: DBSession, params: PageParams
+    principal: LimitedUser, session: DBSession, params: PageParams
 ) -> Page[schemas.TenantWithRole]:
     """The tenants the caller belongs to, with their role in each."""
     return await paginate_query(
@@ -54,15 +55,26 @@ async def list_tenants(
 @router.post(
     "/tenants",
     tags=["tenants"],
+    # Besides the cap on owned tenants: creating and deleting in a loop is refused too.
+    dependencies=[Depends(user_rate_limit("tenant-create", 10, 3600))],
     status_code=status.HTTP_201_CREATED,
     response_model=schemas.TenantWithRole,
+    responses=error_responses(Conflict, TooManyRequests),
 )
 async def create_tenant(
-    body: schemas.TenantCreate, principal: CurrentUser, request: Request, session: DBSession
+    body: schemas.TenantCreate, principal: LimitedUser, request: Request, session: DBSession
 ) -> schemas.TenantWithRole:
-    """Create a tenant (and its vector partition); the caller becomes its owner."""
+    """Create a tenant; the caller becomes its owner.
+
+    One account may own at most ``ATRIUM_MAX_TENANTS_PER_USER`` tenants (409 beyond it) and
+    create 10 per hour (429). The tenant's vector partition is created by its first upload.
+    """
     tenant = await service.create_tenant(
-        session, request.app.state.vector_pool, principal.user, body.name, request
+        session,
+        principal.user,
+        body.name,
+        request,
+        max_owned=request.app.state.settings.max_tenants_per_user,
     )
     return schemas.TenantWithRole(**_tenant(tenant).model_dump(), role=Role.owner)
 

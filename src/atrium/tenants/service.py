@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
-from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,7 +15,6 @@ from atrium.audit.service import record
 from atrium.auth.subject import AuthSubject
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
-from atrium.kit.vectordb import ensure_tenant_partition
 from atrium.models import AuditEvent, Membership, Role, Tenant, TenantStatus, User
 from atrium.models.accounts import user_id_col
 from atrium.tenants import schemas
@@ -26,24 +24,43 @@ PURGE_TASK = "atrium.tenants.purge"
 
 async def create_tenant(
     session: AsyncSession,
-    vector_pool: AsyncConnectionPool,
     owner: User,
     name: str,
     request: Request | None = None,
+    *,
+    max_owned: int | None = None,
 ) -> Tenant:
-    """Create a tenant owned by ``owner``, with its vector partition.
+    """Create a tenant owned by ``owner``.
 
-    The partition is created before the account database commits: if that commit fails, an
-    empty partition is left behind, which is harmless (creation is idempotent, purge drops it).
+    Its vector partition is not created here: the first ingestion creates it
+    (:func:`atrium.ingestion.vectorstore.replace_document_chunks`), and a search of a tenant
+    without one finds nothing. An account that never uploads costs no PostgreSQL table.
+
+    Args:
+        session: the request's unit of work.
+        owner: the new tenant's owner.
+        name: its name.
+        request: for the audit event.
+        max_owned: the most tenants ``owner`` may own (those being deleted not counted);
+            None: no cap (sign-up's first tenant).
+
+    Raises:
+        Conflict: ``owner`` already owns ``max_owned`` tenants.
     """
+    if max_owned is not None:
+        owned = await count_owned_tenants(session, owner.id, lock=True)
+        if owned >= max_owned:
+            message = (
+                f"You already own {owned} tenants, the most one account may own "
+                f"({max_owned}); delete one you no longer need, or ask to be invited instead"
+            )
+            raise Conflict(message, detail={"message": message, "owned": owned, "limit": max_owned})
     tenant = Tenant(id=uuid.uuid4(), name=name, status=TenantStatus.active)
     session.add(tenant)
     await session.flush()
     session.add(Membership(tenant_id=tenant.id, user_id=owner.id, role=Role.owner))
     await session.flush()
     await session.refresh(tenant)  # the stored timestamps (MySQL keeps whole seconds)
-    async with vector_pool.connection() as conn:
-        await ensure_tenant_partition(conn, tenant.id)
     record(
         session,
         "tenant.created",
@@ -55,6 +72,34 @@ async def create_tenant(
         data={"name": name},
     )
     return tenant
+
+
+async def count_owned_tenants(
+    session: AsyncSession, user_id: uuid.UUID, *, lock: bool = False
+) -> int:
+    """How many tenants ``user_id`` owns (not counting those being deleted).
+
+    Args:
+        session: the unit of work.
+        user_id: the owner.
+        lock: lock the user's row first and count with a locking read, so concurrent
+            creations by the same user are counted one after the other (under MySQL's
+            repeatable read a plain read would see the transaction's older snapshot).
+    """
+    if lock:
+        await session.execute(select(user_id_col).where(user_id_col == user_id).with_for_update())
+    query = (
+        select(Membership.tenant_id)
+        .join(Tenant, Tenant.id == Membership.tenant_id)
+        .where(
+            Membership.user_id == user_id,
+            Membership.role == Role.owner,
+            Tenant.status != TenantStatus.deleting,
+        )
+    )
+    if lock:
+        query = query.with_for_update(read=True)
+    return len((await session.scalars(query)).all())
 
 
 def user_tenants_query(user_id: uuid.UUID) -> Select[tuple[Tenant, Role]]:
