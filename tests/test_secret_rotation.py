@@ -84,6 +84,7 @@ def test_rotate_script_moves_the_current_key_into_the_ring(tmp_path: Path) -> No
     # The new file is valid production configuration.
     settings = load_settings(
         environment="production",
+        smtp_host="smtp.example.com",
         secret_key=first["ATRIUM_SECRET_KEY"],
         previous_secret_keys=first["ATRIUM_PREVIOUS_SECRET_KEYS"],
     )

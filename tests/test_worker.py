@@ -7,12 +7,17 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 
 from atrium.app import create_app
 from atrium.kit.db import DBSession
 from atrium.kit.enqueue import enqueue, pending_jobs
 from atrium.kit.errors import Conflict
+
+#: tests.support.tasks.RECORD_TASK (importing that module here would build the Celery app
+#: before the session's settings exist).
+RECORD_TASK = "tests.record"
 
 
 async def _wait_key(redis: Any, key: str, timeout: float = 20.0) -> str | None:
@@ -32,18 +37,29 @@ async def test_task_round_trip_through_the_worker(celery_worker: Any) -> None:
     assert value == {"payload": "hello", "db": 1, "vector": 1, "redis": True}
 
 
+async def test_ping_cannot_write_redis_keys(app: Any, celery_worker: Any) -> None:
+    """Anyone who reaches the broker can send atrium.ping: it must not write what they ask."""
+    from atrium.worker import celery_app
+
+    key = f"t:{uuid.uuid4()}"
+    result = celery_app.send_task("atrium.ping", kwargs={"payload": "owned", "record_key": key})
+    with pytest.raises(TypeError, match="record_key"):
+        await asyncio.to_thread(result.get, timeout=30)
+    assert await app.state.redis.get(key) is None
+
+
 async def test_job_of_a_rolled_back_request_is_never_sent(app: Any, celery_worker: Any) -> None:
     test_app = create_app(app.state.settings)
     sent_key, dropped_key = f"t:{uuid.uuid4()}", f"t:{uuid.uuid4()}"
 
     @test_app.post("/commit")
     async def commit(session: DBSession) -> dict[str, int]:
-        enqueue(session, "atrium.ping", payload="committed", record_key=sent_key)
+        enqueue(session, RECORD_TASK, key=sent_key, value="committed")
         return {"pending": len(pending_jobs(session))}
 
     @test_app.post("/rollback")
     async def rollback(session: DBSession) -> None:
-        enqueue(session, "atrium.ping", payload="rolled back", record_key=dropped_key)
+        enqueue(session, RECORD_TASK, key=dropped_key, value="rolled back")
         raise Conflict("this request fails after enqueueing")
 
     async with LifespanManager(test_app):

@@ -46,11 +46,13 @@ class Settings(BaseSettings):
     )
     secret_key: SecretStr = Field(
         SecretStr(DEFAULT_SECRET_KEY),
-        description="Signs tokens and keys API-key HMACs. At least 32 characters in production.",
+        description="Signs tokens and keys API-key HMACs: a random value of at least 32 "
+        "characters. The placeholder default works only in development on a loopback host.",
     )
     previous_secret_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated older secret keys still accepted when verifying (key ring).",
+        description="Comma-separated older secret keys still accepted when verifying (key ring); "
+        "each is held to the rules of secret_key.",
     )
     host: str = Field("127.0.0.1", description="Address the API listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
@@ -95,6 +97,23 @@ class Settings(BaseSettings):
     smtp_starttls: bool = Field(False, description="Use STARTTLS.")
     smtp_ssl: bool = Field(False, description="Use implicit TLS.")
     mail_from: str = Field("Atrium <no-reply@example.com>", description="Sender of mail.")
+    mail_outbox: bool = Field(
+        False,
+        description="Allow writing mail to data_dir/outbox in production (no SMTP host): "
+        "production refuses to start without an SMTP host unless this is true.",
+    )
+    mail_retry_initial_seconds: int = Field(
+        30, ge=1, description="Wait before the first retry of a mail the SMTP server did not take."
+    )
+    mail_retry_max_delay_seconds: int = Field(
+        600, ge=1, description="Longest wait between two retries of a mail (the wait doubles)."
+    )
+    mail_retry_window_seconds: int = Field(
+        7200,
+        ge=0,
+        description="How long a mail is retried while the SMTP server is unreachable before it "
+        "is given up (logged as mail_failed).",
+    )
 
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS."
@@ -220,13 +239,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_production(self) -> Settings:
+        self._check_secrets()
         if self.environment is Environment.production:
-            secret = self.secret_key.get_secret_value()
-            if secret == DEFAULT_SECRET_KEY or len(secret) < MIN_SECRET_KEY_LENGTH:
+            if not self.smtp_host and not self.mail_outbox:
                 raise ValueError(
-                    "ATRIUM_SECRET_KEY must be set to a random value of at least "
-                    f"{MIN_SECRET_KEY_LENGTH} characters in production "
-                    '(python -c "import secrets; print(secrets.token_urlsafe(48))")'
+                    "ATRIUM_SMTP_HOST must be set in production (mail carries sign-in links); "
+                    "set ATRIUM_MAIL_OUTBOX=true only if something else delivers the files "
+                    "written to data_dir/outbox"
                 )
             if self.celery_always_eager:
                 raise ValueError("ATRIUM_CELERY_ALWAYS_EAGER must be false in production")
@@ -244,7 +263,41 @@ class Settings(BaseSettings):
             raise ValueError("ATRIUM_VECTOR_DATABASE_URL must start with postgresql+psycopg://")
         return self
 
+    def _check_secrets(self) -> None:
+        # The placeholder is public (it is in this file): with it anyone can sign access tokens
+        # and e-mail-change links. It is tolerated only where nobody else can reach the server:
+        # development on a loopback address. Older keys still verify tokens, so they are held
+        # to the same rule.
+        if self.environment is Environment.development and self.binds_loopback:
+            return
+        keys = [("ATRIUM_SECRET_KEY", self.secret_key)] + [
+            (f"ATRIUM_PREVIOUS_SECRET_KEYS (entry {i})", k)
+            for i, k in enumerate(self.previous_secret_keys, 1)
+        ]
+        for name, key in keys:
+            value = key.get_secret_value()
+            if value == DEFAULT_SECRET_KEY or len(value) < MIN_SECRET_KEY_LENGTH:
+                raise ValueError(
+                    f"{name} must be a random value of at least {MIN_SECRET_KEY_LENGTH} "
+                    "characters, not the placeholder, unless ATRIUM_ENVIRONMENT=development "
+                    "and ATRIUM_HOST is a loopback address "
+                    '(python -c "import secrets; print(secrets.token_urlsafe(48))")'
+                )
+
     # Derived values -------------------------------------------------------------------------
+
+    @property
+    def binds_loopback(self) -> bool:
+        """Whether the API listens only on this machine (127.0.0.0/8, ::1 or localhost)."""
+        import ipaddress
+
+        host = self.host.strip().strip("[]")
+        if host.lower() == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def is_production(self) -> bool:

@@ -108,8 +108,10 @@ class WorkerProcess:
 
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "atrium.cli", "worker", "--pool=solo"],
+            # atrium worker plus the test-only tasks, which src/ must not carry.
+            [sys.executable, "-m", "tests.support.worker", "--pool=solo"],
             env=self.env,
+            cwd=Path(__file__).resolve().parents[2],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -123,6 +125,7 @@ class WorkerProcess:
                 )
             if celery_app.control.ping(timeout=0.5):
                 return
+        self.kill()  # no orphan left consuming the broker after a failed start
         raise RuntimeError(
             "the Celery worker did not answer a ping:\n" + self.log_path.read_text()[-3000:]
         )

@@ -87,13 +87,15 @@ class Mailbox:
                     )
                 self._cond.wait(left)
 
-    def start(self) -> int:
+    def start(self, port: int | None = None) -> int:
+        """Listen on ``port`` (again, after :meth:`stop`), or on a free port."""
         import socket
 
-        # aiosmtpd cannot start on port 0 (it connects to itself to check): pick a free port.
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
+        if port is None:
+            # aiosmtpd cannot start on port 0 (it connects to itself to check): pick a free one.
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
         self.controller = Controller(_Handler(self), hostname="127.0.0.1", port=port)
         self.controller.start()
         return port
@@ -101,3 +103,4 @@ class Mailbox:
     def stop(self) -> None:
         if self.controller is not None:
             self.controller.stop()
+            self.controller = None

@@ -2,13 +2,19 @@
 
 Mail is always sent from a Celery task (``atrium.email.send``), never on the request path.
 Without an SMTP server (the embedded default) each message is written as an ``.eml`` file to
-``data_dir/outbox`` and its links are logged, so a developer can click through sign-up locally.
+``data_dir/outbox``; the log names the file, never its links: they carry sign-in tokens (reset,
+verification, invitation, export), and logs are read by more people than the mailbox is.
+
+An SMTP server that cannot be reached, or that answers with a temporary (4xx) refusal, raises
+:class:`MailDeferred`: the task retries on the schedule of :func:`retry_delays`. A permanent
+(5xx) refusal is not retried.
 """
 
 from __future__ import annotations
 
 import re
 import time
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -24,7 +30,18 @@ from atrium.config import Settings
 log = structlog.get_logger("atrium.email")
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates" / "email"
-_LINK = re.compile(r"https?://[^\s\"'<>]+")
+#: A URL scheme (``http://``, ``javascript:``...) inside a display name.
+_SCHEME = re.compile(r"(?i)\b(?:[a-z][a-z0-9+.-]*://|(?:javascript|data|mailto|tel|sms):)")
+#: A dot between a name and a top-level-domain-like word (``evil.example``): mail clients
+#: turn such text into links.
+_DOMAIN_DOT = re.compile(r"(?<=[0-9A-Za-z-])\.(?=[A-Za-z][0-9A-Za-z-]+)")
+#: Longest display name put into a subject or a body line.
+DISPLAY_NAME_MAX = 60
+
+
+class MailDeferred(Exception):
+    """The SMTP server could not take the message now (unreachable, or a 4xx answer): retry."""
+
 
 _env = Environment(
     loader=FileSystemLoader(TEMPLATE_DIR),
@@ -68,19 +85,61 @@ def _write_outbox(settings: Settings, mail: RenderedMail) -> Path:
     return path
 
 
+def display_name(value: str, limit: int = DISPLAY_NAME_MAX) -> str:
+    """A user-chosen name made safe to quote in a mail someone else receives.
+
+    Tenant and user names are chosen by whoever signs up; an invitation quotes them to an
+    address of the inviter's choosing. Kept verbatim they make Atrium's mail a relay for spam
+    or phishing ("Claim your prize at evil.example"). Control and format characters (newlines,
+    bidi overrides) are dropped, whitespace collapsed, URL schemes removed, dots that would
+    make a domain clickable replaced by a one-dot leader look-alike, and the result is cut to
+    ``limit`` characters.
+    """
+    chars = []
+    for ch in unicodedata.normalize("NFKC", value):
+        category = unicodedata.category(ch)
+        if ch.isspace() or category in ("Zl", "Zp"):
+            chars.append(" ")
+        elif category[0] != "C":  # Cc controls, Cf format (bidi overrides), unassigned
+            chars.append(ch)
+    kept = "".join(chars)
+    kept = _SCHEME.sub("", kept)
+    kept = _DOMAIN_DOT.sub("\u2024", kept)
+    kept = " ".join(kept.split())
+    if len(kept) > limit:
+        kept = kept[: limit - 1].rstrip() + "\u2026"
+    return kept
+
+
+def retry_delays(settings: Settings) -> list[int]:
+    """The waits, in seconds, between the attempts of a mail the SMTP server did not take.
+
+    Doubling from ``mail_retry_initial_seconds`` up to ``mail_retry_max_delay_seconds``, for as
+    many retries as it takes to cover ``mail_retry_window_seconds``: an outage shorter than the
+    window loses no mail.
+    """
+    delays: list[int] = []
+    delay = settings.mail_retry_initial_seconds
+    while sum(delays) < settings.mail_retry_window_seconds:
+        delays.append(min(delay, settings.mail_retry_max_delay_seconds))
+        delay *= 2
+    return delays
+
+
 async def send(settings: Settings, mail: RenderedMail) -> None:
-    """Send a rendered message through SMTP, or into the outbox when no SMTP is configured."""
+    """Send a rendered message through SMTP, or into the outbox when no SMTP is configured.
+
+    Raises:
+        MailDeferred: the SMTP server is unreachable or refused the message for now.
+    """
     if not settings.smtp_host:
         path = _write_outbox(settings, mail)
-        log.info(
-            "mail_written",
-            to=mail.to,
-            subject=mail.subject,
-            path=str(path),
-            links=_LINK.findall(mail.text),
-        )
+        # The file name only: the message's links carry tokens that must not reach the logs.
+        log.info("mail_written", to=mail.to, subject=mail.subject, path=str(path))
         return
+    import aiosmtplib
     from fastapi_mail import ConnectionConfig, FastMail, MessageSchema, MessageType
+    from fastapi_mail.errors import ConnectionErrors
     from fastapi_mail.schemas import MultipartSubtypeEnum
 
     name, address = parseaddr(settings.mail_from)
@@ -105,5 +164,19 @@ async def send(settings: Settings, mail: RenderedMail) -> None:
         alternative_body=mail.text,
         multipart_subtype=MultipartSubtypeEnum.alternative,
     )
-    await FastMail(config).send_message(message)
+    try:
+        await FastMail(config).send_message(message)
+    except ConnectionErrors as exc:
+        # fastapi-mail wraps every failure to connect or log in into this one class.
+        raise MailDeferred(f"SMTP server unreachable: {exc.expression}") from exc
+    except OSError as exc:  # aiosmtplib's disconnects and time-outs are OSErrors
+        raise MailDeferred(f"SMTP connection failed: {exc}") from exc
+    except aiosmtplib.SMTPResponseException as exc:
+        if 400 <= exc.code < 500:
+            raise MailDeferred(f"SMTP server deferred the message: {exc.code}") from exc
+        raise
+    except aiosmtplib.SMTPRecipientsRefused as exc:
+        if all(400 <= r.code < 500 for r in exc.recipients):
+            raise MailDeferred("SMTP server deferred every recipient") from exc
+        raise
     log.info("mail_sent", to=mail.to, subject=mail.subject)

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+from celery import Task
+
 from atrium.config import get_settings
 from atrium.kit import email, runtime
 from atrium.worker import celery_app
 
+log = structlog.get_logger("atrium.email")
+
 
 @celery_app.task(name="atrium.ping")
-def ping(payload: str = "pong", record_key: str | None = None) -> dict[str, Any]:
-    """Round trip through the broker and the worker's own connections.
+def ping(payload: str = "pong") -> dict[str, Any]:
+    """Round trip through the broker and the worker's own connections (for operators).
+
+    Reads only: it echoes ``payload`` and runs ``SELECT 1`` on each database and a Redis PING,
+    so anyone who can reach the broker learns nothing and changes nothing by sending it.
 
     Args:
         payload: echoed back.
-        record_key: when given, the worker also stores ``payload`` under this Redis key for
-            five minutes, so a caller without the result can see that the task ran.
     """
 
     async def _check() -> dict[str, Any]:
@@ -28,8 +34,6 @@ def ping(payload: str = "pong", record_key: str | None = None) -> dict[str, Any]
         async with res.vector_pool.connection() as conn:
             cur = await conn.execute("SELECT 1")
             row = await cur.fetchone()
-        if record_key:
-            await res.redis.set(record_key, payload, ex=300)
         return {
             "payload": payload,
             "db": db,
@@ -40,15 +44,30 @@ def ping(payload: str = "pong", record_key: str | None = None) -> dict[str, Any]
     return runtime.run(_check())
 
 
-@celery_app.task(
-    name="atrium.email.send",
-    autoretry_for=(OSError, ConnectionError),
-    retry_backoff=True,
-    retry_backoff_max=600,
-    max_retries=8,
-)
-def send_email(template: str, to: list[str], context: dict[str, Any]) -> None:
-    """Render a mail template and send it; network faults retry with backoff."""
+@celery_app.task(name="atrium.email.send", bind=True, max_retries=None)
+def send_email(self: Task, template: str, to: list[str], context: dict[str, Any]) -> None:
+    """Render a mail template and send it.
+
+    While the SMTP server is unreachable or defers the message, the task retries on the
+    schedule of :func:`atrium.kit.email.retry_delays` (by default it covers two hours), so the
+    verification, reset and invitation mail of an outage is delivered once the server is back.
+    """
     settings = get_settings()
     mail = email.render(template, to, context)
-    runtime.run(email.send(settings, mail))
+    try:
+        runtime.run(email.send(settings, mail))
+    except email.MailDeferred as exc:
+        delays = email.retry_delays(settings)
+        attempt = self.request.retries
+        if attempt >= len(delays):
+            log.error("mail_failed", to=to, template=template, attempts=attempt + 1, error=str(exc))
+            raise
+        log.warning(
+            "mail_deferred",
+            to=to,
+            template=template,
+            attempt=attempt + 1,
+            retry_in_seconds=delays[attempt],
+            error=str(exc),
+        )
+        raise self.retry(exc=exc, countdown=delays[attempt]) from exc
