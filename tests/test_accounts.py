@@ -74,7 +74,14 @@ async def test_register_rejects_malformed_bodies(
     assert r.json()["error"] == "ValidationError"
 
 
-async def test_register_creates_owned_tenant_and_duplicate_is_409(
+def _shape(value: Any) -> Any:
+    """Keys and value types, recursively: what tells two answers apart besides their values."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+async def test_register_creates_owned_tenant(
     client: httpx.AsyncClient, mailbox: Any, celery_worker: Any
 ) -> None:
     email = new_email()
@@ -83,10 +90,38 @@ async def test_register_creates_owned_tenant_and_duplicate_is_409(
     body = r.json()
     assert body["user"]["email"] == email  # addresses are stored lower-cased
     assert body["tenant"]["name"] == "Dana's workspace" and body["tenant"]["role"] == "owner"
-    r = await register(client, email)
-    assert r.status_code == 409
-    assert "already exists" in r.json()["detail"]
     await wait_mail(mailbox, email, "Verify your e-mail")
+
+
+async def test_register_does_not_reveal_registered_addresses(
+    client: httpx.AsyncClient, mailbox: Any, celery_worker: Any
+) -> None:
+    """Signing up with a taken address answers like a new one; the owner is told by mail."""
+    taken, fresh = new_email(), new_email()
+    assert (await register(client, taken, name="Dana")).status_code == 201
+    await wait_mail(mailbox, taken, "Verify your e-mail")
+    probe = {"name": "Mallory", "tenant_name": "Probe"}
+    again = await register(client, taken.upper(), "another long passphrase 42", **probe)
+    new = await register(client, fresh, "another long passphrase 42", **probe)
+    assert again.status_code == new.status_code == 201, again.text
+    assert _shape(again.json()) == _shape(new.json())
+    assert again.headers.keys() == new.headers.keys()
+    for r, email in ((again, taken), (new, fresh)):
+        body = r.json()
+        assert body["user"]["email"] == email and body["user"]["name"] == "Mallory"
+        assert body["user"]["is_verified"] is False
+        assert body["tenant"]["name"] == "Probe" and body["tenant"]["role"] == "owner"
+        assert body["tenant"]["plan"] == "free" and body["tenant"]["status"] == "active"
+    # The owner learns of the attempt; the account and its password are untouched.
+    notice = await wait_mail(mailbox, taken, "tried to sign up")
+    assert "http://testserver/forgot-password" in notice.links()
+    assert "http://testserver/login" in notice.links()
+    r = await login(client, taken)
+    assert r.status_code == 403 and r.json()["detail"]["reason"] == "email_not_verified"
+    r = await login(client, taken, "another long passphrase 42")
+    assert r.status_code == 401
+    # A second verification mail was not sent for the attempt.
+    assert len(mailbox.all(taken)) == 2
 
 
 async def test_register_with_unknown_or_foreign_invitation(client: httpx.AsyncClient) -> None:

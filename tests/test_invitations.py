@@ -216,3 +216,56 @@ async def test_invitation_to_a_suspended_tenant_is_refused(
 
 def bearer_h(tokens: dict[str, Any]) -> dict[str, str]:
     return {"Authorization": f"Bearer {tokens['access_token']}"}
+
+
+# Abuse as a mail relay ---------------------------------------------------------------------
+
+
+async def test_resending_one_invitation_is_limited(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any
+) -> None:
+    """Resend mails an address of the inviter's choosing: at most 3 mails an hour each."""
+    s = await _setup(app)
+    inv = await _invite(client, s, new_email())
+    url = f"{s['url']}/{inv['id']}/resend"
+    codes = [(await client.post(url, headers=s["h"])).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]  # the creation was the first of the three mails
+    r = await client.post(url, headers=s["h"])
+    assert r.status_code == 429
+    assert int(r.headers["Retry-After"]) > 0
+    assert r.json()["error"] == "TooManyRequests"
+
+
+async def test_one_address_gets_a_bounded_number_of_invitations(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any
+) -> None:
+    """Many tenants (anyone can make some) together cannot flood one address."""
+    target = new_email()
+    codes = []
+    for _ in range(6):
+        s = await _setup(app)
+        r = await client.post(s["url"], json={"email": target}, headers=s["h"])
+        codes.append(r.status_code)
+    assert codes == [201] * 5 + [429]
+
+
+async def test_invitation_mail_bounds_and_defangs_the_names_it_quotes(
+    app: Any, client: httpx.AsyncClient, mailbox: Any, celery_worker: Any
+) -> None:
+    """Tenant and inviter names are the inviter's text in someone else's inbox."""
+    owner = await create_user(app, name="Win a prize at https://evil.example/claim\r\nBcc: x@y")
+    tenant = await create_tenant(app, owner, name="Cheap pills " * 15)
+    email = new_email()
+    r = await client.post(
+        f"/v1/tenants/{tenant.id}/invitations",
+        json={"email": email},
+        headers=await bearer(owner),
+    )
+    assert r.status_code == 201, r.text
+    mail = await wait_mail(mailbox, email, "invited you")
+    assert "\n" not in mail.subject and "\r" not in mail.subject
+    assert "https://" not in mail.subject and "evil.example" not in mail.subject
+    assert len(mail.subject) < 160
+    assert "Bcc" not in mail.message
+    # The only link in the mail is Atrium's own.
+    assert [link.split("?")[0] for link in mail.links()] == ["http://testserver/invitations/accept"]

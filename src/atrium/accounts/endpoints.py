@@ -123,6 +123,10 @@ async def register(
     Without ``invitation_token`` a tenant owned by the new user is created and a verification
     mail is sent (login needs a verified address). With an invitation token from an invitation
     mail, the account joins that tenant instead and is verified at once.
+
+    An address that already has an account gets the same answer (201, same shape, ids that
+    lead nowhere) and its owner a mail saying someone tried to sign up with it: sign-up does
+    not reveal which addresses are registered.
     """
     user, tenant = await service.register(session, manager, body, request)
     return Registered(user=User.model_validate(user), tenant=tenant)

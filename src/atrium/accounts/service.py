@@ -30,7 +30,7 @@ from atrium.config import Settings
 from atrium.kit.db import unit_of_work
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
-from atrium.models import DataExport, ExportStatus, Role, User
+from atrium.models import DataExport, ExportStatus, Role, Tenant, TenantStatus, User, utcnow
 from atrium.models.accounts import user_email_col, user_id_col
 from atrium.tenants import invitations
 from atrium.tenants import service as tenants
@@ -40,6 +40,8 @@ EMAIL_CHANGE_AUDIENCE = "atrium:email-change"
 EXPORT_TASK = "atrium.accounts.export"
 PURGE_USER_FILES_TASK = "atrium.accounts.purge_user_files"
 _DUMMY_HASH = password_helper.hash("atrium-timing-equaliser")
+#: The plan a new tenant starts on (the column's default).
+DEFAULT_PLAN: str = Tenant.__table__.c.plan.default.arg
 
 
 async def record_detached(request: Request, action: str, **kwargs: Any) -> None:
@@ -72,9 +74,14 @@ async def register(
 ) -> tuple[User, TenantWithRole]:
     """Create an account, and its own tenant or the membership its invitation offers.
 
+    An address that already has an account gets the same answer as a new one, so sign-up
+    cannot tell anyone which addresses are registered; the owner of the address is told by
+    mail instead (see :func:`_registered_again`).
+
     Raises:
         Unprocessable: the password breaks a rule.
-        Conflict: the address is already registered.
+        Conflict: with an invitation token, the invited address already has an account (only
+            the holder of the invitation mail learns it), or two sign-ups raced.
         NotFound, Gone, Forbidden: the invitation token is unusable or for another address.
     """
     check_password(body.password, body.email)
@@ -97,11 +104,17 @@ async def register(
             safe=False,
             request=request,
         )
-    except (fu_exc.UserAlreadyExists, IntegrityError):
+    except fu_exc.UserAlreadyExists:
+        if invitation is None:
+            return _registered_again(session, manager.settings, body)
         raise Conflict(
             "An account with this e-mail address already exists; log in, or reset the password "
             "if you forgot it"
         ) from None
+    except IntegrityError:
+        # Two sign-ups of one new address at the same moment: the later one learns nothing
+        # about anybody else's address.
+        raise Conflict("This address was just registered; log in, or reset the password") from None
     except fu_exc.InvalidPasswordException as exc:
         raise _invalid_password(exc, "password") from None
     record(
@@ -131,6 +144,46 @@ async def register(
         role=role,
     )
     return user, out
+
+
+def _registered_again(
+    session: AsyncSession, settings: Settings, body: UserCreate
+) -> tuple[User, TenantWithRole]:
+    """The answer to a sign-up with an address that already has an account.
+
+    The response has the status and shape of a real sign-up (its ids are fresh and stored
+    nowhere: nobody can log in without the account's own password anyway), and the password
+    is hashed as a real sign-up would, so the time taken tells little either. The owner of
+    the address gets a mail pointing to log-in and password reset.
+    """
+    password_helper.hash(body.password)
+    send_mail(
+        session,
+        "account_exists",
+        body.email,
+        {
+            "login_link": f"{settings.resolved_public_url}/login",
+            "reset_link": f"{settings.resolved_public_url}/forgot-password",
+        },
+    )
+    now = utcnow()
+    user = User(
+        id=uuid.uuid4(),
+        email=body.email,
+        name=body.name,
+        is_verified=False,
+        is_superuser=False,
+        created_at=now,
+    )
+    tenant = TenantWithRole(
+        id=uuid.uuid4(),
+        name=body.tenant_name or _default_tenant_name(user),
+        status=TenantStatus.active,
+        plan=DEFAULT_PLAN,
+        created_at=now,
+        role=Role.owner,
+    )
+    return user, tenant
 
 
 async def accept_invitation_as_new_user(

@@ -228,7 +228,7 @@ async def transfer_ownership(
     tags=["invitations"],
     status_code=status.HTTP_201_CREATED,
     response_model=schemas.Invitation,
-    responses=error_responses(NotFound, Forbidden, Conflict),
+    responses=error_responses(NotFound, Forbidden, Conflict, TooManyRequests),
 )
 async def create_invitation(
     body: schemas.InvitationCreate,
@@ -279,7 +279,7 @@ async def revoke_invitation(
     "/tenants/{tenant_id}/invitations/{invitation_id}/resend",
     tags=["invitations"],
     response_model=schemas.Invitation,
-    responses=error_responses(NotFound, Forbidden, Conflict),
+    responses=error_responses(NotFound, Forbidden, Conflict, TooManyRequests),
 )
 async def resend_invitation(
     invitation_id: uuid.UUID,

@@ -23,12 +23,20 @@ from atrium.audit.service import record
 from atrium.auth.dependencies import ensure_tenant_usable
 from atrium.auth.subject import AuthSubject
 from atrium.config import Settings
+from atrium.kit import ratelimit
+from atrium.kit.email import display_name
 from atrium.kit.errors import Conflict, Forbidden, Gone, NotFound
 from atrium.models import Invitation, Membership, Role, Tenant, User, utcnow
 from atrium.models.accounts import user_email_col, user_id_col
 from atrium.tenants import schemas
 
 INVITATION_TTL = dt.timedelta(days=7)
+
+#: Invitation mail is mail to an address of the inviter's choosing: without limits a tenant
+#: (free to create) could make Atrium's domain send unwanted mail. (times, seconds) per bucket.
+PER_INVITATION_LIMITS = ((3, 3600), (5, 24 * 3600))  # one invitation: created, then resent
+PER_RECIPIENT_LIMITS = ((5, 3600), (10, 24 * 3600))  # one address, from every tenant together
+PER_TENANT_LIMITS = ((30, 3600), (100, 24 * 3600))  # every invitation mail of one tenant
 
 
 def hash_token(token: str) -> str:
@@ -74,6 +82,36 @@ def list_query(tenant_id: uuid.UUID) -> Select[tuple[Invitation]]:
     )
 
 
+async def check_send_limits(
+    request: Request, tenant_id: uuid.UUID, email: str, invitation_id: uuid.UUID
+) -> None:
+    """Count one invitation mail against its invitation, its recipient and its tenant.
+
+    Raises:
+        TooManyRequests: one of the limits is spent (``Retry-After`` says for how long).
+    """
+    redis = request.app.state.redis
+    recipient = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
+    buckets = [
+        (
+            f"atrium:t:{tenant_id}:rl:invitation:{invitation_id}",
+            "invitation",
+            PER_INVITATION_LIMITS,
+        ),
+        (
+            f"atrium:rl:invitation-recipient:{recipient}",
+            "invitation-recipient",
+            PER_RECIPIENT_LIMITS,
+        ),
+        (f"atrium:t:{tenant_id}:rl:invitation-tenant", "invitation-tenant", PER_TENANT_LIMITS),
+    ]
+    for key, name, limits in buckets:
+        for times, seconds in limits:
+            state = await ratelimit.hit(redis, f"{key}:{seconds}", times, seconds, name=name)
+            ratelimit.record_state(request, state)
+            ratelimit.raise_if_refused(state)
+
+
 async def _send(
     session: AsyncSession,
     settings: Settings,
@@ -87,8 +125,9 @@ async def _send(
         "invitation",
         inv.email,
         {
-            "tenant_name": tenant.name,
-            "inviter": (inviter.name or inviter.email) if inviter else "A colleague",
+            # Chosen by the inviter and quoted to someone else: bounded and defanged.
+            "tenant_name": display_name(tenant.name),
+            "inviter": display_name(inviter.name or inviter.email) if inviter else "A colleague",
             "role": inv.role.value,
             "link": link(settings, "/invitations/accept", token=token),
             "days": INVITATION_TTL.days,
@@ -107,6 +146,7 @@ async def create(
 
     Raises:
         Conflict: the address already belongs to a member, or has a pending invitation.
+        TooManyRequests: the address or the tenant had too much invitation mail lately.
     """
     email = body.email
     member = await session.scalar(
@@ -132,9 +172,11 @@ async def create(
             f"POST /v1/tenants/{subject.tenant_id}/invitations/{pending}/resend",
             detail={"message": f"{email} already has a pending invitation", "id": str(pending)},
         )
+    invitation_id = uuid.uuid4()
+    await check_send_limits(request, subject.tenant_id, email, invitation_id)
     token = secrets.token_urlsafe(32)
     inv = Invitation(
-        id=uuid.uuid4(),
+        id=invitation_id,
         tenant_id=subject.tenant_id,
         email=email,
         role=Role(body.role.value),
@@ -206,10 +248,12 @@ async def resend(
     Raises:
         NotFound: no such invitation in this tenant.
         Conflict: it was already accepted.
+        TooManyRequests: this invitation, its address or the tenant had too much mail lately.
     """
     inv = await _get(session, subject.tenant_id, invitation_id)
     if inv.accepted_at is not None:
         raise Conflict("This invitation was already accepted")
+    await check_send_limits(request, subject.tenant_id, inv.email, inv.id)
     token = secrets.token_urlsafe(32)
     inv.token_hash = hash_token(token)
     inv.expires_at = utcnow() + INVITATION_TTL
