@@ -87,6 +87,13 @@ class Settings(BaseSettings):
         description="Seconds before Redis hands an unacknowledged task (its worker died) to "
         "another worker; keep it above the longest task.",
     )
+    celery_relay_interval_seconds: int = Field(
+        15,
+        ge=1,
+        description="How often beat publishes the jobs that were committed but not sent "
+        "(the broker was unreachable): they wait in the account database's job outbox; the "
+        "relay takes a job once it is 30 s old.",
+    )
 
     smtp_host: str = Field(
         "", description="SMTP server. Empty: mail is written to data_dir/outbox."

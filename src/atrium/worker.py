@@ -18,6 +18,7 @@ TASK_MODULES = [
     "atrium.apikeys.tasks",
     "atrium.collections.tasks",
     "atrium.ingestion.tasks",
+    "atrium.kit.outbox",
 ]
 
 
@@ -43,7 +44,14 @@ def create_celery() -> Celery:
         result_expires=3600,
         task_always_eager=settings.celery_always_eager,
         # Longer than the longest task, or Redis would hand an unacked task to a second worker.
-        broker_transport_options={"visibility_timeout": settings.celery_visibility_timeout},
+        # Socket time-outs: a broker that accepts connections and then hangs must not hang a
+        # publication (a request's, after its commit) forever; what is not published waits
+        # in the job outbox (atrium.kit.outbox). Kombu's BRPOP polls every second, well under.
+        broker_transport_options={
+            "visibility_timeout": settings.celery_visibility_timeout,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 5,
+        },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
@@ -51,6 +59,13 @@ def create_celery() -> Celery:
             "ingestion-sweep": {
                 "task": "atrium.ingestion.sweep",
                 "schedule": float(settings.ingestion_sweep_interval_seconds),
+            },
+            # Jobs committed but not published (the broker was unreachable): atrium.kit.outbox.
+            "outbox-relay": {
+                "task": "atrium.outbox.relay",
+                "schedule": float(settings.celery_relay_interval_seconds),
+                # Ticks queued while no worker ran are worth nothing once the next one is due.
+                "options": {"expires": float(settings.celery_relay_interval_seconds)},
             },
         },
         timezone="UTC",

@@ -234,7 +234,8 @@ async def unit_of_work(
             await _run_after_commit(session, committed=False)
             raise
         await _run_after_commit(session, committed=True)
-        await send_jobs(session)
+        # Never raises: a job the broker does not take now stays in the outbox (kit.outbox).
+        await send_jobs(session, sessionmaker)
 
 
 async def abandon_request_unit(request: Request) -> None:

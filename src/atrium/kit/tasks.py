@@ -8,7 +8,7 @@ import structlog
 from celery import Task
 
 from atrium.config import get_settings
-from atrium.kit import email, runtime
+from atrium.kit import email, outbox, runtime
 from atrium.worker import celery_app
 
 log = structlog.get_logger("atrium.email")
@@ -52,6 +52,10 @@ def send_email(self: Task, template: str, to: list[str], context: dict[str, Any]
     schedule of :func:`atrium.kit.email.retry_delays` (by default it covers two hours), so the
     verification, reset and invitation mail of an outage is delivered once the server is back.
     """
+    if not outbox.first_delivery(self):
+        # The job outbox published this task id twice (kit.outbox): the mail went already.
+        log.info("mail_duplicate_skipped", to=to, template=template)
+        return
     settings = get_settings()
     mail = email.render(template, to, context)
     try:

@@ -6,6 +6,7 @@ from atrium.models.audit import AuditEvent
 from atrium.models.base import Base, IDMixin, TimestampMixin, utcnow
 from atrium.models.billing import BillingAccount, UsageAlert, UsageCounter, UsageDaily  # noqa: F401
 from atrium.models.ingestion import Collection, CollectionStatus, Document, DocumentStatus
+from atrium.models.outbox import OutboxJob
 from atrium.models.tenancy import Membership, Role, Tenant, TenantStatus, User
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "IDMixin",
     "Invitation",
     "Membership",
+    "OutboxJob",
     "Role",
     "Tenant",
     "TenantStatus",
