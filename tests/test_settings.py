@@ -68,7 +68,7 @@ def test_production_needs_smtp_or_an_explicit_outbox() -> None:
     """Mail carries sign-in links: production must deliver it, not leave it in files."""
     with pytest.raises(ConfigurationError, match="ATRIUM_SMTP_HOST"):
         load_settings(environment="production", secret_key="x" * 40, smtp_host="")
-    s = load_settings(environment="production", secret_key="x" * 40, mail_outbox=True)
+    s = load_settings(environment="production", secret_key="x" * 40, smtp_host="", mail_outbox=True)
     assert s.is_production and not s.smtp_host
 
 
