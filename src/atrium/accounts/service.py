@@ -27,7 +27,7 @@ from atrium.apikeys.service import revoke_keys_created_by
 from atrium.audit.service import record
 from atrium.auth.tokens import AccessClaims
 from atrium.config import Settings
-from atrium.kit.db import unit_of_work
+from atrium.kit.db import abandon_request_unit, unit_of_work
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from atrium.models import DataExport, ExportStatus, Role, Tenant, TenantStatus, User, utcnow
@@ -46,6 +46,7 @@ DEFAULT_PLAN: str = Tenant.__table__.c.plan.default.arg
 
 async def record_detached(request: Request, action: str, **kwargs: Any) -> None:
     """Write an audit event in its own transaction (for requests that end in an error)."""
+    await abandon_request_unit(request)
     async with unit_of_work(request.app.state.sessionmaker) as session:
         record(session, action, request=request, **kwargs)
 
