@@ -189,8 +189,10 @@ async def test_every_format_becomes_ready_in_the_tenants_partition_only(
     assert r.status_code == 202, r.text
     other_doc = r.json()["documents"][0]
 
+    finals: dict[str, dict[str, Any]] = {}
     for done, doc in enumerate(uploaded, 1):
         final = await wait_document(client, ctx, doc["id"])
+        finals[doc["filename"]] = final
         assert final["status"] == "ready", final
         # A document seen ready has already moved the collection's cache version (bumped
         # right after its chunks commit), so no search can be answered from a stale entry.
@@ -212,8 +214,10 @@ async def test_every_format_becomes_ready_in_the_tenants_partition_only(
     assert {part for part, _, _ in other_rows} == {partition_name(other.tenant.id)}
     assert await partition_count(settings, other.tenant.id) == final_other["chunk_count"]
 
+    # Until read, a document is named after its file; then its own title replaces the name.
+    assert all(d["title"] == d["filename"] for d in uploaded)
     # Titles come from the documents themselves; metadata and title ride on every chunk.
-    titles = {d["filename"]: d["title"] for d in uploaded}
+    titles = {name: final["title"] for name, final in finals.items()}
     assert titles["guide.md"] == "Guide" and titles["page.html"] == "Page"
     assert titles["report.pdf"] == "Quarterly report" and titles["notes.txt"] == "notes.txt"
     async with await psycopg.AsyncConnection.connect(settings.vector_conninfo) as conn:
@@ -251,7 +255,8 @@ async def test_json_text_and_duplicates(
     r = await client.post(ctx.docs, json={"text": text, "metadata": {"v": 2}}, headers=ctx.headers)
     assert r.status_code == 202, r.text
     first = r.json()["documents"][0]
-    assert first["title"] == "Release notes" and first["content_type"] == "text/markdown"
+    # Its first line until read, then its first heading.
+    assert first["title"] == "# Release notes" and first["content_type"] == "text/markdown"
     assert first["metadata"] == {"v": 2}
     # The same bytes again (as JSON or as a file): the existing document, 200, no new work.
     r = await client.post(ctx.docs, json={"text": text}, headers=ctx.headers)
@@ -277,7 +282,8 @@ async def test_json_text_and_duplicates(
         headers=ctx.headers,
     )
     assert r.status_code == 202 and r.json()["documents"][0]["id"] != first["id"]
-    assert (await wait_document(client, ctx, first["id"]))["status"] == "ready"
+    ready = await wait_document(client, ctx, first["id"])
+    assert ready["status"] == "ready" and ready["title"] == "Release notes"
 
 
 BAD_UPLOADS = [
@@ -289,9 +295,6 @@ BAD_UPLOADS = [
     ([("pic.txt", PNG, "text/plain")], {}, 415, "image/png"),
     ([("a.pdf", b"hello there", "application/pdf")], {}, 415, "sent as application/pdf"),
     ([("x.txt", make_pdf([["text"]]), "text/plain")], {}, 415, "its content is a PDF"),
-    ([("locked.pdf", encrypt_pdf(make_pdf([["t"]]), "pw"), None)], {}, 422, "encrypted"),
-    ([("scan.pdf", make_image_only_pdf(), None)], {}, 422, "without extractable text"),
-    ([("bad.pdf", b"%PDF-1.7 garbage", None)], {}, 422, "could not be read as a PDF"),
     ([("ok.txt", b"fine words", None)], {"metadata": "[1, 2]"}, 422, "must be a JSON object"),
     ([("ok.txt", b"fine words", None)], {"metadata": "{not json"}, 422, "not valid JSON"),
     (
@@ -338,6 +341,31 @@ async def test_bad_uploads_get_a_4xx_that_says_why(
     assert words in str(r.json()["detail"]), r.json()
     r = await client.get(ctx.docs, headers=ctx.headers)
     assert r.json()["total"] == 0
+
+
+# Found only by parsing, which happens in the worker (the API only sniffs uploads): accepted,
+# then ``failed`` with the reason.
+UNREADABLE_UPLOADS = [
+    ("locked.pdf", encrypt_pdf(make_pdf([["t"]]), "pw"), "encrypted"),
+    ("scan.pdf", make_image_only_pdf(), "without extractable text"),
+    ("bad.pdf", b"%PDF-1.7 garbage", "could not be read as a PDF"),
+    ("empty.html", b"<html><body></body></html>", "without any text"),
+]
+
+
+async def test_unreadable_files_end_failed_with_the_reason(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any
+) -> None:
+    ctx = await setup_tenant(app, client)
+    r = await upload_files(
+        client, ctx, [(name, data, None) for name, data, _ in UNREADABLE_UPLOADS]
+    )
+    assert r.status_code == 202, r.text
+    for doc, (name, _, words) in zip(r.json()["documents"], UNREADABLE_UPLOADS, strict=True):
+        final = await wait_document(client, ctx, doc["id"])
+        assert final["status"] == "failed", final
+        assert words in final["error"] and "The document" in final["error"], (name, final)
+        assert final["attempts"] == 1 and final["chunk_count"] == 0
 
 
 async def test_bad_json_and_other_bodies(app: Any, client: httpx.AsyncClient) -> None:
