@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email as email_parser
 import email.policy as email_policy
+import logging
 import os
 import time
 import uuid
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from atrium.config import Settings, load_settings
@@ -21,8 +23,16 @@ from tests.support import services
 from tests.support.smtp import Mailbox
 
 
-async def test_outbox_mail_is_logged_without_its_links(tmp_path: Path) -> None:
+async def test_outbox_mail_is_logged_without_its_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     """Reset, verification, invitation and export links are credentials: never in a log."""
+    # The module's logger caches its configuration on first use, and the app's drops info
+    # events (ATRIUM_LOG_LEVEL=WARNING in the tests): a fresh logger, every level, for this test.
+    monkeypatch.setattr(email, "log", structlog.get_logger("atrium.kit.email"))
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    request.addfinalizer(lambda: structlog.configure(**saved))
     settings = load_settings(
         environment="test", data_dir=tmp_path, smtp_host="", secret_key="x" * 40
     )

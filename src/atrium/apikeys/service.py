@@ -42,6 +42,7 @@ from atrium.auth.subject import AuthSubject
 from atrium.billing.plans import Limit
 from atrium.billing.quota import limits_in_session
 from atrium.config import Settings
+from atrium.kit.enqueue import PUBLISH_RETRY_POLICY
 from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from atrium.models import ApiKey, TenantStatus, utcnow
 
@@ -358,6 +359,11 @@ def _send_touch(tenant_id: uuid.UUID, key_id: uuid.UUID, used_at: dt.datetime) -
     celery_app.send_task(
         TOUCH_TASK,
         kwargs={"tenant_id": str(tenant_id), "key_id": str(key_id), "used_at": used_at.isoformat()},
+        # Best effort and nobody waits for it: no result subscription (which retries an
+        # unreachable Redis for many seconds) and the outbox's short publish retries.
+        ignore_result=True,
+        retry=True,
+        retry_policy=PUBLISH_RETRY_POLICY,
     )
 
 

@@ -61,6 +61,7 @@ from atrium.billing.plans import Limit, PlanCatalog, get_catalog
 from atrium.config import Settings
 from atrium.kit import metrics
 from atrium.kit.db import after_commit, write_session
+from atrium.kit.enqueue import enqueue, send_jobs
 from atrium.kit.errors import NotFound, PaymentRequired
 from atrium.models import Membership, Role, Tenant, User
 from atrium.models.billing import (
@@ -1568,7 +1569,21 @@ async def send_usage_warning(
     t = _ALERTS
     now = _utcnow()
 
-    async def write() -> list[str]:
+    context = {
+        "tenant_name": billing.tenant_name,
+        "tenant_id": str(billing.tenant_id),
+        "plan": billing.plan,
+        "metric": metric.value,
+        "metric_label": metric.label,
+        "threshold": top,
+        "used": used,
+        "limit": limit,
+        "monthly": not metric.is_level,
+        "resets_at": billing.period.end.strftime("%Y-%m-%d %H:%M UTC"),
+        "usage_url": f"{quota.settings.resolved_public_url}/v1/tenants/{billing.tenant_id}/usage",
+    }
+
+    async def write() -> tuple[list[str], AsyncSession]:
         async with write_session(quota.sessionmaker) as session:
             fresh = False
             for threshold in sorted(crossed, reverse=True):
@@ -1599,36 +1614,24 @@ async def send_usage_warning(
                         )
                     ).scalars()
                 )
+            # The mails are jobs of the transaction that records the warning: both happen, or
+            # neither (the outbox relays them if the broker is down right now). One message
+            # per person: recipients do not see each other's addresses.
+            for address in recipients:
+                enqueue(
+                    session,
+                    "atrium.email.send",
+                    template="usage_warning",
+                    to=[address],
+                    context=context,
+                )
             await session.commit()
-            return recipients
+            return recipients, session
 
-    recipients = await _with_retry(write)
+    recipients, committed = await _with_retry(write)
     if not recipients:
         return
-    context = {
-        "tenant_name": billing.tenant_name,
-        "tenant_id": str(billing.tenant_id),
-        "plan": billing.plan,
-        "metric": metric.value,
-        "metric_label": metric.label,
-        "threshold": top,
-        "used": used,
-        "limit": limit,
-        "monthly": not metric.is_level,
-        "resets_at": billing.period.end.strftime("%Y-%m-%d %H:%M UTC"),
-        "usage_url": f"{quota.settings.resolved_public_url}/v1/tenants/{billing.tenant_id}/usage",
-    }
-    from atrium.worker import celery_app
-
-    def _send() -> None:
-        # One message per person: recipients do not see each other's addresses.
-        for address in recipients:
-            celery_app.send_task(
-                "atrium.email.send",
-                kwargs={"template": "usage_warning", "to": [address], "context": context},
-            )
-
-    await asyncio.to_thread(_send)
+    await send_jobs(committed, quota.sessionmaker)
     log.info(
         "usage_warning_sent",
         tenant_id=str(billing.tenant_id),
