@@ -125,6 +125,36 @@ async def test_a_chunked_upload_over_the_plans_limit_gets_413(
     assert r.status_code == 202, r.text
 
 
+async def test_a_json_upload_gets_the_document_size_plus_1_mib_not_six_times_it(
+    app: Any, client: httpx.AsyncClient, no_linger: None
+) -> None:
+    """JSON text is buffered and parsed whole, holding the GIL: the body may exceed the largest
+    document by 1 MiB of escapes and fields, not by six times it (review M2)."""
+    from tests.test_documents import setup_tenant
+    from tests.test_quota_helpers import set_plan, superuser_headers
+
+    ctx = await setup_tenant(app, client)
+    await set_plan(
+        client, await superuser_headers(app), ctx.tenant.id, "pro", {"max_upload_bytes": CHUNK}
+    )
+    # 1.3 MiB: under the old 6 x 64 KiB + 1 MiB, over 64 KiB + 1 MiB.
+    text = Stream(MiB + 5 * CHUNK, head=b'{"text": "', tail=b'"}')
+    r = await client.post(
+        ctx.docs, content=text, headers={**ctx.headers, "content-type": "application/json"}
+    )
+    _is_413(r, "the largest document allowed is 64.0 KB", "multipart/form-data")
+    assert text.pulled <= CHUNK + MiB + 2 * CHUNK, text.pulled
+    # A document of the largest size still goes as JSON with its escapes (x3 here: "é" is two
+    # UTF-8 bytes, six as \u00e9).
+    body = json.dumps({"text": "é" * (CHUNK // 2), "title": "Accents"}).encode()
+    assert len(body) > 3 * CHUNK
+    r = await client.post(
+        ctx.docs, content=body, headers={**ctx.headers, "content-type": "application/json"}
+    )
+    assert r.status_code == 202, r.text
+    assert r.json()["documents"][0]["size_bytes"] == CHUNK
+
+
 # The real server: a 300 MB chunked body, the process's memory, and /healthz meanwhile --------
 
 

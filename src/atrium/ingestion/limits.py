@@ -14,7 +14,7 @@ from atrium.config import Settings
 
 #: Files accepted in one multipart request.
 MAX_FILES_PER_REQUEST = 100
-#: Multipart framing and JSON escaping add to the documents' own size.
+#: Multipart framing, JSON escaping and the other JSON fields add to the documents' own size.
 ENVELOPE_BYTES = 1024 * 1024
 
 
@@ -22,9 +22,12 @@ def max_request_bytes(per_document: int, *, multipart: bool) -> int:
     """The largest upload request body for documents of up to ``per_document`` bytes each.
 
     A multipart request carries up to :data:`MAX_FILES_PER_REQUEST` files; a JSON request one
-    text, whose escapes can make it up to six times longer than its UTF-8 bytes.
+    text, with :data:`ENVELOPE_BYTES` to spare for its escapes and other fields. JSON bodies are
+    buffered and parsed whole, holding the GIL (pydantic-core does not release it), so they
+    get no more than that: a text whose escapes (``\\uXXXX`` for every non-ASCII character, as
+    ``ensure_ascii`` encoders write) make it longer goes as a multipart file instead.
     """
-    documents = per_document * MAX_FILES_PER_REQUEST if multipart else per_document * 6
+    documents = per_document * MAX_FILES_PER_REQUEST if multipart else per_document
     return documents + ENVELOPE_BYTES
 
 
@@ -38,7 +41,8 @@ def upload_too_large_message(per_document: int, *, multipart: bool) -> str:
         )
     return (
         f"The request is larger than {most}: the largest document allowed is "
-        f"{human_bytes(per_document)}"
+        f"{human_bytes(per_document)}, and JSON escapes count toward the request; send a long "
+        "text as a file (multipart/form-data, field 'files') instead"
     )
 
 
