@@ -48,10 +48,11 @@ async def test_the_whole_account_journey(
     async with app.state.vector_pool.connection() as conn:
         await ensure_tenant_partition(conn, uuid.UUID(shared["id"]))
 
-    # Not verified yet: login says so.
+    # Not verified yet: login fails as a wrong password would (saying so would tell whether
+    # a sign-up with this address made an account) and mails a new verification link.
     r = await login(client, alice)
-    assert r.status_code == 403
-    assert r.json()["detail"]["reason"] == "email_not_verified"
+    assert r.status_code == 401
+    assert r.json()["detail"] == "Incorrect e-mail address or password"
 
     # Verify from the mail, then log in.
     await verify_from_mail(client, mailbox, alice)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from typing import Any
 
@@ -9,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from atrium.models import AuditEvent
+from atrium.models import AuditEvent, User
 from tests.test_accounts_support import (
     PASSWORD,
     bearer,
@@ -116,12 +117,28 @@ async def test_register_does_not_reveal_registered_addresses(
     notice = await wait_mail(mailbox, taken, "tried to sign up")
     assert "http://testserver/forgot-password" in notice.links()
     assert "http://testserver/login" in notice.links()
-    r = await login(client, taken)
-    assert r.status_code == 403 and r.json()["detail"]["reason"] == "email_not_verified"
-    r = await login(client, taken, "another long passphrase 42")
-    assert r.status_code == 401
     # A second verification mail was not sent for the attempt.
     assert len(mailbox.all(taken)) == 2
+    r = await login(client, taken, "another long passphrase 42")
+    assert r.status_code == 401
+
+
+async def test_register_answer_timestamps_do_not_reveal_registered_addresses(
+    client: httpx.AsyncClient,
+) -> None:
+    """A real sign-up stores the user, then the tenant: the tenant is younger. The answer for
+    a taken address must not give itself away with one timestamp for both (review H4a)."""
+    taken = new_email()
+    assert (await register(client, taken)).status_code == 201
+    again = await register(client, taken, "another long passphrase 42")
+    new = await register(client, new_email(), "another long passphrase 42")
+    for r in (again, new):
+        assert r.status_code == 201, r.text
+        body = r.json()
+        user_at = dt.datetime.fromisoformat(body["user"]["created_at"])
+        tenant_at = dt.datetime.fromisoformat(body["tenant"]["created_at"])
+        assert user_at < tenant_at, body
+        assert tenant_at - user_at < dt.timedelta(seconds=30)
 
 
 async def test_register_with_unknown_or_foreign_invitation(client: httpx.AsyncClient) -> None:
@@ -180,14 +197,44 @@ async def test_login_failures_are_uniform_and_audited(
     assert await _audit(app, "auth.login")
 
 
-async def test_unverified_login_says_so(client: httpx.AsyncClient) -> None:
-    email = new_email()
-    assert (await register(client, email)).status_code == 201
-    r = await login(client, email)
-    assert r.status_code == 403
-    assert "Verify your e-mail address" in r.json()["detail"]["message"]
-    # The wrong password still gets the uniform answer: nothing is revealed without it.
-    assert (await login(client, email, "wrong password 123")).status_code == 401
+async def test_login_does_not_tell_a_new_address_from_a_registered_one(
+    app: Any, client: httpx.AsyncClient, mailbox: Any, celery_worker: Any
+) -> None:
+    """Anyone may sign up with any address and a password of their choosing, then log in with
+    both: a new address (an account now, unverified) and a registered one (another password)
+    must answer alike (review H4b). The unverified account gets a new verification link,
+    at most three an hour, silently beyond."""
+    taken, fresh = new_email(), new_email()
+    await signup(client, mailbox, taken)
+    guess = "the prober's own passphrase 7"
+    for email in (taken, fresh):
+        assert (await register(client, email, guess)).status_code == 201
+    await wait_mail(mailbox, fresh, "Verify your e-mail")
+
+    registered = await login(client, taken, guess)
+    unverified = await login(client, fresh, guess)
+    wrong = await login(client, fresh, "not the password at all")
+    assert registered.status_code == unverified.status_code == wrong.status_code == 401
+    assert registered.json() == unverified.json() == wrong.json()
+    assert registered.headers.keys() == unverified.headers.keys()
+    assert unverified.headers["www-authenticate"] == "Bearer"
+
+    # The owner of the new address gets a new link, which works.
+    mail = await wait_mail(mailbox, fresh, "Verify your e-mail", count=2)
+    for _ in range(3):
+        assert (await login(client, fresh, guess)).status_code == 401
+    await wait_mail(mailbox, fresh, "Verify your e-mail", count=4)
+    async with app.state.sessionmaker() as s:
+        user_id = await s.scalar(select(User.id).where(User.email == fresh))
+    failed = [e for e in await _audit(app, "auth.login_failed") if e.actor_user_id == user_id]
+    assert sorted(e.data["verification_mailed"] for e in failed) == [False] + [True] * 3
+    assert all(e.data["reason"] == "unverified" for e in failed)
+    # The silent limit is its own: asking for a link by address still works.
+    r = await client.post("/v1/auth/request-verify-token", json={"email": fresh})
+    assert r.status_code == 202
+    r = await client.post("/v1/auth/verify", json={"token": link_token(mail, "/verify-email")})
+    assert r.status_code == 200, r.text
+    assert (await login(client, fresh, guess)).status_code == 200
 
 
 # Tokens and sessions -----------------------------------------------------------------------

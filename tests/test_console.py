@@ -347,8 +347,10 @@ async def test_login_errors_are_the_api_s(client: httpx.AsyncClient, app: Any) -
         json={"username": unverified.email, "password": DEFAULT_PASSWORD},
         headers=headers(token),
     )
-    assert r.status_code == 403
-    assert r.json()["detail"]["reason"] == "email_not_verified"
+    # Not verified: the same answer as a wrong password (and a new link by mail).
+    assert r.status_code == 401
+    assert r.json()["detail"] == "Incorrect e-mail address or password"
+    assert REFRESH not in set_cookies(r)
 
 
 async def test_console_login_shares_the_api_login_limit(

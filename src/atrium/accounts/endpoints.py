@@ -176,7 +176,9 @@ async def login(
 ) -> TokenPair:
     """Log in with the OAuth2 password form (``username`` is the e-mail address).
 
-    Returns a short-lived access token and a single-use refresh token.
+    Returns a short-lived access token and a single-use refresh token. An address not
+    verified yet gets the 401 of a wrong password (sign-up does not reveal which addresses
+    have accounts, so neither may login) and a new verification link by mail.
     """
     pair = await service.login(session, request.app.state.settings, manager, form, request)
     return _pair(pair)

@@ -20,13 +20,20 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.accounts import exports, sessions
-from atrium.accounts.manager import VERIFY_TOKEN_LIFETIME, UserManager, link, send_mail
+from atrium.accounts.manager import (
+    VERIFY_TOKEN_LIFETIME,
+    UserManager,
+    build_user_manager,
+    link,
+    send_mail,
+)
 from atrium.accounts.passwords import check_password, password_helper
 from atrium.accounts.schemas import NewUser, UserCreate
 from atrium.apikeys.service import revoke_keys_created_by
 from atrium.audit.service import record
 from atrium.auth.tokens import AccessClaims
 from atrium.config import Settings
+from atrium.kit import ratelimit
 from atrium.kit.db import abandon_request_unit, unit_of_work
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
@@ -40,6 +47,10 @@ EMAIL_CHANGE_AUDIENCE = "atrium:email-change"
 EXPORT_TASK = "atrium.accounts.export"
 PURGE_USER_FILES_TASK = "atrium.accounts.purge_user_files"
 _DUMMY_HASH = password_helper.hash("atrium-timing-equaliser")
+#: A failed login's answer: wrong address, wrong password, or an address not verified yet.
+BAD_CREDENTIALS = "Incorrect e-mail address or password"
+#: New verification links a login of an unverified address mails: (times, per seconds).
+LOGIN_VERIFY_MAIL_LIMIT = (3, 3600)
 #: The plan a new tenant starts on (the column's default).
 DEFAULT_PLAN: str = Tenant.__table__.c.plan.default.arg
 
@@ -107,7 +118,7 @@ async def register(
         )
     except fu_exc.UserAlreadyExists:
         if invitation is None:
-            return _registered_again(session, manager.settings, body)
+            return await _registered_again(session, manager.settings, body)
         raise Conflict(
             "An account with this e-mail address already exists; log in, or reset the password "
             "if you forgot it"
@@ -147,17 +158,28 @@ async def register(
     return user, out
 
 
-def _registered_again(
+async def _registered_again(
     session: AsyncSession, settings: Settings, body: UserCreate
 ) -> tuple[User, TenantWithRole]:
     """The answer to a sign-up with an address that already has an account.
 
     The response has the status and shape of a real sign-up (its ids are fresh and stored
     nowhere: nobody can log in without the account's own password anyway), and the password
-    is hashed as a real sign-up would, so the time taken tells little either. The owner of
-    the address gets a mail pointing to log-in and password reset.
+    is hashed as a real sign-up would, so the time taken tells little either. Its timestamps
+    are taken as a real sign-up's are: the user's when it is written, the tenant's after
+    another write (here the notice's), so the tenant is a little younger than the user, as
+    in a real answer. The owner of the address gets a mail pointing to log-in and password
+    reset.
     """
     password_helper.hash(body.password)
+    user = User(
+        id=uuid.uuid4(),
+        email=body.email,
+        name=body.name,
+        is_verified=False,
+        is_superuser=False,
+        created_at=utcnow(),
+    )
     send_mail(
         session,
         "account_exists",
@@ -167,21 +189,13 @@ def _registered_again(
             "reset_link": f"{settings.resolved_public_url}/forgot-password",
         },
     )
-    now = utcnow()
-    user = User(
-        id=uuid.uuid4(),
-        email=body.email,
-        name=body.name,
-        is_verified=False,
-        is_superuser=False,
-        created_at=now,
-    )
+    await session.flush()
     tenant = TenantWithRole(
         id=uuid.uuid4(),
         name=body.tenant_name or _default_tenant_name(user),
         status=TenantStatus.active,
         plan=DEFAULT_PLAN,
-        created_at=now,
+        created_at=utcnow(),
         role=Role.owner,
     )
     return user, tenant
@@ -243,9 +257,15 @@ async def login(
 ) -> sessions.TokenPair:
     """Check the credentials and open a session.
 
+    An address that is not verified yet gets the answer of a wrong password, and a new
+    verification link by mail (:func:`_remind_unverified`): anyone can sign up with any
+    address and its own password, so a different answer would tell whether that sign-up made
+    an account (a new address) or not (a registered one, whose password is another).
+
     Raises:
-        Unauthorized: wrong address or password (the same answer for both).
-        Forbidden: the address is not verified yet, or the account is disabled.
+        Unauthorized: wrong address or password, or the address is not verified yet (the
+            same answer for all three).
+        Forbidden: the account is disabled.
     """
     form.username = form.username.strip().lower()
     user = await manager.authenticate(form)
@@ -253,24 +273,15 @@ async def login(
         await record_detached(
             request, "auth.login_failed", data={"email": form.username[:320], "reason": "password"}
         )
-        raise Unauthorized("Incorrect e-mail address or password")
+        raise Unauthorized(BAD_CREDENTIALS)
     if not user.is_active:
         await record_detached(
             request, "auth.login_failed", actor_user_id=user.id, data={"reason": "disabled"}
         )
         raise Forbidden("This account is disabled; contact support")
     if not user.is_verified:
-        await record_detached(
-            request, "auth.login_failed", actor_user_id=user.id, data={"reason": "unverified"}
-        )
-        raise Forbidden(
-            "Verify your e-mail address before logging in: follow the link we mailed you, or "
-            "ask for a new one with POST /v1/auth/request-verify-token",
-            detail={
-                "message": "Verify your e-mail address before logging in",
-                "reason": "email_not_verified",
-            },
-        )
+        await _remind_unverified(request, manager.settings, user)
+        raise Unauthorized(BAD_CREDENTIALS)
     pair = await sessions.start_session(session, settings, user, request)
     record(
         session,
@@ -281,6 +292,38 @@ async def login(
         target_id=pair.session_id,
     )
     return pair
+
+
+async def _remind_unverified(request: Request, settings: Settings, user: User) -> None:
+    """Record the failed login of an unverified address and mail it a new verification link.
+
+    Both in their own transaction (the request fails). The mail goes at most
+    :data:`LOGIN_VERIFY_MAIL_LIMIT` times per window per account, counted in a bucket of its
+    own and never refused out loud: a 429, or a spent request-verify-token bucket, would again
+    tell a new address from a registered one.
+    """
+    user_id = user.id  # read now: rolling the request's unit back expires ``user``
+    times, seconds = LOGIN_VERIFY_MAIL_LIMIT
+    state = await ratelimit.hit(
+        request.app.state.redis,
+        f"atrium:rl:login-verify-mail:{user_id}",
+        times,
+        seconds,
+        name="login-verify-mail",
+    )
+    await abandon_request_unit(request)
+    async with unit_of_work(request.app.state.sessionmaker) as session:
+        record(
+            session,
+            "auth.login_failed",
+            request=request,
+            actor_user_id=user_id,
+            data={"reason": "unverified", "verification_mailed": state.allowed},
+        )
+        if state.allowed:
+            fresh = await session.get(User, user_id)
+            if fresh is not None and not fresh.is_verified:
+                await build_user_manager(session, settings).request_verify(fresh, request)
 
 
 async def request_verification(

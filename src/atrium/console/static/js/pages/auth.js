@@ -108,8 +108,16 @@ export async function login(ctx) {
         try {
           await startSession(v.username, v.password);
         } catch (err) {
-          if (err instanceof ApiError && err.detail && err.detail.reason === "email_not_verified") {
-            replace(extra, resendVerification(v.username));
+          // An address not verified yet gets the answer of a wrong password (the API must not
+          // tell which addresses have accounts) and a new link by mail: say so.
+          if (err instanceof ApiError && err.status === 401) {
+            replace(
+              extra,
+              notice(
+                "If the address is registered and not verified yet, we sent a new verification link: follow it, then log in.",
+                "info",
+              ),
+            );
           }
           throw err;
         }
