@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
 
 import pytest
@@ -219,3 +220,42 @@ def test_pdf_with_only_an_owner_password_is_readable() -> None:
 def test_extracted_text_never_holds_nul() -> None:
     result = extract.extract(b"<p>a\x00b</p>", extract.HTML)
     assert "\x00" not in result.text
+
+
+def _zip64_end(data: bytes) -> bytes:
+    """The same ZIP with ZIP64 end records (as a writer of a >65,535-entry file adds) and the
+    classic end record's count and size set to "see ZIP64"."""
+    at = data.rindex(b"PK\x05\x06")
+    entries, size, offset = struct.unpack_from("<10xHII", data, at)
+    record = struct.pack(
+        "<4sQ2H2I4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, size, offset
+    )
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, at, 1)
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return data[:at] + record + locator + end
+
+
+def test_the_directory_walk_finds_what_zipfile_finds() -> None:
+    """The upload check walks a ZIP's directory by hand (bounded); it locates the directory as
+    zipfile does, so the variants zipfile reads are told apart the same way."""
+    docx = make_docx()
+    commented = io.BytesIO()
+    with zipfile.ZipFile(commented, "w") as archive:
+        archive.writestr("word/document.xml", b"<w/>")
+        archive.comment = b"an archive comment " * 100
+    variants = {
+        "plain": docx,
+        "comment": commented.getvalue(),
+        # A self-extracting stub before the ZIP shifts every offset.
+        "prefixed": b"PK\x03\x04stub" + b"\x00" * 1000 + docx,
+        "zip64": _zip64_end(docx),
+    }
+    for name, data in variants.items():
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            assert "word/document.xml" in archive.namelist(), name
+        assert extract.inspect_upload(data, None) == extract.DOCX, name
+    assert extract.extract(variants["zip64"], extract.DOCX).title == "Travel policy"
+    odt = make_zip({"mimetype": b"application/vnd.oasis.opendocument.text", "content.xml": b"<x/>"})
+    with pytest.raises(BadDocument) as info:
+        extract.inspect_upload(_zip64_end(odt), None)
+    assert info.value.status_code == 415 and "OpenDocument" in info.value.message

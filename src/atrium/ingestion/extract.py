@@ -132,6 +132,13 @@ _ZIP_READ = 1024 * 1024
 _EOCD = b"PK\x05\x06"
 _EOCD64_LOCATOR = b"PK\x06\x07"
 _EOCD64 = b"PK\x06\x06"
+_CD_RECORD = b"PK\x01\x02"
+_EOCD_SIZE = 22
+_EOCD64_LOCATOR_SIZE = 20
+_EOCD64_SIZE = 56
+_CD_RECORD_SIZE = 46
+#: The newest ZIP format version (6.3) :mod:`zipfile` unpacks; it refuses a later one.
+_MAX_ZIP_EXTRACT_VERSION = 63
 
 
 @dataclass(frozen=True)
@@ -272,46 +279,137 @@ def _damaged_zip(label: str) -> BadDocument:
     )
 
 
-def _too_many_parts(label: str, count: int) -> BadDocument:
+def _too_many_parts(label: str, count: str) -> BadDocument:
     return BadDocument(
-        f"{label} is a ZIP with {count} parts; a Word document has at most {MAX_ZIP_ENTRIES}. "
+        f"{label} is a ZIP with {count} parts; a Word document has at most {MAX_ZIP_ENTRIES:,}. "
         "Open it in Word, save it again as .docx and upload the new file"
     )
 
 
-def _zip_entry_count(data: bytes, label: str) -> int:
-    """The number of entries a ZIP's end-of-central-directory record announces.
+def _unsupported_zip(label: str, version: int) -> BadDocument:
+    return BadDocument(
+        f"{label} is a ZIP that needs version {version / 10:.1f} of the format to unpack, which "
+        "Word does not write; open it in Word, save it again as .docx and upload the new file"
+    )
 
-    Read from the record alone (the last bytes), before anything builds the directory: a
-    crafted file cannot make the API hold one object per entry of a million-entry directory.
+
+def _zip_directory_span(data: bytes, label: str) -> tuple[int, int, int]:
+    """Where a ZIP's central directory lies, from its end records alone.
+
+    Found exactly as :mod:`zipfile` finds it (the end record at the very end, else the last one
+    in the final 64 KiB; a ZIP64 end record right before its locator), so the walk below reads
+    the same bytes the worker's ``zipfile`` will.
+
+    Returns:
+        The number of entries the end record announces, where the directory starts and its
+        declared size in bytes.
+
+    Raises:
+        BadDocument: no end record, a multi-disk ZIP, or records that do not fit the file.
     """
-    tail = max(0, len(data) - (22 + 0xFFFF))
-    at = data.rfind(_EOCD, tail)
-    if at < 0 or len(data) - at < 22:
-        raise _damaged_zip(label)
-    count = struct.unpack_from("<H", data, at + 10)[0]
-    if count == 0xFFFF and at >= 20 and data[at - 20 : at - 16] == _EOCD64_LOCATOR:
-        record = struct.unpack_from("<Q", data, at - 12)[0]
-        if data[record : record + 4] != _EOCD64:
+    size = len(data)
+    if size >= _EOCD_SIZE and data.startswith(_EOCD, size - _EOCD_SIZE) and data.endswith(b"\0\0"):
+        at = size - _EOCD_SIZE
+    else:
+        at = data.rfind(_EOCD, max(0, size - 0x10000 - _EOCD_SIZE))
+        if at < 0 or size - at < _EOCD_SIZE:
             raise _damaged_zip(label)
-        count = struct.unpack_from("<Q", data, record + 32)[0]
-    return int(count)
+    count, directory_size = struct.unpack_from("<10xHI", data, at)
+    end = at
+    if at >= _EOCD64_LOCATOR_SIZE and data.startswith(_EOCD64_LOCATOR, at - _EOCD64_LOCATOR_SIZE):
+        disk, _, disks = struct.unpack_from("<4xIQI", data, at - _EOCD64_LOCATOR_SIZE)
+        if disk != 0 or disks > 1:
+            raise _damaged_zip(label)
+        record = at - _EOCD64_LOCATOR_SIZE - _EOCD64_SIZE
+        if record >= 0 and data.startswith(_EOCD64, record):
+            count, directory_size = struct.unpack_from("<32xQQ", data, record)
+            end = record
+    # Like zipfile, the directory is taken to end where the end records begin, whatever offset
+    # they claim (bytes before the ZIP, as in a self-extracting archive, shift every offset).
+    start = end - directory_size
+    if start < 0:
+        raise _damaged_zip(label)
+    return int(count), start, int(directory_size)
+
+
+def _zip_walk(data: bytes, label: str, wanted: frozenset[bytes] = frozenset()) -> set[bytes]:
+    """Walk a ZIP's central directory by hand, at most ``MAX_ZIP_ENTRIES`` records of it.
+
+    Neither the entry count nor the size in the end record bounds what :mod:`zipfile` builds: it
+    makes one object per record in the directory's declared size, so a 10 MB file whose end
+    record says "1 entry" holds 200,000 of them. This walk refuses the ZIP at the first record
+    past the limit, keeps only the names asked for (nothing per entry otherwise), and refuses a
+    format version ``zipfile`` cannot open; a directory it accepts is one ``zipfile`` can list
+    in bounded memory.
+
+    Args:
+        data: the whole ZIP.
+        label: how messages name the upload.
+        wanted: the names (as stored bytes) to report when present.
+
+    Returns:
+        The names of ``wanted`` found in the directory.
+
+    Raises:
+        BadDocument: more entries than a Word document has, a damaged directory or an
+            unsupported format version (all 422).
+    """
+    count, start, size = _zip_directory_span(data, label)
+    if count > MAX_ZIP_ENTRIES:
+        raise _too_many_parts(label, f"{count:,}")
+    longest = max((len(name) for name in wanted), default=0)
+    found: set[bytes] = set()
+    records = 0
+    walked = 0
+    while walked < size:
+        at = start + walked
+        if at + _CD_RECORD_SIZE > len(data) or not data.startswith(_CD_RECORD, at):
+            raise _damaged_zip(label)
+        records += 1
+        if records > MAX_ZIP_ENTRIES:
+            raise _too_many_parts(label, f"more than {MAX_ZIP_ENTRIES:,}")
+        version = data[at + 6]
+        if version > _MAX_ZIP_EXTRACT_VERSION:
+            raise _unsupported_zip(label, version)
+        name_length, extra_length, comment_length = struct.unpack_from("<3H", data, at + 28)
+        name_at = at + _CD_RECORD_SIZE
+        if name_at + name_length > len(data):
+            raise _damaged_zip(label)
+        if name_length <= longest:
+            name = data[name_at : name_at + name_length]
+            if name in wanted:
+                found.add(name)
+        walked += _CD_RECORD_SIZE + name_length + extra_length + comment_length
+    return found
+
+
+_SIGNATURE_PARTS = frozenset(
+    {
+        b"word/document.xml",
+        b"xl/workbook.xml",
+        b"ppt/presentation.xml",
+        b"mimetype",
+        b"content.xml",
+    }
+)
 
 
 def _zip_names(data: bytes, label: str) -> set[str]:
-    """The names in a ZIP's central directory; no part is inflated."""
-    count = _zip_entry_count(data, label)
-    if count > MAX_ZIP_ENTRIES:
-        raise _too_many_parts(label, count)
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            return set(archive.namelist())
-    except (zipfile.BadZipFile, ValueError, OSError, struct.error):
-        raise _damaged_zip(label) from None
+    """The names among those that tell Office formats apart that a ZIP's directory holds.
+
+    Bounded (see :func:`_zip_walk`); no part is inflated.
+    """
+    # Each wanted name is ASCII, which cp437 and UTF-8 (the two name encodings) spell alike.
+    return {name.decode("ascii") for name in _zip_walk(data, label, _SIGNATURE_PARTS)}
 
 
 def _zip_kind(data: bytes, label: str) -> str:
-    names = _zip_names(data, label)
+    try:
+        names = _zip_names(data, label)
+    except BadDocument:
+        raise
+    except Exception:  # anything else a crafted directory trips is damage, never a 500
+        raise _damaged_zip(label) from None
     if "word/document.xml" in names:
         return DOCX
     if "xl/workbook.xml" in names:
@@ -493,14 +591,13 @@ def check_zip_parts(data: bytes, label: str, limits: Limits) -> None:
         BadDocument: too many parts, too large once inflated, too compressed, or damaged.
     """
     cap = limits.max_inflated_bytes
-    count = _zip_entry_count(data, label)
-    if count > MAX_ZIP_ENTRIES:
-        raise _too_many_parts(label, count)
+    # Walked by hand first: zipfile builds an object per directory record, however many.
+    _zip_walk(data, label)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             infos = archive.infolist()
             if len(infos) > MAX_ZIP_ENTRIES:
-                raise _too_many_parts(label, len(infos))
+                raise _too_many_parts(label, f"{len(infos):,}")
             declared = sum(info.file_size for info in infos)
             if declared > cap:
                 raise _zip_bomb(label, f"would inflate to {declared:,} bytes (at most {cap:,})")
