@@ -16,10 +16,15 @@ import ast
 import asyncio
 import io
 import json
+import os
+import select
+import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -303,6 +308,129 @@ def test_the_upload_check_reads_a_zip_directory_without_inflating() -> None:
     assert info.value.status_code == 422 and "parts" in info.value.message
 
 
+# Crafted ZIP directories (the reviewer's files, built here) -----------------------------------
+
+_NAME = b"word/document.xml"
+_LOCAL = struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, 0, 0, 0, 0, 0, 0, len(_NAME), 0) + _NAME
+
+
+def _cd_record(name: bytes, version: int = 20) -> bytes:
+    """A central directory record (46 bytes and the name) for a stored, empty part."""
+    return (
+        struct.pack(
+            "<4s6H3I5H2I",
+            b"PK\x01\x02",
+            20,
+            version,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            len(name),
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        )
+        + name
+    )
+
+
+def _end_record(entries: int, directory: bytes, offset: int) -> bytes:
+    return struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, entries, entries, len(directory), offset, 0)
+
+
+def understated_directory_zip(entries: int = 200_000) -> bytes:
+    """A ZIP whose end record announces 1 entry while its directory (whose real size the end
+    record gives) holds ``entries``, ``word/document.xml`` first: ~10 MB for 200,000, which
+    ``zipfile`` turns into 200,000 objects (+95 MB, over a second)."""
+    directory = b"".join(_cd_record(_NAME if i == 0 else b"%x" % i) for i in range(entries))
+    return _LOCAL + directory + _end_record(1, directory, len(_LOCAL))
+
+
+def future_version_zip() -> bytes:
+    """A ZIP whose one entry needs format version 6.4: ``zipfile`` raises NotImplementedError."""
+    directory = _cd_record(_NAME, version=64)
+    return _LOCAL + directory + _end_record(1, directory, len(_LOCAL))
+
+
+def bogus_zip64_locator_zip() -> bytes:
+    """A ZIP64 locator whose disk field spells the ZIP64 record's signature and whose offset
+    points at it: the old count lookup read past the end (struct.error)."""
+    at = len(_LOCAL) + 20
+    locator = b"PK\x06\x07" + b"PK\x06\x06" + struct.pack("<QI", at - 16, 1)
+    end = struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0, 0, 0)
+    return _LOCAL + locator + end
+
+
+class _CountingZipInfo(zipfile.ZipInfo):
+    """zipfile's per-entry object, counted (zipfile builds one per directory record)."""
+
+    made = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        type(self).made += 1
+        super().__init__(*args, **kwargs)
+
+
+def test_an_end_record_understating_the_directory_is_refused_in_bounded_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = understated_directory_zip()
+    assert len(data) > 10 * _MB
+    monkeypatch.setattr(zipfile, "ZipInfo", _CountingZipInfo)
+    _CountingZipInfo.made = 0
+    baseline = _rss_bytes()
+    tracemalloc.start()
+    try:
+        with _PeakRSS() as rss, pytest.raises(BadDocument) as info:
+            extract.inspect_upload(data, None, "File 'x'")
+        _, traced_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.status_code == 422
+    assert "more than 5,000 parts" in info.value.message, info.value.message
+    # The old check trusted the end record's count and let zipfile build the whole directory:
+    # 200,000 objects, +95 MB. The walk stops at the first record past the limit.
+    assert _CountingZipInfo.made <= extract.MAX_ZIP_ENTRIES + 1, _CountingZipInfo.made
+    assert traced_peak < 20 * 1024 * 1024, traced_peak / 2**20
+    assert rss.peak - baseline < 20 * 1024 * 1024, (rss.peak - baseline) / 2**20
+    # The worker's check walks the same way before zipfile opens the file.
+    _CountingZipInfo.made = 0
+    with pytest.raises(BadDocument) as info:
+        extract.check_zip_parts(data, "File 'x'", extract.Limits())
+    assert "more than 5,000 parts" in info.value.message
+    assert _CountingZipInfo.made == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "words"),
+    [
+        # H2: the directory's 200,000 records are never all read.
+        ("many.docx", understated_directory_zip, "more than 5,000 parts"),
+        # H3: zipfile's NotImplementedError and the old lookup's struct.error were 500s.
+        ("v64.docx", future_version_zip, "version 6.4"),
+        ("zip64.docx", bogus_zip64_locator_zip, "damaged"),
+    ],
+    ids=["understated-directory", "format-version-64", "bogus-zip64-locator"],
+)
+async def test_crafted_zip_directories_get_a_422_on_upload_not_a_500(
+    app: Any, client: httpx.AsyncClient, name: str, make: Any, words: str
+) -> None:
+    ctx = await setup_tenant(app, client)
+    r = await upload_files(client, ctx, [(name, make(), None)])
+    assert r.status_code == 422, (r.status_code, r.text)
+    detail = str(r.json()["detail"])
+    assert f"File '{name}'" in detail and words in detail, r.json()
+    r = await client.get(ctx.docs, headers=ctx.headers)
+    assert r.json()["total"] == 0
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
@@ -498,3 +626,103 @@ def test_sandbox_reports_a_zip_bomb_and_a_too_long_pdf() -> None:
     with pytest.raises(BadDocument) as info:
         extract.extract(blank_pdf(30), extract.PDF, "File 'x'", extract.Limits(max_pdf_pages=20))
     assert "has 30 pages; at most 20" in info.value.message
+
+
+# The sandbox's child: answers only when it finished, holds no other pipe, never outlives a call --
+
+
+def test_a_child_killed_mid_answer_fails_the_document_instead_of_truncating_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    text = ("word " * 200_000).encode()  # 1 MB: far more than one pipe buffer
+
+    def half_then_killed(fd: int, payload: bytes) -> None:
+        # What the kernel's OOM killer does to a child part-way through its answer.
+        os.write(fd, payload[: len(payload) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    # Replaced in this process before the fork, so the child runs it.
+    monkeypatch.setattr(sandbox, "_write_all", half_then_killed)
+    with pytest.raises(BadDocument) as info:
+        sandbox.extract_isolated(text, extract.TEXT, _limits(), "File 'x'")
+    assert "stopped the document reader (SIGKILL)" in info.value.message, info.value.message
+
+
+def _gated_extract(gate: Path, pid_file: Path) -> Any:
+    """An extraction that, in the child, records its pid and waits until ``gate`` exists."""
+
+    def extract_when_opened(data: bytes, content_type: str, *_: Any) -> extract.Extracted:
+        pid_file.write_text(str(os.getpid()))
+        while not gate.exists():
+            time.sleep(0.01)
+        return extract.Extracted(text=data.decode(), markdown=False)
+
+    return extract_when_opened
+
+
+def test_a_child_holds_no_other_documents_pipe(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    gate, pid_file = tmp_path / "gate", tmp_path / "pid"
+    monkeypatch.setattr(sandbox.extraction, "extract", _gated_extract(gate, pid_file))
+    # Another document's pipe, open in the worker (a threaded pool) when this child forks.
+    other_read, other_write = os.pipe()
+    result: list[Any] = []
+    worker = threading.Thread(
+        target=lambda: result.append(
+            sandbox.extract_isolated(b"words", extract.TEXT, _limits(seconds=120))
+        )
+    )
+    try:
+        worker.start()
+        deadline = time.monotonic() + 60
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pid_file.exists(), "the child never started"
+        # The other document's child is done: its reader must see the end now, while this
+        # child is still parsing, not when it exits.
+        os.close(other_write)
+        ready, _, _ = select.select([other_read], [], [], 30)
+        assert ready and os.read(other_read, 1) == b"", "a sandbox child kept another pipe open"
+        assert worker.is_alive()
+    finally:
+        gate.touch()
+        worker.join(60)
+        os.close(other_read)
+    assert result and result[0].text == "words"
+
+
+def test_an_interrupted_read_kills_and_reaps_the_child(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    gate, pid_file = tmp_path / "gate", tmp_path / "pid"
+    monkeypatch.setattr(sandbox.extraction, "extract", _gated_extract(gate, pid_file))
+
+    def soft_time_limit(*_: Any) -> None:
+        # Celery raises its soft time limit from a signal handler; raise it once the child
+        # runs, i.e. while the worker waits for its answer.
+        if pid_file.exists():
+            raise SoftTimeLimitExceeded()
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+
+    previous = signal.signal(signal.SIGALRM, soft_time_limit)
+    pid = 0
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.02)
+        with pytest.raises(SoftTimeLimitExceeded):
+            sandbox.extract_isolated(b"words", extract.TEXT, _limits(seconds=120))
+        pid = int(pid_file.read_text())
+        # Killed and reaped: no longer a child of this process (a running child or a zombie
+        # would still be).
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        pid = 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        gate.touch()
+        if pid:  # the old code left it running: end it here
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

@@ -99,9 +99,26 @@ def _write_all(fd: int, payload: bytes) -> None:
         view = view[written:]
 
 
+def _close_inherited_fds(keep: int) -> None:
+    """Close every descriptor the fork copied except stdio and the child's own pipe.
+
+    Under a threaded pool another document's pipe may be open in the worker at the fork: a
+    child holding its write end would keep that document's reader from ever seeing the end of
+    its output (and a long parse here would stall it to its deadline).
+    """
+    os.closerange(3, keep)
+    os.closerange(keep + 1, _max_fd())
+
+
+def _max_fd() -> int:
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return limit if limit != resource.RLIM_INFINITY else 1 << 20
+
+
 def _run_child(fd: int, data: bytes, content_type: str, label: str, limits: SandboxLimits) -> None:
     code = 1
     try:
+        _close_inherited_fds(fd)
         # Objects inherited from the worker are never collected here: their finalizers (open
         # connections, pools) belong to the parent.
         gc.freeze()
@@ -130,6 +147,21 @@ def _read_all(fd: int, deadline: float) -> bytes | None:
         if not piece:
             return b"".join(parts)
         parts.append(piece)
+
+
+def _kill_unreaped(pid: int) -> None:
+    """Kill and reap a child this process may not have reaped yet (an exception interrupted).
+
+    ``waitpid`` first: once reaped, the id may belong to another process, which must not be
+    killed (waitpid on it fails, as it is not this process's child).
+    """
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if not done:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    except (ChildProcessError, ProcessLookupError):
+        pass
 
 
 def _reap(pid: int, deadline: float) -> int | None:
@@ -193,27 +225,34 @@ def extract_isolated(
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, which leaves through os._exit
-        os.close(read_fd)
         _run_child(write_fd, data, content_type, label, limits)
-    os.close(write_fd)
-    deadline = time.monotonic() + limits.seconds
+    reaped = False
     try:
+        os.close(write_fd)
+        deadline = time.monotonic() + limits.seconds
         raw = _read_all(read_fd, deadline)
+        status = _reap(pid, deadline if raw is not None else time.monotonic())
+        reaped = True
     finally:
         os.close(read_fd)
-    status = _reap(pid, deadline if raw is not None else time.monotonic())
+        # Celery's soft time limit (or any exception) may interrupt the read: the child must not
+        # outlive this call, still parsing, nor stay a zombie.
+        if not reaped:
+            _kill_unreaped(pid)
     if raw is None or status is None:
         raise BadDocument(
             f"{label} took longer than {limits.seconds:.0f} s to read, the most allowed per "
             "document; split it into smaller files (or, for a PDF, fewer pages) and upload those"
         )
-    if raw:
+    # Only a child that finished sent all of its answer: one killed mid-write (the kernel's
+    # OOM killer, RLIMIT_CPU) may have sent a header and part of the text.
+    if raw and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
         return _decode(raw, label, limits)
     return _stopped(status, label, limits)
 
 
 def _stopped(status: int, label: str, limits: SandboxLimits) -> extraction.Extracted:
-    """Raise the reason a child that sent nothing stopped."""
+    """Raise the reason a child stopped without finishing its answer."""
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
         if signum == signal.SIGXCPU:
