@@ -5,17 +5,20 @@
 - A key does not outlive its creator's access: removing a member, a member leaving, and an
   account's deletion revoke the keys that person created, at once and audited.
 - A key's own `rate_limit_per_minute` may lower the plan's per-key limit, never raise it.
+- A key created while its creator is being removed does not survive the removal, and lowering
+  a member's role revokes their keys with scopes the new role does not hold.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, text
 
-from atrium.models import ApiKey, AuditEvent, Role, Tenant
+from atrium.models import ApiKey, AuditEvent, Membership, Role, Tenant
 from tests.support.apikeys import ALL_SCOPES, create_api_key, key_header
 from tests.support.factories import DEFAULT_PASSWORD, add_member, bearer, create_tenant, create_user
 from tests.test_quota_helpers import set_plan, superuser_headers
@@ -216,6 +219,162 @@ async def test_deleted_account_keys_are_revoked_in_every_tenant(
     events = await _revocations(app, tenant.id)
     assert {e.target_id for e in events} == {mine["id"], rotating["id"], replacement["id"]}
     assert all(e.data["reason"] == "account_deleted" for e in events)
+
+
+# --- Review M3: key creation against a concurrent removal; a lowered role -------------------
+
+
+async def _waits_for_the_membership_lock(app: Any, done: asyncio.Task[Any]) -> bool:
+    """Whether another connection of this test's database is in a locking read of
+    ``memberships`` (polled until one is, or ``done`` finished without one). While the test
+    holds the row's lock, such a read can only be waiting for it. (MariaDB lists the statement
+    in the process list at once; INNODB_TRX may not show the transaction as waiting yet.)"""
+    deadline = asyncio.get_running_loop().time() + 30
+    async with app.state.sessionmaker() as s:
+        while not done.done() and asyncio.get_running_loop().time() < deadline:
+            waiting = await s.scalar(
+                text(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                    "WHERE DB = DATABASE() AND ID <> CONNECTION_ID() AND COMMAND = 'Query' "
+                    "AND INFO LIKE '%FROM memberships%' "
+                    "AND (INFO LIKE '%LOCK IN SHARE MODE%' OR INFO LIKE '%FOR SHARE%')"
+                )
+            )
+            await s.rollback()
+            if waiting:
+                return True
+            await asyncio.sleep(0.05)
+    return False
+
+
+async def test_key_created_while_its_creator_is_removed_is_refused(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    # The creation was authorized (the membership was there) but the removal commits before
+    # the creation does: the key must not land, live, after the removal revoked the rest.
+    _, tenant, owner_h = await _owner_and_tenant(app)
+    leaver = await create_user(app)
+    await add_member(app, tenant, leaver, Role.admin)
+    leaver_h = await bearer(leaver)
+    url = _keys_url(tenant.id)
+    row = (Membership.tenant_id == tenant.id, Membership.user_id == leaver.id)
+    async with app.state.sessionmaker() as removal:
+        # What DELETE .../members/{id} does first: lock the membership row for update.
+        await removal.execute(select(Membership).where(*row).with_for_update())
+        create = asyncio.create_task(
+            client.post(url, json={"name": "late", "scopes": ["search"]}, headers=leaver_h)
+        )
+        waited = await _waits_for_the_membership_lock(app, create)
+        await removal.execute(delete(Membership).where(*row))
+        await removal.commit()
+    r = await create
+    assert r.status_code == 404, r.text
+    assert waited
+    assert await _key_count(app, tenant.id) == 0
+    # The owner's own creation is unaffected.
+    r = await client.post(url, json={"name": "owner's", "scopes": ["search"]}, headers=owner_h)
+    assert r.status_code == 201, r.text
+
+
+async def test_key_minted_by_a_key_while_its_creator_is_removed_is_refused(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    _, tenant, owner_h = await _owner_and_tenant(app)
+    leaver = await create_user(app)
+    await add_member(app, tenant, leaver, Role.admin)
+    url = _keys_url(tenant.id)
+    r = await client.post(
+        url, json={"name": "theirs", "scopes": ["keys:manage"]}, headers=await bearer(leaver)
+    )
+    theirs = r.json()
+    row = (Membership.tenant_id == tenant.id, Membership.user_id == leaver.id)
+    async with app.state.sessionmaker() as removal:
+        await removal.execute(select(Membership).where(*row).with_for_update())
+        create = asyncio.create_task(
+            client.post(
+                url,
+                json={"name": "child", "scopes": ["keys:manage"]},
+                headers=key_header(theirs["key"]),
+            )
+        )
+        waited = await _waits_for_the_membership_lock(app, create)
+        await removal.execute(delete(Membership).where(*row))
+        await removal.commit()
+    r = await create
+    assert r.status_code == 401 and "revoked" in r.json()["detail"], r.text
+    assert waited
+    r = await client.get(url, params={"include_revoked": "true"}, headers=owner_h)
+    assert [k["id"] for k in r.json()["items"]] == [theirs["id"]]
+
+
+async def test_lowering_a_role_revokes_the_keys_it_no_longer_covers(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    owner, tenant, owner_h = await _owner_and_tenant(app)
+    person = await create_user(app)
+    await add_member(app, tenant, person, Role.admin)
+    person_h = await bearer(person)
+    url = _keys_url(tenant.id)
+    made: dict[str, Any] = {}
+    for name, scopes in {
+        "manager": ["keys:manage", "usage:read"],
+        "writer": ["documents:write", "usage:read"],
+        "reader": ["usage:read"],
+    }.items():
+        r = await client.post(url, json={"name": name, "scopes": scopes}, headers=person_h)
+        assert r.status_code == 201, r.text
+        made[name] = r.json()
+    # A key the manager key minted carries the person's id too.
+    r = await client.post(
+        url,
+        json={"name": "child", "scopes": ["keys:manage"]},
+        headers=key_header(made["manager"]["key"]),
+    )
+    assert r.status_code == 201, r.text
+    made["child"] = r.json()
+    r = await client.post(url, json={"name": "owner's", "scopes": ["keys:manage"]}, headers=owner_h)
+    made["owner's"] = r.json()
+    usage = f"/v1/tenants/{tenant.id}/usage"
+
+    async def works(name: str) -> bool:
+        k = made[name]
+        r = await client.get(
+            url if "keys:manage" in k["scopes"] else usage, headers=key_header(k["key"])
+        )
+        assert r.status_code == 200 or "revoked" in r.json()["detail"], r.text
+        return r.status_code == 200
+
+    # Each is used once, so its record is cached in Redis: the change must overwrite it.
+    assert all([await works(n) for n in made])
+    member_url = f"/v1/tenants/{tenant.id}/members/{person.id}"
+    r = await client.patch(member_url, json={"role": "member"}, headers=owner_h)
+    assert r.status_code == 200, r.text
+    # A member cannot manage keys: the keys that can are gone; the rest are within the role.
+    assert {n: await works(n) for n in made} == {
+        "manager": False,
+        "child": False,
+        "writer": True,
+        "reader": True,
+        "owner's": True,
+    }
+    r = await client.patch(member_url, json={"role": "viewer"}, headers=owner_h)
+    assert r.status_code == 200, r.text
+    assert {n: await works(n) for n in ("writer", "reader")} == {"writer": False, "reader": True}
+    # Raising the role again revokes nothing (and restores nothing).
+    r = await client.patch(member_url, json={"role": "admin"}, headers=owner_h)
+    assert r.status_code == 200, r.text
+    assert await works("reader") and not await works("manager")
+
+    events = await _revocations(app, tenant.id)
+    assert len(events) == 3
+    assert {e.target_id for e in events} == {
+        made["manager"]["id"],
+        made["child"]["id"],
+        made["writer"]["id"],
+    }
+    assert all(e.data["reason"] == "role_lowered" for e in events)
+    assert all(e.actor_user_id == owner.id for e in events)
+    assert all(e.data["created_by_user_id"] == str(person.id) for e in events)
 
 
 # --- Finding 12: a key's rate limit never exceeds the plan's ----------------------------------

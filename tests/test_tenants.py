@@ -346,6 +346,55 @@ async def test_the_cap_holds_when_creations_race(
     assert (await client.get("/v1/tenants", headers=h)).json()["total"] == cap
 
 
+async def test_transfer_cannot_push_the_new_owner_past_the_cap(
+    app: Any, client: httpx.AsyncClient, settings: Any
+) -> None:
+    # The bypass: create tenants up to the cap, hand each to another account (staying admin),
+    # create more. The new owner's cap is what stops it.
+    cap = settings.max_tenants_per_user
+    maker, keeper = await create_user(app), await create_user(app)
+    mh, kh = await bearer(maker), await bearer(keeper)
+
+    async def made_and_handed_over(name: str) -> tuple[str, httpx.Response]:
+        r = await client.post("/v1/tenants", json={"name": name}, headers=mh)
+        assert r.status_code == 201, r.text
+        tid = r.json()["id"]
+        async with app.state.sessionmaker() as s:
+            tenant = await s.get(Tenant, uuid.UUID(tid))
+        assert tenant is not None
+        await add_member(app, tenant, keeper, Role.member)
+        r = await client.post(
+            f"/v1/tenants/{tid}/transfer-ownership", json={"user_id": str(keeper.id)}, headers=mh
+        )
+        return tid, r
+
+    for i in range(cap):
+        _, r = await made_and_handed_over(f"Handed {i}")
+        assert r.status_code == 200, r.text
+    # The maker owns none now and may create again, but the keeper is at the cap: refused,
+    # and nothing changed.
+    tid, r = await made_and_handed_over("One too many")
+    assert r.status_code == 409, r.text
+    detail = r.json()["detail"]
+    assert detail["owned"] == cap and detail["limit"] == cap
+    assert "delete or hand over one" in detail["message"]
+    r = await client.get(f"/v1/tenants/{tid}/members", headers=mh)
+    assert {m["user_id"]: m["role"] for m in r.json()["items"]} == {
+        str(maker.id): "owner",
+        str(keeper.id): "member",
+    }
+    kept = (await client.get("/v1/tenants?size=100", headers=kh)).json()["items"]
+    assert sum(t["role"] == "owner" for t in kept) == cap
+
+    # One being deleted frees a slot, as it does for creation.
+    first = next(t["id"] for t in kept if t["role"] == "owner")
+    assert (await client.delete(f"/v1/tenants/{first}", headers=kh)).status_code == 202
+    r = await client.post(
+        f"/v1/tenants/{tid}/transfer-ownership", json={"user_id": str(keeper.id)}, headers=mh
+    )
+    assert r.status_code == 200, r.text
+
+
 async def test_partition_is_created_lazily_by_the_first_upload(
     app: Any, client: httpx.AsyncClient, celery_worker: Any, settings: Any
 ) -> None:

@@ -228,7 +228,7 @@ class Settings(BaseSettings):
         5,
         ge=1,
         description="Tenants one user may own (not counting those being deleted); "
-        "POST /v1/tenants answers 409 beyond it.",
+        "POST /v1/tenants, and a transfer of ownership to the user, answer 409 beyond it.",
     )
     plans_file: Path | None = Field(
         None, description="Plans file (TOML). Empty: config/plans.toml of the source tree."

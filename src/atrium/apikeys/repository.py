@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Select, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from atrium.models import ApiKey, Tenant, TenantStatus
+from atrium.models import ApiKey, Membership, Role, Tenant, TenantStatus
 
 
 async def find_by_digests(session: AsyncSession, digests: Sequence[str]) -> ApiKey | None:
@@ -75,6 +75,24 @@ async def live_keys_created_by(
         query = query.where(ApiKey.tenant_id == tenant_id)
     result = await session.execute(query.order_by(ApiKey.created_at, ApiKey.id).with_for_update())
     return result.scalars().all()
+
+
+async def lock_membership_role(
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID
+) -> Role | None:
+    """The role ``user_id`` holds in ``tenant_id`` now (None: not a member), share-locked.
+
+    A locking read sees the latest committed row, not the transaction's snapshot, and the lock
+    holds until the transaction ends: a removal, departure or role change (which lock the same
+    row for update first) waits for this transaction, or this one for it.
+    """
+    result = await session.execute(
+        select(Membership.role)
+        .where(Membership.tenant_id == tenant_id, Membership.user_id == user_id)
+        .with_for_update(read=True)
+    )
+    role: Role | None = result.scalar_one_or_none()
+    return role
 
 
 def add(session: AsyncSession, key: ApiKey) -> None:

@@ -37,14 +37,19 @@ from atrium.apikeys.schemas import ApiKeyCreate, ApiKeyRotate, ApiKeyStatus
 from atrium.apikeys.secrets import display_parts, generate_key, is_well_formed, key_digest
 from atrium.audit.service import record
 from atrium.auth.dependencies import ensure_tenant_usable
-from atrium.auth.permissions import Permission, Scope, permissions_for_scopes
+from atrium.auth.permissions import (
+    Permission,
+    Scope,
+    permissions_for_role,
+    permissions_for_scopes,
+)
 from atrium.auth.subject import AuthSubject
 from atrium.billing.plans import Limit
 from atrium.billing.quota import limits_in_session
 from atrium.config import Settings
 from atrium.kit.enqueue import PUBLISH_RETRY_POLICY
 from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
-from atrium.models import ApiKey, TenantStatus, utcnow
+from atrium.models import ApiKey, Role, TenantStatus, utcnow
 
 log = structlog.get_logger("atrium.apikeys")
 T = TypeVar("T")
@@ -426,7 +431,19 @@ def _actor(subject: AuthSubject) -> dict[str, Any]:
     return {"actor_user_id": subject.user_id}
 
 
-def _ensure_no_escalation(subject: AuthSubject, scopes: list[Scope] | list[str], verb: str) -> None:
+def scopes_beyond(scopes: list[Scope] | list[str], permissions: frozenset[Permission]) -> list[str]:
+    """The scopes among ``scopes`` that grant something outside ``permissions``, sorted."""
+    return sorted(str(s) for s in scopes if not _scope_permissions((str(s),)) <= permissions)
+
+
+def _ensure_no_escalation(
+    subject: AuthSubject,
+    scopes: list[Scope] | list[str],
+    verb: str,
+    *,
+    permissions: frozenset[Permission] | None = None,
+    who: str | None = None,
+) -> None:
     """The caller may only create, rotate or revoke a key whose scopes it holds itself.
 
     An API key's own scopes decide for a key, a member's role for a person. Without this, a key
@@ -437,17 +454,19 @@ def _ensure_no_escalation(subject: AuthSubject, scopes: list[Scope] | list[str],
         subject: the caller.
         scopes: the scopes of the key being created, rotated or revoked.
         verb: ``create``, ``rotate`` or ``revoke``, for the message.
+        permissions: what the caller holds, if not ``subject.permissions`` (the role re-read
+            inside the transaction).
+        who: who lacks them, for the message (default: the key, or the person's role).
 
     Raises:
         Forbidden: some of ``scopes`` grant permissions the caller lacks (403: the key is in the
             caller's own tenant), naming them in ``detail.scopes_not_held``.
     """
-    beyond = sorted(
-        str(s) for s in scopes if not _scope_permissions((str(s),)) <= subject.permissions
-    )
+    beyond = scopes_beyond(scopes, subject.permissions if permissions is None else permissions)
     if not beyond:
         return
-    who = "An API key" if subject.kind == "api_key" else "Your role"
+    if who is None:
+        who = "An API key" if subject.kind == "api_key" else "Your role"
     raise Forbidden(
         f"{who} cannot {verb} a key with scopes it does not hold: " + ", ".join(beyond),
         detail={
@@ -481,11 +500,63 @@ async def _ensure_within_plan(
         )
 
 
+async def _lock_creator_role(session: AsyncSession, subject: AuthSubject) -> Role | None:
+    """Re-read, share-locked, the role of the person a new key will be credited to.
+
+    The subject was resolved before this transaction began; a removal, departure or role
+    change may have committed since. Removal, leaving and role changes lock the same row for
+    update before they revoke the person's keys, so either they wait for this transaction and
+    then revoke the key it creates, or this one waits for them and sees the row as they left
+    it. Lock order everywhere: the membership, then keys.
+
+    Returns:
+        The role now; None when nobody will be credited (a creatorless key calls).
+
+    Raises:
+        NotFound: the person is no longer a member (what their next request would get).
+        Unauthorized: the calling key's creator is no longer a member (their keys, this one
+            included, were revoked with the membership).
+    """
+    if subject.user_id is None:
+        return None
+    role = await repository.lock_membership_role(session, subject.tenant_id, subject.user_id)
+    if role is None:
+        if subject.kind == "api_key":
+            raise Unauthorized("This API key has been revoked")
+        raise NotFound("Tenant not found")
+    return role
+
+
+def _ensure_role_holds(
+    subject: AuthSubject, role: Role | None, scopes: list[Scope] | list[str], verb: str
+) -> None:
+    """The creator's current role must hold ``scopes`` too (it may have been lowered since the
+    request was authorized; for a key, its scopes were checked, not its creator's role)."""
+    if role is None:
+        return
+    _ensure_no_escalation(
+        subject,
+        scopes,
+        verb,
+        permissions=permissions_for_role(role),
+        who="Your role" if subject.kind == "user" else "The role of this key's creator",
+    )
+
+
 async def create_key(
     session: AsyncSession, subject: AuthSubject, data: ApiKeyCreate, request: Request
 ) -> tuple[ApiKey, str]:
-    """Create a key for the subject's tenant and audit it; the secret is returned once."""
+    """Create a key for the subject's tenant and audit it; the secret is returned once.
+
+    Raises:
+        Forbidden: the key would have scopes the caller (or, for a key, its creator's current
+            role) does not hold.
+        NotFound: the caller stopped being a member after the request was authorized.
+        Unauthorized: the calling key's creator stopped being a member meanwhile.
+        Unprocessable: the rate limit is above the plan's.
+    """
     _ensure_no_escalation(subject, data.scopes, "create")
+    _ensure_role_holds(subject, await _lock_creator_role(session, subject), data.scopes, "create")
     await _ensure_within_plan(session, subject.tenant_id, data.rate_limit_per_minute)
     key, secret = await issue_key(
         session,
@@ -567,13 +638,17 @@ async def rotate_key(
     now, or once ``grace_period_seconds`` have passed.
 
     Raises:
-        NotFound: no such key in this tenant.
-        Forbidden: the key has scopes the caller does not hold (rotating it would hand the
-            caller a secret with them).
+        NotFound: no such key in this tenant, or the caller stopped being a member.
+        Forbidden: the key has scopes the caller (or, for a key, its creator's current role)
+            does not hold (rotating it would hand the caller a secret with them).
         Conflict: the key is revoked, expired or already rotated.
+        Unauthorized: the calling key's creator stopped being a member meanwhile.
     """
+    # The membership before the key: removal and role changes lock in the same order.
+    role = await _lock_creator_role(session, subject)
     old = await _get_or_404(session, subject.tenant_id, key_id)
     _ensure_no_escalation(subject, old.scopes, "rotate")
+    _ensure_role_holds(subject, role, old.scopes, "rotate")
     now = utcnow()
     status = key_status(old, now)
     if status is not ApiKeyStatus.active:
@@ -626,12 +701,14 @@ async def revoke_keys_created_by(
     tenant_id: uuid.UUID | None = None,
     actor_user_id: uuid.UUID | None = None,
     request: Request | None = None,
+    within: frozenset[Permission] | None = None,
 ) -> list[ApiKey]:
     """Revoke, now, every working key ``user_id`` created: in ``tenant_id``, or everywhere.
 
     Called when a member is removed or leaves (one tenant) and when an account is deleted (every
-    tenant): a key must not outlive its creator's access. Keys a key minted carry the same
-    creator, so they go too; a key an admin rotated is the admin's. Each key gets an
+    tenant): a key must not outlive its creator's access; and, with ``within``, when a member's
+    role is lowered: a key must not grant more than its creator's role. Keys a key minted carry
+    the same creator, so they go too; a key an admin rotated is the admin's. Each key gets an
     ``api_key.revoked`` audit event with ``reason``, and its cached record is overwritten, so it
     is refused from the next request on, on every replica.
 
@@ -639,10 +716,13 @@ async def revoke_keys_created_by(
         session: the unit of work (flushed, not committed).
         redis: where the key records are cached.
         user_id: the creator.
-        reason: why, for the audit log: ``member_removed``, ``member_left``, ``account_deleted``.
+        reason: why, for the audit log: ``member_removed``, ``member_left``, ``account_deleted``,
+            ``role_lowered``.
         tenant_id: only this tenant's keys; None: every tenant's.
         actor_user_id: who caused it (the admin who removed the member, or the user).
         request: the HTTP request, for the audit log's IP and user agent.
+        within: only the keys with a scope that grants something outside these permissions
+            (the creator's new role); None: every key.
 
     Returns:
         The keys revoked.
@@ -651,6 +731,8 @@ async def revoke_keys_created_by(
     keys = list(
         await repository.live_keys_created_by(session, user_id, now=now, tenant_id=tenant_id)
     )
+    if within is not None:
+        keys = [k for k in keys if scopes_beyond(k.scopes, within)]
     for key in keys:
         key.revoked_at = now
     await session.flush()

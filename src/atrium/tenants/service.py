@@ -12,6 +12,7 @@ from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.audit.service import record
+from atrium.auth.permissions import Permission, permissions_for_role
 from atrium.auth.subject import AuthSubject
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
@@ -221,9 +222,23 @@ def to_members(rows: Sequence[Any]) -> list[schemas.Member]:
 
 
 async def _membership(
-    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID
+    session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, *, lock: bool = False
 ) -> Membership:
-    m = await session.get(Membership, (tenant_id, user_id))
+    if lock:
+        # Removal, departure and role changes lock the row for update before anything else:
+        # API-key creation and rotation share-lock it (then the keys), so a key created by a
+        # request authorized just before the change is either seen and revoked by it, or
+        # refused after it (the locking read sees the latest committed row).
+        m = (
+            await session.execute(
+                select(Membership)
+                .where(Membership.tenant_id == tenant_id, Membership.user_id == user_id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        ).scalar_one_or_none()
+    else:
+        m = await session.get(Membership, (tenant_id, user_id))
     if m is None:
         raise NotFound("This user is not a member of the tenant")
     return m
@@ -255,12 +270,15 @@ async def change_role(
 ) -> schemas.Member:
     """Give a member another role.
 
+    A lowered role takes with it the API keys the member created whose scopes the new role
+    does not hold (revoked at once, audited with ``reason: role_lowered``).
+
     Raises:
         NotFound: the user is not a member.
         Forbidden: an admin tried to change an owner.
         Conflict: it would leave the tenant without an owner.
     """
-    m = await _membership(session, subject.tenant_id, user_id)
+    m = await _membership(session, subject.tenant_id, user_id, lock=True)
     new_role = Role(role.value)
     if m.role is Role.owner:
         if subject.role is not Role.owner:
@@ -283,6 +301,15 @@ async def change_role(
             target_id=user_id,
             data={"from": old.value, "to": new_role.value},
         )
+        await _revoke_their_keys(
+            session,
+            request,
+            subject.tenant_id,
+            user_id,
+            reason="role_lowered",
+            actor_user_id=subject.user_id,
+            within=permissions_for_role(new_role),
+        )
     return await _member_out(session, m)
 
 
@@ -294,8 +321,10 @@ async def _revoke_their_keys(
     *,
     reason: str,
     actor_user_id: uuid.UUID | None,
+    within: frozenset[Permission] | None = None,
 ) -> None:
-    # A departing member's keys must not outlive their access: revoked (and audited) at once.
+    # A departing member's keys must not outlive their access, nor a demoted member's keys
+    # grant more than their new role (``within``): revoked (and audited) at once.
     from atrium.apikeys.service import revoke_keys_created_by
 
     await revoke_keys_created_by(
@@ -306,6 +335,7 @@ async def _revoke_their_keys(
         reason=reason,
         actor_user_id=actor_user_id,
         request=request,
+        within=within,
     )
 
 
@@ -326,7 +356,7 @@ async def remove_member(
         Forbidden: an admin tried to remove an owner.
         Conflict: it would leave the tenant without an owner.
     """
-    m = await _membership(session, subject.tenant_id, user_id)
+    m = await _membership(session, subject.tenant_id, user_id, lock=True)
     if m.role is Role.owner:
         if subject.role is not Role.owner:
             raise Forbidden("Only an owner can remove an owner")
@@ -364,7 +394,7 @@ async def leave(session: AsyncSession, subject: AuthSubject, request: Request) -
         Conflict: the caller is its only owner.
     """
     assert subject.user_id is not None
-    m = await _membership(session, subject.tenant_id, subject.user_id)
+    m = await _membership(session, subject.tenant_id, subject.user_id, lock=True)
     if m.role is Role.owner and await _owner_count(session, subject.tenant_id) <= 1:
         raise Conflict(
             "You are the only owner: transfer ownership to another member or delete the "
@@ -397,15 +427,33 @@ async def transfer_ownership(
 ) -> list[schemas.Member]:
     """Make ``user_id`` an owner; the caller becomes an admin.
 
+    The new owner must have room under the cap on owned tenants (``max_tenants_per_user``),
+    the cap sign-up and ``POST /v1/tenants`` obey: otherwise a user could create tenants up to
+    the cap, hand each one to another account and create more, without limit.
+
     Raises:
         NotFound: the user is not a member.
         Unprocessable: the caller named themselves.
+        Conflict: the user already owns as many tenants as one account may.
     """
     assert subject.user_id is not None
     if user_id == subject.user_id:
         raise Unprocessable("You already own this tenant; name another member")
-    target = await _membership(session, subject.tenant_id, user_id)
-    me = await _membership(session, subject.tenant_id, subject.user_id)
+    current = await session.get(Membership, (subject.tenant_id, user_id))
+    if current is not None and current.role is not Role.owner:
+        # Counted under the lock create_tenant takes (the user's row, then a locking read of
+        # their memberships), so a transfer and the user's own creations queue up.
+        max_owned: int = request.app.state.settings.max_tenants_per_user
+        owned = await count_owned_tenants(session, user_id, lock=True)
+        if owned >= max_owned:
+            message = (
+                f"This member already owns {owned} tenants, the most one account may own "
+                f"({max_owned}); they must delete or hand over one first, or stay a member "
+                "here with another role"
+            )
+            raise Conflict(message, detail={"message": message, "owned": owned, "limit": max_owned})
+    target = await _membership(session, subject.tenant_id, user_id, lock=True)
+    me = await _membership(session, subject.tenant_id, subject.user_id, lock=True)
     old = target.role
     target.role = Role.owner
     me.role = Role.admin
