@@ -111,3 +111,54 @@ async def test_failed_login_records_its_audit_event_without_waiting_for_itself(
     async with sqlite_app.state.sessionmaker() as session:
         actions = (await session.execute(select(AuditEvent.action))).scalars().all()
     assert "auth.login_failed" in actions
+
+
+async def test_a_slow_upload_body_blocks_no_other_writer(sqlite_app: Any) -> None:
+    """An upload whose body trickles in holds neither the writer turn nor the write lock."""
+    from tests.support.factories import bearer, create_tenant
+
+    owner = await create_user(sqlite_app)
+    tenant = await create_tenant(sqlite_app, owner)
+    headers = await bearer(owner)
+    transport = httpx.ASGITransport(app=sqlite_app, client=("127.0.0.1", 50008))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", timeout=60
+    ) as client:
+        r = await client.post(
+            f"/v1/tenants/{tenant.id}/collections", json={"name": "Slow"}, headers=headers
+        )
+        assert r.status_code == 201, r.text
+        docs = f"/v1/tenants/{tenant.id}/collections/{r.json()['id']}/documents"
+        started, finish = asyncio.Event(), asyncio.Event()
+        boundary = "slowboundary"
+        head = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            'filename="slow.txt"\r\nContent-Type: text/plain\r\n\r\n'
+        ).encode()
+
+        async def trickle() -> Any:
+            yield head + b"The first words of a slow upload. "
+            started.set()
+            await finish.wait()  # the client stalls mid-body
+            yield b"The rest of it.\r\n" + f"--{boundary}--\r\n".encode()
+
+        upload = asyncio.create_task(
+            client.post(
+                docs,
+                content=trickle(),
+                headers={**headers, "content-type": f"multipart/form-data; boundary={boundary}"},
+            )
+        )
+        await asyncio.wait_for(started.wait(), 10)
+        await asyncio.sleep(0.2)  # the route has read the plan and the collection by now
+        # Another writer of the same process meanwhile: a collection is created at once.
+        r = await asyncio.wait_for(
+            client.post(
+                f"/v1/tenants/{tenant.id}/collections", json={"name": "Other"}, headers=headers
+            ),
+            10,
+        )
+        assert r.status_code == 201, r.text
+        finish.set()
+        r = await asyncio.wait_for(upload, 30)
+        assert r.status_code == 202, r.text

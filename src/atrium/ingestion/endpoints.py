@@ -198,6 +198,10 @@ async def upload_documents(
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     await get_collection(session, subject, collection_id)
     multipart = content_type == "multipart/form-data"
+    # End the read transaction before the body, which may be slow to arrive: on SQLite it holds
+    # this process's writer turn and the database's write lock, which nobody may keep waiting
+    # for a client's upload speed (decision 0008). The writes below start a new one.
+    await session.rollback()
     # The tenant's own limit on the bytes actually streamed (chunked bodies too), before any
     # is read: the app-wide middleware only knows the largest plan's.
     restrict_body(

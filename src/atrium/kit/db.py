@@ -34,6 +34,7 @@ _AFTER_COMMIT = "atrium_after_commit"
 _OPEN = "atrium_unit_of_work_open"
 _BEGIN_PENDING = "atrium_sqlite_begin_pending"
 _WRITE = "atrium_sqlite_write"
+_TURN = "atrium_sqlite_writer_turn"
 #: Statements that start a transaction without needing the write lock.
 _READ_ONLY = re.compile(r"\s*(SELECT|WITH|PRAGMA|EXPLAIN)\b", re.IGNORECASE)
 #: Request methods whose unit of work may write (and so takes SQLite's write lock up front).
@@ -103,7 +104,9 @@ def create_engine(url: str, pool_size: int = 10, *, busy_timeout: float = 30.0) 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded attributes after commit (responses are built after it)."""
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+    return async_sessionmaker(
+        engine, class_=AccountSession, expire_on_commit=False, autoflush=False
+    )
 
 
 def after_commit(session: AsyncSession, callback: AfterCommit) -> bool:
@@ -156,42 +159,158 @@ def _writers(database: str) -> _Writers:
     return per_loop.setdefault(database, _Writers())
 
 
+class _Turn:
+    """A session's claim to be one of its process's SQLite writers, one transaction at a time.
+
+    Taken just before the transaction's first statement (so a request that reads a slow upload
+    body first holds nothing meanwhile), given back when the transaction commits or rolls back.
+    """
+
+    def __init__(self, writers: _Writers, wait: float) -> None:
+        self.writers = writers
+        self.wait = wait
+        self.held = False
+
+    async def take(self) -> None:
+        task = asyncio.current_task()
+        if self.writers.owner is not None and self.writers.owner is task:
+            return  # nested in this task's own turn (a detached write): not behind itself
+        try:
+            await asyncio.wait_for(self.writers.lock.acquire(), self.wait)
+        except TimeoutError:
+            raise SQLiteBusy(self.wait) from None
+        self.writers.owner = task
+        self.held = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.writers.owner = None
+            self.writers.lock.release()
+
+
+class AccountSession(AsyncSession):
+    """The account database's session: on SQLite, a session that may write (:func:`writing`)
+    waits for its process's writer turn before each transaction's first statement, and takes
+    the database's write lock with it (``BEGIN IMMEDIATE``)."""
+
+    async def _turn(self) -> None:
+        turn: _Turn | None = self.info.get(_TURN)
+        if turn is None or turn.held or self.in_transaction():
+            return
+        await turn.take()
+        try:
+            await super().connection(execution_options={_WRITE: True})
+        except BaseException:
+            turn.give_back()
+            raise
+
+    def _end(self) -> None:
+        turn: _Turn | None = self.info.get(_TURN)
+        if turn is not None and not self.in_transaction():
+            turn.give_back()
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turn()
+        return await super().execute(*args, **kwargs)
+
+    async def scalar(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turn()
+        return await super().scalar(*args, **kwargs)
+
+    async def scalars(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turn()
+        return await super().scalars(*args, **kwargs)
+
+    async def get(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turn()
+        return await super().get(*args, **kwargs)
+
+    async def get_one(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turn()
+        return await super().get_one(*args, **kwargs)
+
+    async def stream(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turn()
+        return await super().stream(*args, **kwargs)
+
+    async def stream_scalars(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turn()
+        return await super().stream_scalars(*args, **kwargs)
+
+    async def flush(self, *args: Any, **kwargs: Any) -> None:
+        await self._turn()
+        await super().flush(*args, **kwargs)
+
+    async def refresh(self, *args: Any, **kwargs: Any) -> None:
+        await self._turn()
+        await super().refresh(*args, **kwargs)
+
+    async def merge(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turn()
+        return await super().merge(*args, **kwargs)
+
+    async def delete(self, *args: Any, **kwargs: Any) -> None:
+        await self._turn()
+        await super().delete(*args, **kwargs)
+
+    async def run_sync(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turn()
+        return await super().run_sync(*args, **kwargs)
+
+    async def connection(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turn()
+        return await super().connection(*args, **kwargs)
+
+    async def commit(self) -> None:
+        if self.new or self.dirty or self.deleted:
+            await self._turn()  # the commit's flush writes
+        try:
+            await super().commit()
+        finally:
+            self._end()
+
+    async def rollback(self) -> None:
+        try:
+            await super().rollback()
+        finally:
+            self._end()
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            self._end()
+
+
 @asynccontextmanager
 async def writing(session: AsyncSession, *, wait: float = 30.0) -> AsyncIterator[None]:
-    """Declare that ``session``'s transaction, which ends inside this block, may write.
+    """Declare that ``session``'s transactions inside this block may write.
 
     On SQLite, the database has a single write lock. Writers of this process take turns in
     arrival order (an asyncio lock, so a burst of uploads cannot starve a quota write the way
-    SQLite's polling busy handler does), and the transaction takes the lock with its first
-    statement (``BEGIN IMMEDIATE``), where the busy timeout applies, instead of failing with
-    "database is locked" when it writes after reading while another connection committed.
-    A write nested in the same task's own turn (rare: a detached audit write) does not queue
-    behind itself. On MySQL/MariaDB this does nothing.
+    SQLite's polling busy handler does), each transaction from its first statement to its
+    commit or rollback, and the transaction takes the lock with that first statement (``BEGIN
+    IMMEDIATE``), where the busy timeout applies, instead of failing with "database is locked"
+    when it writes after reading while another connection committed. A write nested in the
+    same task's own turn (rare: a detached audit write) does not queue behind itself. On
+    MySQL/MariaDB, or for a session that is not an :class:`AccountSession`, this does nothing.
 
     Raises:
-        SQLiteBusy: the turn did not come within ``wait`` seconds.
+        SQLiteBusy: (from the session's first statement) the turn did not come within ``wait``
+            seconds.
     """
     bind = session.bind
-    if bind is None or bind.dialect.name != "sqlite":
+    if not isinstance(session, AccountSession) or bind is None or bind.dialect.name != "sqlite":
         yield
         return
-    writers = _writers(str(bind.sync_engine.url.database))
-    task = asyncio.current_task()
-    if writers.owner is not None and writers.owner is task:
-        await session.connection(execution_options={_WRITE: True})
-        yield
-        return
+    turn = _Turn(_writers(str(bind.sync_engine.url.database)), wait)
+    session.info[_TURN] = turn
     try:
-        await asyncio.wait_for(writers.lock.acquire(), wait)
-    except TimeoutError:
-        raise SQLiteBusy(wait) from None
-    writers.owner = task
-    try:
-        await session.connection(execution_options={_WRITE: True})
         yield
     finally:
-        writers.owner = None
-        writers.lock.release()
+        session.info.pop(_TURN, None)
+        turn.give_back()
 
 
 @asynccontextmanager
