@@ -206,3 +206,25 @@ def test_ingestion_outcomes_are_counted_from_the_task_result(
     assert after[2] - before[2] == 7
     assert after[3] - before[3] == 900
     assert after[4] - before[4] == pytest.approx(0.75)  # three runs x 250 ms
+
+
+async def test_every_rate_limit_refusal_is_counted(client: httpx.AsyncClient) -> None:
+    # Route limits (login, register, verify, plans, invitations...) were not counted before:
+    # only the per-key and per-user tenant buckets were.
+    import uuid
+
+    email = f"counted-{uuid.uuid4().hex[:12]}@example.com"
+    before = await _scrape(client)
+    codes = [
+        (
+            await client.post(
+                "/v1/auth/login", data={"username": email, "password": "wrong-password-1"}
+            )
+        ).status_code
+        for _ in range(11)  # login-email allows 10 per 5 minutes per address
+    ]
+    assert codes[-1] == 429, codes
+    after = await _scrape(client)
+    assert _value(after, "atrium_rate_limit_rejections_total", limit="login-email") - _value(
+        before, "atrium_rate_limit_rejections_total", limit="login-email"
+    ) == pytest.approx(1)

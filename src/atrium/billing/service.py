@@ -15,8 +15,7 @@ from atrium.auth.subject import AuthSubject
 from atrium.billing import schemas
 from atrium.billing.plans import Limit, PlanCatalog, get_catalog
 from atrium.billing.quota import Metric, Quota, ensure_account, roll_period
-from atrium.kit import metrics
-from atrium.kit.errors import NotFound, TooManyRequests, Unprocessable
+from atrium.kit.errors import NotFound, Unprocessable
 from atrium.kit.ratelimit import enforce_subject_rate_limit
 from atrium.models import Tenant, utcnow
 from atrium.models.billing import UsageDaily
@@ -227,14 +226,11 @@ async def enforce_tenant_rate_limit(request: Request, subject: AuthSubject) -> N
     else:
         kind, who = "user", subject.user_id
         per_minute = limits[Limit.requests_per_minute_per_user]
-    try:
-        await enforce_subject_rate_limit(
-            request,
-            tenant_id=str(subject.tenant_id),
-            kind=kind,
-            subject_id=str(who),
-            per_minute=per_minute,
-        )
-    except TooManyRequests:
-        metrics.record_rate_limit_rejection("api_key" if kind == "key" else "user")
-        raise
+    # A refusal is counted in atrium_rate_limit_rejections_total by kit.ratelimit.
+    await enforce_subject_rate_limit(
+        request,
+        tenant_id=str(subject.tenant_id),
+        kind=kind,
+        subject_id=str(who),
+        per_minute=per_minute,
+    )

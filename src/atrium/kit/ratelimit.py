@@ -54,6 +54,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from atrium.kit import metrics
 from atrium.kit.errors import TooManyRequests
 
 log = structlog.get_logger("atrium.ratelimit")
@@ -244,14 +245,22 @@ def record_state(request: Request, state: RateLimitState) -> None:
     states.append(state)
 
 
+#: ``atrium_rate_limit_rejections_total`` labels of the per-key and per-user tenant buckets.
+_METRIC_LABELS = {"tenant-key": "api_key", "tenant-user": "user"}
+
+
 def raise_if_refused(state: RateLimitState) -> None:
     """Raise 429 with ``Retry-After`` and the ``X-RateLimit-*`` headers when refused.
+
+    Every rate-limit 429 goes through here, so every one is counted in
+    ``atrium_rate_limit_rejections_total`` (label: the limit's name).
 
     Raises:
         TooManyRequests: when ``state`` refused the request.
     """
     if state.allowed:
         return
+    metrics.record_rate_limit_rejection(_METRIC_LABELS.get(state.name, state.name))
     raise TooManyRequests(
         f"Too many requests; retry in {state.retry_after} s",
         detail={
