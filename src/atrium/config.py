@@ -160,7 +160,12 @@ class Settings(BaseSettings):
     embedding_max_tokens: int = Field(256, ge=16, description="Model input limit in tokens.")
     embedding_api_base: str = Field("", description="API base for the litellm embedder.")
     embedding_api_key: SecretStr = Field(SecretStr(""), description="API key for the embedder.")
-    embedding_threads: int = Field(0, ge=0, description="ONNX threads (0: all cores).")
+    embedding_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX threads per process (0: the cores this process may use divided by "
+        "the worker's pool processes, at least 1; all of them in an API process).",
+    )
     chunk_tokens: int = Field(256, ge=16, description="Target chunk size in model tokens.")
     chunk_overlap_tokens: int = Field(32, ge=0, description="Overlap between chunks in tokens.")
     ingestion_stuck_after_seconds: int = Field(
