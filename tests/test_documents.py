@@ -393,11 +393,12 @@ async def test_bad_json_and_other_bodies(app: Any, client: httpx.AsyncClient) ->
     assert r.status_code in (415, 422)
 
 
-async def test_too_large_uploads_get_413(
-    app: Any, client: httpx.AsyncClient, settings: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_too_large_uploads_get_413(app: Any, client: httpx.AsyncClient) -> None:
+    from tests.test_quota_helpers import set_plan, superuser_headers
+
     ctx = await setup_tenant(app, client)
-    monkeypatch.setattr(settings, "max_upload_bytes", 4096)
+    admin = await superuser_headers(app)
+    await set_plan(client, admin, ctx.tenant.id, "free", {"max_upload_bytes": 4096})
     r = await upload_files(client, ctx, [("big.txt", b"word " * 1000, None)])
     assert r.status_code == 413, r.text
     assert "largest upload allowed is 4.0 KB" in r.json()["detail"]
@@ -490,3 +491,27 @@ async def test_roles_and_other_tenants(app: Any, client: httpx.AsyncClient) -> N
     wrong_coll = f"{other.docs}/{doc_id}"
     assert (await client.get(wrong_coll, headers=other.headers)).status_code == 404
     assert (await client.get(ctx.docs)).status_code == 401
+
+
+async def test_the_plan_alone_decides_the_upload_size(app: Any, client: httpx.AsyncClient) -> None:
+    """One source of truth: the enterprise plan's 200 MiB (a 51 MiB file here) is not cut to a
+    server-wide 50 MiB, and no override can make uploads unlimited or larger than any plan."""
+    from tests.test_quota_helpers import set_plan, superuser_headers
+
+    ctx = await setup_tenant(app, client)
+    admin = await superuser_headers(app)
+    await set_plan(client, admin, ctx.tenant.id, "enterprise")
+    line = b"All work and no play makes a dull document. "
+    big = line * (51 * 1024 * 1024 // len(line))
+    assert len(big) > 50 * 1024 * 1024
+    r = await upload_files(client, ctx, [("big.txt", big, None)])
+    assert r.status_code == 202, r.text[:500]
+    del big
+    for value in (None, 200 * 1024 * 1024 + 1):
+        r = await client.put(
+            f"/v1/admin/tenants/{ctx.tenant.id}/plan",
+            json={"plan": "enterprise", "overrides": {"max_upload_bytes": value}},
+            headers=admin,
+        )
+        assert r.status_code == 422, r.text
+        assert "largest plan" in r.json()["detail"]["message"] or "largest" in r.text

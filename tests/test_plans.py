@@ -167,3 +167,15 @@ async def test_plan_change_errors_are_actionable(app: Any, client: httpx.AsyncCl
         f"/v1/admin/tenants/{uuid.uuid4()}/plan", json={"plan": "pro"}, headers=admin
     )
     assert r.status_code == 404
+
+
+def test_a_plan_cannot_make_uploads_unlimited(tmp_path: Any) -> None:
+    from atrium.billing.plans import BUNDLED_PLANS_FILE, PlanConfigError, load_plans
+
+    text = BUNDLED_PLANS_FILE.read_text().replace(
+        "max_upload_bytes = 209_715_200", 'max_upload_bytes = "unlimited"'
+    )
+    path = tmp_path / "plans.toml"
+    path.write_text(text)
+    with pytest.raises(PlanConfigError, match="max_upload_bytes must be a number"):
+        load_plans(path)

@@ -110,11 +110,13 @@ def _install_body_limits(app: FastAPI, settings: Settings) -> None:
     then applies the tenant's own plan), everything else to ``max_request_body_bytes``."""
     import re
 
+    from atrium.billing.plans import get_catalog, largest_upload
     from atrium.ingestion.limits import human_bytes, max_request_bytes, upload_too_large_message
     from atrium.kit.bodylimit import BodyLimitMiddleware, BodyLimitRule
 
-    # max_upload_bytes caps every plan's document size, so it bounds every tenant's request.
-    largest = settings.max_upload_bytes
+    # The largest plan's document size bounds every tenant's upload request (overrides above
+    # it are refused, billing.service.change_plan).
+    largest = largest_upload(get_catalog())
     upload = BodyLimitRule(
         method="POST",
         path=re.compile(r"/v1/tenants/[^/]+/collections/[^/]+/documents/?"),

@@ -220,9 +220,6 @@ class Settings(BaseSettings):
     blob_url: str = Field(
         "", description="Blob store (s3://bucket/prefix). Empty: local directory data_dir/blobs."
     )
-    max_upload_bytes: int = Field(
-        50 * 1024 * 1024, ge=1024, description="Largest accepted upload, before plan limits."
-    )
     max_request_body_bytes: int = Field(
         1024 * 1024,
         ge=1024,

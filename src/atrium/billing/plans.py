@@ -79,6 +79,11 @@ def parse_limit_value(plan: str, key: str, value: Any) -> int | None:
         PlanConfigError: for anything else.
     """
     if value is None or value == UNLIMITED:
+        if key == Limit.max_upload_bytes.value:
+            raise PlanConfigError(
+                f"plan '{plan}': max_upload_bytes must be a number of bytes (uploads are never "
+                "unlimited: the API and the proxies size their request limits from it)"
+            )
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise PlanConfigError(
@@ -135,6 +140,12 @@ def load_plans(path: Path | None = None) -> PlanCatalog:
 @lru_cache(maxsize=4)
 def _cached(path: str) -> PlanCatalog:
     return load_plans(Path(path) if path else None)
+
+
+def largest_upload(catalog: PlanCatalog) -> int:
+    """The largest document any plan of ``catalog`` accepts, in bytes (plans never leave it
+    unlimited, see :func:`parse_limit_value`)."""
+    return max(plan.limits[Limit.max_upload_bytes] or 0 for plan in catalog.plans.values())
 
 
 def get_catalog() -> PlanCatalog:

@@ -704,12 +704,6 @@ class Quota:
         """The tenant's effective limits."""
         return (await self.billing(tenant_id)).limits(self.catalog)
 
-    async def max_upload_bytes(self, tenant_id: uuid.UUID) -> int:
-        """The largest upload this tenant may send: its plan's, within the server's limit."""
-        plan_limit = (await self.limits(tenant_id))[Limit.max_upload_bytes]
-        server = self.settings.max_upload_bytes
-        return server if plan_limit is None else min(server, plan_limit)
-
     # Reservations -------------------------------------------------------------------------------
 
     def reserve(

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from atrium.audit.service import record
 from atrium.auth.subject import AuthSubject
 from atrium.billing import schemas
-from atrium.billing.plans import Limit, PlanCatalog, get_catalog
+from atrium.billing.plans import Limit, PlanCatalog, get_catalog, largest_upload
 from atrium.billing.quota import Metric, Quota, ensure_account, roll_period
 from atrium.kit.errors import NotFound, Unprocessable
 from atrium.kit.ratelimit import enforce_subject_rate_limit
@@ -100,6 +100,8 @@ async def change_plan(
                 "plans": sorted(catalog.plans),
             },
         )
+    if data.overrides is not None and Limit.max_upload_bytes in data.overrides:
+        _check_upload_override(data.overrides[Limit.max_upload_bytes], catalog)
     tenant = await _tenant_or_404(session, tenant_id)
     account = await ensure_account(session, tenant_id)
     before = {"plan": tenant.plan, "overrides": dict(account.overrides or {})}
@@ -120,6 +122,19 @@ async def change_plan(
     await session.flush()
     await quota.forget_billing(tenant_id)
     return await get_tenant_plan(session, tenant_id, catalog)
+
+
+def _check_upload_override(value: int | None, catalog: PlanCatalog) -> None:
+    """An upload limit override is a number no larger than the largest plan's: the request
+    limits in front of the upload route (the app's and the proxies') are sized from that."""
+    largest = largest_upload(catalog)
+    if value is None or value > largest:
+        raise Unprocessable(
+            f"max_upload_bytes must be a number of bytes up to {largest} (the largest plan's); "
+            "to allow larger documents, raise a plan's max_upload_bytes in the plans file and "
+            "restart",
+            detail={"message": "max_upload_bytes override out of range", "largest": largest},
+        )
 
 
 async def usage(quota: Quota, tenant_id: uuid.UUID) -> schemas.Usage:

@@ -52,15 +52,15 @@ async def max_upload_bytes(session: AsyncSession, tenant_id: uuid.UUID, settings
     Args:
         session: the request's session (for the tenant's plan).
         tenant_id: the uploading tenant.
-        settings: the application settings (``max_upload_bytes`` caps every plan).
+        settings: the application settings (unused: the plan decides, config/plans.toml).
     """
-    from atrium.billing.plans import Limit
+    from atrium.billing.plans import Limit, get_catalog, largest_upload
     from atrium.billing.quota import limits_in_session
 
     plan_limit = (await limits_in_session(session, tenant_id))[Limit.max_upload_bytes]
-    if plan_limit is None:
-        return settings.max_upload_bytes
-    return min(settings.max_upload_bytes, plan_limit)
+    # An override can no longer be "unlimited"; one written before that rule gets the most
+    # any plan allows (the request limit in front of the route is sized from it).
+    return largest_upload(get_catalog()) if plan_limit is None else plan_limit
 
 
 def human_bytes(size: int) -> str:
