@@ -146,6 +146,16 @@ async def client(app: Any, clean_state: None) -> AsyncIterator[httpx.AsyncClient
     transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50000))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
         yield c
+    await drain_background_writes(app)
+
+
+async def drain_background_writes(app: Any) -> None:
+    """Finish the app's batched settlements (and the usage warnings they send) while the event
+    loop still runs: ``clean_state``'s cleanup is synchronous, and a write paused mid-transaction
+    would hold the row locks it waits for (MariaDB's 50 s lock wait, then an error)."""
+    from atrium.billing.quota import Quota
+
+    await Quota.of(app).close()
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from atrium.billing.quota import (
 )
 from atrium.kit.db import unit_of_work
 from atrium.models.billing import BillingAccount, UsageCounter
+from tests.conftest import drain_background_writes
 from tests.test_quota_helpers import (
     build_quota_app,
     serve_http,
@@ -46,6 +47,7 @@ async def qclient(quota_app: Any, clean_state: None) -> AsyncIterator[httpx.Asyn
     transport = httpx.ASGITransport(app=quota_app, client=("127.0.0.1", 50001))
     async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as c:
         yield c
+    await drain_background_writes(quota_app)
 
 
 async def _limited_tenant(
