@@ -197,7 +197,61 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+#: Seconds a client is told to wait when a dependency is unreachable.
+OUTAGE_RETRY_AFTER_SECONDS = 5
+
+
+def outage_of(exc: BaseException) -> str | None:
+    """The dependency ``exc`` (or what it was raised from) says is unreachable, if any.
+
+    Connection failures and time-outs of Redis, of the account database (and SQLite's
+    "database is locked" after its busy timeout) and of the vector database are outages the
+    client should retry, not bugs.
+    """
+    import psycopg
+    import psycopg_pool
+    import redis.exceptions as redis_errors
+    from sqlalchemy import exc as sa
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, redis_errors.ConnectionError | redis_errors.TimeoutError):
+            return "Redis"
+        if isinstance(current, sa.TimeoutError | sa.OperationalError | sa.InterfaceError) or (
+            isinstance(current, sa.DBAPIError) and current.connection_invalidated
+        ):
+            return "the account database"
+        if isinstance(current, psycopg.OperationalError | psycopg_pool.PoolTimeout):
+            return "the vector database"
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _outage_response(request: Request, component: str, exc: Exception) -> JSONResponse:
+    log.warning(
+        "dependency_unavailable",
+        request_id=_request_id(request),
+        component=component,
+        error=f"{type(exc).__name__}: {exc}"[:500],
+    )
+    return JSONResponse(
+        {
+            "error": "ServiceUnavailable",
+            "detail": f"{component[0].upper()}{component[1:]} is unavailable right now; retry in "
+            f"{OUTAGE_RETRY_AFTER_SECONDS} seconds",
+        },
+        status_code=503,
+        headers={"Retry-After": str(OUTAGE_RETRY_AFTER_SECONDS)},
+    )
+
+
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    component = outage_of(exc)
+    if component is not None:
+        # A dependency is down or overloaded: 503 with Retry-After, not a 500 (operations.md).
+        return _outage_response(request, component, exc)
     # Never send a stack trace: log it with the request id and hand that id to the client.
     rid = _request_id(request)
     log.exception("unhandled_error", request_id=rid, exc_info=exc)
@@ -210,9 +264,29 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _dependency_error(request: Request, exc: Exception) -> JSONResponse:
+    # Raised inside a route: answered here, so the server does not also log it as a crash.
+    return await _unhandled(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers so every error has the same shape."""
+    import psycopg
+    import psycopg_pool
+    import redis.exceptions as redis_errors
+    from sqlalchemy import exc as sa
+
     app.add_exception_handler(AtriumError, _atrium_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for outage in (
+        redis_errors.ConnectionError,
+        redis_errors.TimeoutError,
+        sa.DBAPIError,
+        sa.TimeoutError,
+        psycopg.OperationalError,
+        psycopg_pool.PoolTimeout,
+    ):
+        app.add_exception_handler(outage, _dependency_error)
+    # Anything else (and outages raised by a middleware, outside the routes): 500 or 503.
     app.add_exception_handler(Exception, _unhandled)
