@@ -39,7 +39,6 @@ def _partition_rows(data_dir: Path, tenant_id: str) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("account_db", ["sqlite", "mariadb"])
-@pytest.mark.xdist_group("embedded-load")
 async def test_uploads_and_searches_under_load(tmp_path: Path, account_db: str) -> None:
     extra: dict[str, str] = {}
     database = ""
