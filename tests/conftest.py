@@ -122,6 +122,22 @@ async def app(test_env: dict[str, Any]) -> AsyncIterator[Any]:
         yield application
 
 
+@pytest.fixture
+async def sqlite_app(settings: Any, tmp_path: Path, clean_state: None) -> AsyncIterator[Any]:
+    """A second app whose account database is a SQLite file (the embedded default's), with the
+    session's other services."""
+    from atrium.app import create_app
+    from atrium.config import load_settings
+    from atrium.kit.migrations import upgrade_account_db
+
+    url = f"sqlite+aiosqlite:///{tmp_path}/a.db"
+    upgrade_account_db(url, "heads")
+    app = create_app(load_settings(**{**settings.model_dump(), "database_url": url}))
+    async with LifespanManager(app, startup_timeout=60):
+        assert app.state.engine.dialect.name == "sqlite"
+        yield app
+
+
 def _table_names() -> list[str]:
     from atrium.models import Base
 

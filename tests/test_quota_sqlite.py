@@ -5,30 +5,12 @@ it), and every settled figure must be recorded once the request commits."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-from asgi_lifespan import LifespanManager
 
 from tests.support.factories import bearer, create_tenant, create_user
 from tests.test_quota_helpers import usage_of
-
-
-@pytest.fixture
-async def sqlite_app(settings: Any, tmp_path: Path, clean_state: None) -> AsyncIterator[Any]:
-    from atrium.app import create_app
-    from atrium.config import load_settings
-    from atrium.kit.migrations import upgrade_account_db
-
-    url = f"sqlite+aiosqlite:///{tmp_path}/a.db"
-    upgrade_account_db(url, "heads")
-    app = create_app(load_settings(**{**settings.model_dump(), "database_url": url}))
-    async with LifespanManager(app, startup_timeout=60):
-        assert app.state.engine.dialect.name == "sqlite"
-        yield app
 
 
 async def test_multi_file_upload_on_sqlite_is_fast_and_fully_metered(sqlite_app: Any) -> None:

@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_lifespan import LifespanManager
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -77,19 +76,6 @@ async def test_many_writers_of_one_process_all_get_their_turn(engine: AsyncEngin
     await asyncio.gather(*(increment() for _ in range(40)), quota_like_write())
     async with maker() as session:
         assert (await session.execute(text("SELECT n FROM t WHERE id = 1"))).scalar_one() == 1040
-
-
-@pytest.fixture
-async def sqlite_app(settings: Any, tmp_path: Path, clean_state: None) -> AsyncIterator[Any]:
-    from atrium.app import create_app
-    from atrium.config import load_settings
-    from atrium.kit.migrations import upgrade_account_db
-
-    url = f"sqlite+aiosqlite:///{tmp_path}/a.db"
-    upgrade_account_db(url, "heads")
-    app = create_app(load_settings(**{**settings.model_dump(), "database_url": url}))
-    async with LifespanManager(app, startup_timeout=60):
-        yield app
 
 
 async def test_failed_login_records_its_audit_event_without_waiting_for_itself(
