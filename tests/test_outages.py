@@ -37,13 +37,24 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[Broker]:
 
 
 @pytest.fixture
-async def redis_app(settings: Any, private_redis: Broker, clean_state: None) -> AsyncIterator[Any]:
+async def redis_app(
+    app: Any, settings: Any, private_redis: Broker, clean_state: None
+) -> AsyncIterator[Any]:
+    from fastapi_cache import FastAPICache
+    from fastapi_cache.backends.redis import RedisBackend
+
     from atrium.app import create_app
     from atrium.config import load_settings
 
-    app = create_app(load_settings(**{**settings.model_dump(), "redis_url": private_redis.url}))
-    async with LifespanManager(app, startup_timeout=60):
-        yield app
+    other = create_app(load_settings(**{**settings.model_dump(), "redis_url": private_redis.url}))
+    try:
+        async with LifespanManager(other, startup_timeout=60):
+            yield other
+    finally:
+        # fastapi-cache2 is a process-wide singleton, which this second app pointed at its
+        # private Redis (stopped after the test): give it back to the session's app.
+        FastAPICache.reset()
+        FastAPICache.init(RedisBackend(app.state.redis_bytes), prefix="atrium-cache")
 
 
 async def test_redis_outage_answers_503_then_recovers(

@@ -595,7 +595,10 @@ def test_sandbox_memory_limit_holds_with_the_onnx_model_loaded(onnx_loaded: Any)
     assert docx.title == "Travel policy"
     # ...and a document that needs more fails with the reason, the worker untouched.
     with pytest.raises(BadDocument) as info:
-        sandbox.extract_isolated(HEAVY_HTML, extract.HTML, _limits(memory_mb=128), "File 'x'")
+        # A generous time limit: on a loaded machine the parse could otherwise hit it first.
+        sandbox.extract_isolated(
+            HEAVY_HTML, extract.HTML, _limits(seconds=600, memory_mb=128), "File 'x'"
+        )
     # Out of memory shows as a MemoryError in Python code or as an abort (SIGABRT) in a C
     # parser, depending on where the allocation fails: the reason names the memory either way.
     assert "more than 128 MB of memory" in info.value.message
