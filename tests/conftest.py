@@ -19,6 +19,7 @@ from asgi_lifespan import LifespanManager
 
 from tests.support import services
 from tests.support.llm_server import LLMServer
+from tests.support.load import free_port
 from tests.support.smtp import Mailbox
 
 
@@ -106,8 +107,14 @@ def llm_server(test_env: dict[str, Any]) -> Iterator[LLMServer]:
 
 @pytest.fixture(scope="session")
 def celery_worker(test_env: dict[str, Any]) -> Iterator[services.WorkerProcess]:
-    """A real Celery worker subprocess on this xdist worker's broker."""
-    worker = services.WorkerProcess(dict(os.environ), test_env["data_dir"] / "worker.log")
+    """A real Celery worker subprocess on this xdist worker's broker.
+
+    It serves its Prometheus metrics as ``atrium worker --metrics-port`` does in production, on
+    the port in ``worker.env["ATRIUM_WORKER_METRICS_PORT"]`` (the worker's counters live in its
+    own process: tests/test_metrics.py scrapes them there).
+    """
+    env = {**os.environ, "ATRIUM_WORKER_METRICS_PORT": str(free_port())}
+    worker = services.WorkerProcess(env, test_env["data_dir"] / "worker.log")
     worker.start()
     yield worker
     worker.stop()

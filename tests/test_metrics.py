@@ -48,7 +48,14 @@ async def test_http_requests_are_counted(client: httpx.AsyncClient) -> None:
     assert not any(k[0] == "http_requests_total" and ("handler", "/metrics") in k[1] for k in after)
 
 
-async def test_domain_counters_and_stage_latencies(client: httpx.AsyncClient) -> None:
+async def test_recording_helpers_use_the_documented_names_and_labels(
+    client: httpx.AsyncClient,
+) -> None:
+    """The helpers of ``atrium.kit.metrics`` land under the names and labels metrics.md lists.
+
+    This only checks the helpers; that real requests and real tasks call them is proven by the
+    tests below, which drive the API and the Celery worker and never touch a counter.
+    """
     before = await _scrape(client)
     metrics.documents_processed.inc()
     metrics.documents_failed.inc(2)
@@ -224,7 +231,125 @@ async def test_every_rate_limit_refusal_is_counted(client: httpx.AsyncClient) ->
         for _ in range(11)  # login-email allows 10 per 5 minutes per address
     ]
     assert codes[-1] == 429, codes
+    registrations = [
+        (
+            await client.post(
+                "/v1/auth/register", json={"email": email, "password": "a sturdy passphrase 4"}
+            )
+        ).status_code
+        for _ in range(6)  # register-email allows 5 per hour per address
+    ]
+    assert registrations[0] == 201 and registrations[-1] == 429, registrations
     after = await _scrape(client)
-    assert _value(after, "atrium_rate_limit_rejections_total", limit="login-email") - _value(
-        before, "atrium_rate_limit_rejections_total", limit="login-email"
-    ) == pytest.approx(1)
+    for limit in ("login-email", "register-email"):
+        assert _value(after, "atrium_rate_limit_rejections_total", limit=limit) - _value(
+            before, "atrium_rate_limit_rejections_total", limit=limit
+        ) == pytest.approx(1), limit
+
+
+# Real traffic ---------------------------------------------------------------------------------
+# The tests below never call a recording helper: requests go through the app and documents
+# through the session's Celery worker, and only /metrics (the API's, the worker's) is read.
+
+
+async def test_real_requests_move_the_http_quota_rate_limit_and_stage_metrics(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    from tests.support.retrieval import create_collection, make_tenant
+    from tests.test_quota_helpers import set_plan, superuser_headers
+
+    world = await make_tenant(app, client)
+    await create_collection(client, world, "docs")  # with none, a search has nothing to run
+    await set_plan(
+        client, await superuser_headers(app), world.tenant_id, "free", {"searches_per_month": 1}
+    )
+    r = await client.post(
+        world.url("api-keys"),
+        json={"name": "slow", "scopes": ["collections:read"], "rate_limit_per_minute": 1},
+        headers=world.headers,
+    )
+    assert r.status_code == 201, r.text
+    key = {"Authorization": f"Bearer {r.json()['key']}"}
+
+    before = await _scrape(client)
+    search = await client.post(
+        world.url("search"), json={"query": "lighthouse keepers"}, headers=world.headers
+    )
+    assert search.status_code == 200, search.text
+    refused = await client.post(
+        world.url("search"), json={"query": "lighthouse keepers"}, headers=world.headers
+    )
+    assert refused.status_code == 402, refused.text
+    assert refused.json()["detail"]["metric"] == "searches"
+    assert (await client.get(world.url("collections"), headers=key)).status_code == 200
+    limited = await client.get(world.url("collections"), headers=key)
+    assert limited.status_code == 429, limited.text
+    after = await _scrape(client)
+
+    def delta(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    search_route = "/v1/tenants/{tenant_id}/search"
+    collections_route = "/v1/tenants/{tenant_id}/collections"
+    # Counted under the route template, by status: never one series per tenant id.
+    assert delta("http_requests_total", handler=search_route, method="POST", status="200") == 1
+    assert delta("http_requests_total", handler=search_route, method="POST", status="402") == 1
+    assert delta("http_requests_total", handler=collections_route, method="GET", status="200") == 1
+    assert delta("http_requests_total", handler=collections_route, method="GET", status="429") == 1
+    assert not any(str(world.tenant_id) in str(k) for k in after)
+    assert delta("atrium_quota_rejections_total", quota="searches") == 1
+    assert delta("atrium_rate_limit_rejections_total", limit="api_key") == 1
+    # The one search that ran embedded the query and searched the tenant's partition.
+    assert delta("atrium_stage_duration_seconds_count", stage="query_embed") == 1
+    assert delta("atrium_stage_duration_seconds_count", stage="vector_search") == 1
+
+
+async def test_a_real_ingestion_moves_the_worker_metrics(
+    app: Any, client: httpx.AsyncClient, celery_worker: Any, settings: Any
+) -> None:
+    """The worker's own counters, scraped from ``atrium worker --metrics-port``, after a
+    document went through upload, the Celery task and the vector store."""
+    import asyncio
+    import time
+
+    from atrium.kit.metrics import INGESTION_TASK
+    from tests.support.retrieval import create_collection, make_tenant, upload, wait_ready
+    from tests.test_documents import prose
+
+    port = celery_worker.env["ATRIUM_WORKER_METRICS_PORT"]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as worker:
+
+        async def scrape_worker() -> dict[Any, float]:
+            r = await worker.get("/metrics")
+            assert r.status_code == 200, r.text
+            return _samples(r.text)
+
+        before = await scrape_worker()
+        world = await make_tenant(app, client)
+        await create_collection(client, world, "docs")
+        doc_id = await upload(client, world, "docs", "Lighthouses", prose(600), {})
+        doc = await wait_ready(client, world, "docs", doc_id)
+        assert doc["chunk_count"] > 1 and doc["token_count"] > 0, doc
+
+        def delta(samples: dict[Any, float], name: str, **labels: str) -> float:
+            return _value(samples, name, **labels) - _value(before, name, **labels)
+
+        # The task's result is counted in its postrun signal, just after the row turned ready.
+        deadline = time.monotonic() + 60
+        after = await scrape_worker()
+        while delta(after, "atrium_documents_processed_total") < 1:
+            assert time.monotonic() < deadline, "the worker never counted the document"
+            await asyncio.sleep(0.1)
+            after = await scrape_worker()
+
+    assert delta(after, "atrium_documents_processed_total") == 1
+    assert delta(after, "atrium_documents_failed_total") == 0
+    assert delta(after, "atrium_chunks_indexed_total") == doc["chunk_count"]
+    tokens = delta(
+        after, "atrium_llm_tokens_total", model=settings.embedding_model, kind="embedding"
+    )
+    assert tokens == doc["token_count"]
+    assert delta(after, "atrium_tasks_total", task=INGESTION_TASK, outcome="success") >= 1
+    assert delta(after, "atrium_task_duration_seconds_count", task=INGESTION_TASK) >= 1
+    for stage in ("extract", "chunk", "embed", "store"):
+        assert delta(after, "atrium_stage_duration_seconds_count", stage=stage) == 1, stage
