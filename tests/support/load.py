@@ -216,7 +216,7 @@ async def sign_up(
     scopes = ["collections:write", "collections:read", "documents:write", "documents:read"]
     r = await client.post(
         f"/v1/tenants/{tenant_id}/api-keys",
-        json={"name": "load", "scopes": [*scopes, "search", "usage:read"]},
+        json={"name": "load", "scopes": [*scopes, "search", "answer", "usage:read"]},
         headers=access,
     )
     assert r.status_code == 201, r.text
