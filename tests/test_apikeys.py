@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,34 @@ def sql_log(app: Any) -> Iterator[list[str]]:
         yield statements
     finally:
         event.remove(engine, "before_cursor_execute", before)
+
+
+class KeyClock:
+    """The API-key service's wall clock, which the test moves forward.
+
+    Authentication compares ``time.time()`` with the expiry and revocation times of the key
+    record it reads (from Redis or the database); moving this clock is how a test lets a grace
+    period or a lifetime run out without waiting for it, while the cached record stays as it
+    was written.
+    """
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+    @staticmethod
+    def monotonic() -> float:
+        return time.monotonic()
+
+
+@pytest.fixture
+def key_clock(monkeypatch: pytest.MonkeyPatch) -> KeyClock:
+    clock = KeyClock()
+    # The service reads the clock only through its module's ``time`` (time() and monotonic()).
+    monkeypatch.setattr(service, "time", clock)
+    return clock
 
 
 async def _owner_and_tenant(app: Any) -> tuple[Any, Tenant, dict[str, str]]:
@@ -172,7 +201,9 @@ async def test_create_call_rotate_revoke_end_to_end(app: Any, client: httpx.Asyn
     assert all(secret not in str(e.data) and new_secret not in str(e.data) for e in events)
 
 
-async def test_rotation_grace_period(app: Any, client: httpx.AsyncClient) -> None:
+async def test_rotation_grace_period(
+    app: Any, client: httpx.AsyncClient, key_clock: KeyClock
+) -> None:
     _, tenant, admin = await _owner_and_tenant(app)
     url = _keys_url(tenant.id)
     r = await client.post(url, json={"name": "deploy", "scopes": ["keys:manage"]}, headers=admin)
@@ -180,7 +211,7 @@ async def test_rotation_grace_period(app: Any, client: httpx.AsyncClient) -> Non
     assert (await client.get(url, headers=key_header(old["key"]))).status_code == 200
 
     r = await client.post(
-        f"{url}/{old['id']}/rotate", json={"grace_period_seconds": 2}, headers=admin
+        f"{url}/{old['id']}/rotate", json={"grace_period_seconds": 60}, headers=admin
     )
     assert r.status_code == 201, r.text
     new = r.json()
@@ -193,10 +224,15 @@ async def test_rotation_grace_period(app: Any, client: httpx.AsyncClient) -> Non
     r = await client.post(f"{url}/{old['id']}/rotate", headers=admin)
     assert r.status_code == 409 and "already rotated" in r.json()["detail"]
 
-    await asyncio.sleep(2.2)
+    # Half-way through the grace period the old key still works; once it is over, the same
+    # cached record refuses it (the clock moves, nothing rewrites the record).
+    key_clock.ahead = 30
+    assert (await client.get(url, headers=key_header(old["key"]))).status_code == 200
+    key_clock.ahead = 61
     r = await client.get(url, headers=key_header(old["key"]))
     assert r.status_code == 401 and "revoked" in r.json()["detail"]
     assert (await client.get(url, headers=key_header(new["key"]))).status_code == 200
+    key_clock.ahead = 0
 
     # Revoking during a grace period ends it at once.
     r = await client.post(
@@ -209,10 +245,12 @@ async def test_rotation_grace_period(app: Any, client: httpx.AsyncClient) -> Non
     assert (await client.get(url, headers=key_header(newer["key"]))).status_code == 200
 
 
-async def test_expired_key_is_refused_even_when_cached(app: Any, client: httpx.AsyncClient) -> None:
+async def test_expired_key_is_refused_even_when_cached(
+    app: Any, client: httpx.AsyncClient, key_clock: KeyClock
+) -> None:
     _, tenant, admin = await _owner_and_tenant(app)
     url = _keys_url(tenant.id)
-    expires = (utcnow() + dt.timedelta(seconds=2)).isoformat()
+    expires = (utcnow() + dt.timedelta(hours=1)).isoformat()
     r = await client.post(
         url,
         json={"name": "short", "scopes": ["keys:manage"], "expires_at": expires},
@@ -227,9 +265,16 @@ async def test_expired_key_is_refused_even_when_cached(app: Any, client: httpx.A
         )
     )
     assert cached is not None and str(tenant.id) in cached
-    await asyncio.sleep(2.2)
-    r = await client.get(url, headers=key_header(secret))
+    # Just before the expiry it still works; just after, the cached record refuses it without
+    # a database read.
+    key_clock.ahead = 3600 - 60
+    assert (await client.get(url, headers=key_header(secret))).status_code == 200
+    key_clock.ahead = 3600 + 1
+    with sql_log(app) as statements:
+        r = await client.get(url, headers=key_header(secret))
     assert r.status_code == 401 and "expired" in r.json()["detail"]
+    assert not [s for s in statements if "key_hash IN" in s], statements
+    key_clock.ahead = 0
     r = await client.post(f"{url}/{uuid.uuid4()}/rotate", headers=admin)
     assert r.status_code == 404
 

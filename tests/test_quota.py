@@ -20,6 +20,7 @@ from atrium.billing.quota import (
     QuotaExceeded,
     add_months,
     period_containing,
+    reservations_key,
     usage_key,
 )
 from atrium.kit.db import unit_of_work
@@ -191,14 +192,25 @@ async def test_an_abandoned_reservation_lapses(quota_app: Any, qclient: httpx.As
     tenant, _ = await _limited_tenant(quota_app, qclient, answers_per_month=3)
     quota = Quota.of(quota_app)
     # A worker that died mid-work never settles nor releases: its hold expires.
-    held = quota.reserve(tenant.id, Metric.answers, 3, ttl_seconds=1)
+    before_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+    held = quota.reserve(tenant.id, Metric.answers, 3, ttl_seconds=600)
     await held.acquire()
+    after_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
     with pytest.raises(QuotaExceeded):
         await quota.reserve(tenant.id, Metric.answers, 1).acquire()
-    await asyncio.sleep(1.2)
+    # The hold is a member of the reservations set scored with its expiry: ttl_seconds on.
+    billing = await quota.billing(tenant.id)
+    tag = billing.period.start.astimezone(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    holds = reservations_key(tenant.id, tag, Metric.answers)
+    expiry = await quota_app.state.redis.zscore(holds, held.member)
+    assert before_ms + 600_000 <= expiry <= after_ms + 600_000
+    # Ten minutes later (the expiry moved into the past instead of waiting for it), the next
+    # reservation finds the hold lapsed and gets the whole quota.
+    assert await quota_app.state.redis.zadd(holds, {held.member: before_ms - 1}, xx=True) == 0
     async with quota.reserve(tenant.id, Metric.answers, 3):
         pass
     assert (await quota.usage_of(tenant.id, Metric.answers)).used == 3
+    assert await quota_app.state.redis.zscore(holds, held.member) is None
 
 
 async def test_counters_are_rebuilt_from_mysql_after_a_redis_flush(
