@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -202,33 +204,63 @@ async def test_provider_timeout_becomes_504_without_hanging(
     stream: bool,
 ) -> None:
     monkeypatch.setattr(settings, "llm_timeout_seconds", 1.0)
-    generative.behaviour["delay"] = 4
+    # The provider answers only once the test lets it, after the response: the response can
+    # only come from the timeout, never from waiting the provider out.
+    release = threading.Event()
+    generative.behaviour["hold"] = release
     await client_warm_litellm()
-    start = time.monotonic()
-    r = await _answer(client, world, query=QUESTION, stream=stream)
-    elapsed = time.monotonic() - start
-    assert r.status_code == 504, r.text
-    assert r.json()["error"] == "GatewayTimeout"
-    assert "did not answer within 1 s" in r.json()["detail"]
-    assert elapsed < 3.5
+    try:
+        r = await _answer(client, world, query=QUESTION, stream=stream)
+        assert r.status_code == 504, r.text
+        assert r.json()["error"] == "GatewayTimeout"
+        assert "did not answer within 1 s" in r.json()["detail"]
+
+        # It was the provider that kept it waiting: the question reached it.
+        def asked() -> bool:
+            return any(q["path"].endswith("/chat/completions") for q in generative.requests)
+
+        await _until(asked)
+    finally:
+        release.set()
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.05)
 
 
 async def client_warm_litellm() -> None:
-    """Import litellm before timing anything (the first import takes seconds)."""
+    """Import litellm first (it takes seconds): the timeout is spent on the provider."""
     from atrium.llm.client import litellm_module
 
     await litellm_module()
 
 
+@dataclass
+class StallingServer:
+    url: str
+    #: Set by the test to let the stalled stream go on (and end).
+    release: threading.Event
+    #: Set by the server once it has sent its two pieces and stalls.
+    stalled: threading.Event
+
+
 @pytest.fixture
-def stalling_server() -> Iterator[str]:
-    """An OpenAI-compatible server whose stream sends two pieces, then stalls for 5 s."""
+def stalling_server() -> Iterator[StallingServer]:
+    """An OpenAI-compatible server whose stream sends two pieces, then stalls until released."""
+    release, stalled = threading.Event(), threading.Event()
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *args: Any) -> None:
             pass
+
+        def handle(self) -> None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                super().handle()
 
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -246,15 +278,19 @@ def stalling_server() -> Iterator[str]:
                 }
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
-            time.sleep(5)
+            stalled.set()
+            release.wait(120)
             self.close_connection = True
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    try:
+        yield StallingServer(f"http://127.0.0.1:{server.server_address[1]}/v1", release, stalled)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
 
 
 async def test_stream_that_stalls_midway_ends_with_an_error_event(
@@ -262,18 +298,18 @@ async def test_stream_that_stalls_midway_ends_with_an_error_event(
     settings: Any,
     world: World,
     generative: LLMServer,
-    stalling_server: str,
+    stalling_server: StallingServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(settings, "llm_api_base", stalling_server)
+    monkeypatch.setattr(settings, "llm_api_base", stalling_server.url)
     monkeypatch.setattr(settings, "llm_timeout_seconds", 1.0)
     await client_warm_litellm()
-    start = time.monotonic()
     r = await _answer(client, world, query=QUESTION, stream=True)
-    elapsed = time.monotonic() - start
+    # The stream ended while the provider was stalled mid-answer (it goes on only once the
+    # fixture releases it, after the test): the per-chunk timeout ended it.
+    assert stalling_server.stalled.is_set()
     assert r.status_code == 200
     events = parse_sse(r.text)
-    assert elapsed < 4
     assert [e.event for e in events] == ["retrieval", "delta", "delta", "error"]
     assert events[-1].data["status"] == 504
     assert events[-1].data["error"] == "GatewayTimeout"

@@ -1,11 +1,14 @@
 """An OpenAI-compatible HTTP server on loopback that stands in for paid LLM providers.
 
 Deterministic: chat answers quote the first source they were given and cite it as [1];
-embeddings are derived from a hash of the text. ``behaviour`` switches on failure modes.
+embeddings are derived from a hash of the text. ``behaviour`` switches on failure modes; its
+``hold`` (a ``threading.Event``) keeps every reply waiting until the test sets it, so a test can
+hold a caller at that point for as long as it needs (a provider that does not answer).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -37,6 +40,12 @@ class LLMServer:
             def log_message(self, *args: Any) -> None:
                 pass
 
+            def handle(self) -> None:
+                # A held reply may find its caller gone (it timed out, or was killed): that is
+                # what such a test wants, not an error to print.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    super().handle()
+
             def _json(self, status: int, body: dict[str, Any]) -> None:
                 data = json.dumps(body).encode()
                 self.send_response(status)
@@ -50,6 +59,9 @@ class LLMServer:
                 body = json.loads(self.rfile.read(length) or b"{}")
                 owner.requests.append({"path": self.path, "body": body})
                 b = owner.behaviour
+                hold = b.get("hold")
+                if hold is not None:
+                    hold.wait(120)
                 if b.get("delay"):
                     time.sleep(float(b["delay"]))
                 if b.get("status"):
