@@ -4,16 +4,73 @@ it), and every settled figure must be recorded once the request commits."""
 
 from __future__ import annotations
 
-import time
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from tests.support.factories import bearer, create_tenant, create_user
 from tests.test_quota_helpers import usage_of
 
+_WRITE = re.compile(r"\s*(INSERT|UPDATE|DELETE|REPLACE)\b", re.I)
 
-async def test_multi_file_upload_on_sqlite_is_fast_and_fully_metered(sqlite_app: Any) -> None:
+
+@dataclass
+class OtherWrites:
+    """Writes that other engines (the quota engine's own pool) made to the app's SQLite file."""
+
+    #: Made while a transaction of the app's own engine had written and not yet ended.
+    behind_open_writer: list[str] = field(default_factory=list)
+    #: Made while no such transaction was open.
+    clear: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def other_writes(app: Any) -> Iterator[OtherWrites]:
+    """Record :class:`OtherWrites` inside the block.
+
+    A write behind an open writer waits for that transaction's write lock: when the
+    transaction is the request that is itself waiting for the write, it can only end in
+    "database is locked" (after the busy timeout, per retry).
+    """
+    main = app.state.engine.sync_engine
+    database = main.url.database
+    writing: set[int] = set()  # the app engine's connections inside a transaction that wrote
+    seen = OtherWrites()
+
+    def before(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        if not _WRITE.match(statement):
+            return
+        if conn.engine is main:
+            writing.add(id(conn))
+        elif conn.engine.url.database == database:
+            (seen.behind_open_writer if writing else seen.clear).append(statement)
+
+    def ended(conn: Any) -> None:
+        if conn.engine is main:
+            writing.discard(id(conn))
+
+    # On every engine (the quota engine is created on first use), ahead of the listeners that
+    # take the lock, so that a write is seen before it waits.
+    event.listen(Engine, "before_cursor_execute", before, insert=True)
+    event.listen(Engine, "commit", ended)
+    event.listen(Engine, "rollback", ended)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "before_cursor_execute", before)
+        event.remove(Engine, "commit", ended)
+        event.remove(Engine, "rollback", ended)
+
+
+async def test_multi_file_upload_on_sqlite_never_waits_on_itself_and_is_fully_metered(
+    sqlite_app: Any,
+) -> None:
     owner = await create_user(sqlite_app)
     tenant = await create_tenant(sqlite_app, owner)
     headers = await bearer(owner)
@@ -27,12 +84,13 @@ async def test_multi_file_upload_on_sqlite_is_fast_and_fully_metered(sqlite_app:
         contents = [f"Note {i}: the SQLite lock test. ".encode() * (20 + i) for i in range(3)]
         files = [("files", (f"n{i}.txt", c, "text/plain")) for i, c in enumerate(contents)]
 
-        started = time.monotonic()
-        r = await client.post(docs, files=files, headers=headers)
-        elapsed = time.monotonic() - started
+        with other_writes(sqlite_app) as writes:
+            r = await client.post(docs, files=files, headers=headers)
         assert r.status_code == 202, r.text
-        # Before the fix each later file waited SQLite's 30 s busy timeout (and its retries).
-        assert elapsed < 20, f"upload of 3 files took {elapsed:.1f} s"
+        # Before the fix each later file's quota write waited for the request's own write lock
+        # (SQLite's busy timeout, and its retries): now they all come after its commit.
+        assert writes.behind_open_writer == []
+        assert writes.clear, "the quota writes were not seen at all"
         items = r.json()["documents"]
         assert len(items) == 3
 
@@ -48,7 +106,10 @@ async def test_multi_file_upload_on_sqlite_is_fast_and_fully_metered(sqlite_app:
 
         # An adjustment made in a writing request (a deletion) is recorded after its commit.
         first = items[0]["id"]
-        r = await client.delete(f"{docs}/{first}", headers=headers)
+        with other_writes(sqlite_app) as writes:
+            r = await client.delete(f"{docs}/{first}", headers=headers)
+        assert writes.behind_open_writer == []
+        assert writes.clear, "the quota write was not seen at all"
         assert r.status_code in (200, 202, 204), r.text
         r = await client.get(f"/v1/tenants/{tenant.id}/usage", headers=headers)
         body = r.json()
