@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
-import time
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,13 +14,14 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import update
-from tokenizers import Tokenizer
 
 from atrium.ingestion.chunking import Chunker
-from atrium.ingestion.embedding import DEFAULT_MODEL_DIR
+from atrium.ingestion.embedding import LiteLLMEmbedder
+from atrium.ingestion.pipeline import LARGE_TEXT_CHARS
 from atrium.kit.vectordb import partition_name
 from atrium.models import Document
 from atrium.models.base import utcnow
+from tests.support.llm_server import LLMServer
 from tests.support.services import WorkerProcess
 from tests.test_documents import chunk_rows, prose, setup_tenant, wait_document
 
@@ -28,57 +29,87 @@ from tests.test_documents import chunk_rows, prose, setup_tenant, wait_document
 VISIBILITY_TIMEOUT = 4
 
 
+#: The crash worker embeds through the loopback provider (tests/support/llm_server.py), which
+#: can hold its answer: the test kills the worker while the provider holds it, so the kill
+#: lands in the embed stage every time, however fast or slow the machine.
+EMBEDDING_ENV = {
+    "ATRIUM_EMBEDDING_PROVIDER": "litellm",
+    "ATRIUM_EMBEDDING_MODEL": "openai/test-embedding",
+    "ATRIUM_EMBEDDING_API_KEY": "sk-test",
+    "ATRIUM_EMBEDDING_MAX_TOKENS": "512",
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+}
+
+
 def expected_chunks(settings: Any, text: str) -> list[str]:
-    """What the worker's chunker makes of ``text`` (same tokenizer, same settings)."""
-    tokenizer = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
-    chunker = Chunker(
-        tokenizer,
-        min(settings.embedding_max_tokens, 512),
-        settings.chunk_tokens,
-        settings.chunk_overlap_tokens,
+    """What the crash worker's chunker makes of ``text`` (the hosted embedder's, by characters,
+    with the same settings)."""
+    embedder = LiteLLMEmbedder(
+        EMBEDDING_ENV["ATRIUM_EMBEDDING_MODEL"],
+        settings.embedding_dimension,
+        max_tokens=int(EMBEDDING_ENV["ATRIUM_EMBEDDING_MAX_TOKENS"]),
     )
+    chunker = Chunker.for_embedder(embedder, settings.chunk_tokens, settings.chunk_overlap_tokens)
     return [chunk.text for chunk in chunker.split(text)]
 
 
 @pytest.fixture
-def crash_worker(celery_worker: WorkerProcess, test_env: dict[str, Any]) -> Iterator[WorkerProcess]:
+def crash_worker(
+    celery_worker: WorkerProcess, test_env: dict[str, Any], llm_server: LLMServer
+) -> Iterator[WorkerProcess]:
     """A worker of our own, with a short visibility timeout, while the shared one is stopped
     (otherwise the shared one would simply take the task over)."""
     celery_worker.stop()
-    env = {**os.environ, "ATRIUM_CELERY_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT)}
+    env = {
+        **os.environ,
+        **EMBEDDING_ENV,
+        "ATRIUM_EMBEDDING_API_BASE": llm_server.base_url,
+        "ATRIUM_CELERY_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
+    }
     worker = WorkerProcess(env, test_env["data_dir"] / "crash-worker.log")
+    llm_server.behaviour.clear()
     worker.start()
     try:
         yield worker
     finally:
+        llm_server.behaviour.clear()
         worker.kill()
         celery_worker.start()
 
 
 async def test_worker_killed_mid_document_finishes_with_exact_chunks(
-    app: Any, client: httpx.AsyncClient, crash_worker: WorkerProcess, settings: Any
+    app: Any,
+    client: httpx.AsyncClient,
+    crash_worker: WorkerProcess,
+    llm_server: LLMServer,
+    settings: Any,
 ) -> None:
     ctx = await setup_tenant(app, client)
     text = prose(12000)
+    assert len(text) > LARGE_TEXT_CHARS  # its stages are written as they start
     expected = expected_chunks(settings, text)
-    assert len(expected) > 60  # long enough to be killed while embedding
-    r = await client.post(ctx.docs, json={"title": "Big", "text": text}, headers=ctx.headers)
-    doc = r.json()["documents"][0]
+    assert len(expected) > 1
 
-    # Kill the whole worker (main process and pool) while it embeds the document.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        body = (await client.get(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)).json()
-        if body["status"] == "processing" and body["stage"] == "embed":
-            break
-        assert body["status"] in ("queued", "processing"), body
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the document never reached the embed stage")
-    crash_worker.kill()
+    # Kill the whole worker (main process and pool) while it embeds the document: the provider
+    # holds the first embedding request until then.
+    release = threading.Event()
+    llm_server.requests.clear()
+    llm_server.behaviour["hold"] = release
+    try:
+        r = await client.post(ctx.docs, json={"title": "Big", "text": text}, headers=ctx.headers)
+        doc = r.json()["documents"][0]
+        deadline = asyncio.get_running_loop().time() + 120
+        while not any(q["path"].endswith("/embeddings") for q in llm_server.requests):
+            assert asyncio.get_running_loop().time() < deadline, "no embedding request came"
+            await asyncio.sleep(0.05)
+        crash_worker.kill()
+    finally:
+        del llm_server.behaviour["hold"]
+        release.set()
     assert await chunk_rows(settings, doc["id"]) == []
     stuck = (await client.get(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)).json()
     assert stuck["status"] == "processing" and stuck["attempts"] == 1
+    assert stuck["stage"] == "embed"
 
     # A new worker gets the unacknowledged task back once the visibility timeout has passed.
     crash_worker.start()
