@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -31,8 +32,6 @@ from tests.support import services
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT = 180.0
 STOP_TIMEOUT = 60.0
-#: The Redis db index the MariaDB/Redis run uses (not one of the test session's own).
-DEV_REDIS_DB = int(os.environ.get("ATRIUM_TEST_DEV_REDIS_DB", "14"))
 #: /readyz shows each component's detail only to the metrics token's bearer.
 METRICS_TOKEN = "dev-test-metrics-token"
 AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
@@ -254,6 +253,29 @@ def _check_log_lines(run: DevRun) -> None:
     assert any(x.get("logger", "").startswith("celery") for x in lines), "no JSON Celery line"
 
 
+def _check_api_guide(run: DevRun) -> None:
+    """Every command of docs/api-guide.md, run against this fresh instance, prints what the
+    guide shows (scripts/check-api-guide): the guide cannot drift from the API."""
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "check-api-guide"),
+            "--url",
+            run.url,
+            "--outbox",
+            str(Path(run.env["ATRIUM_DATA_DIR"]) / "outbox"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    report = f"{r.stdout[-6000:]}\n{r.stderr[-3000:]}\n{run.tail()}"
+    assert r.returncode == 0, report
+    assert re.search(r"^\d+ passed, 0 failed$", r.stdout, re.M), report
+
+
 def test_dev_with_everything_embedded(tmp_path: Path, dev_runs: list[DevRun]) -> None:
     data_dir = tmp_path / "data"
     run = DevRun(_base_env(data_dir, _free_port(), {}), tmp_path, tmp_path / "dev.log")
@@ -271,6 +293,8 @@ def test_dev_with_everything_embedded(tmp_path: Path, dev_runs: list[DevRun]) ->
     r.close()
     _wait_for_task_metric(run.url, f"redis+socket://{sock}")
     _check_log_lines(run)
+    # On the fresh instance (the guide starts from an empty Atrium, as ./scripts/run gives).
+    _check_api_guide(run)
     run.interrupt()
 
     # Between runs: a superuser, created with the servers the command starts for itself.
@@ -292,9 +316,14 @@ def test_dev_with_everything_embedded(tmp_path: Path, dev_runs: list[DevRun]) ->
 
 def test_dev_with_local_mariadb_and_redis(tmp_path: Path, dev_runs: list[DevRun]) -> None:
     db_name = services.create_mysql_database()
-    client = redis.Redis(host=services.REDIS_HOST, port=services.REDIS_PORT, db=DEV_REDIS_DB)
+    # This xdist worker's own app db (services.redis_dbs): no other worker's, whatever -n and
+    # ATRIUM_TEST_REDIS_DB_BASE are. The tests of one worker run one at a time, each leaves the
+    # db flushed (clean_state), and the session's Celery worker takes its jobs from the broker
+    # db, not this one: the dev run has it to itself.
+    dev_redis_db, _ = services.redis_dbs()
+    client = redis.Redis(host=services.REDIS_HOST, port=services.REDIS_PORT, db=dev_redis_db)
     client.flushdb()
-    redis_url = f"redis://{services.REDIS_HOST}:{services.REDIS_PORT}/{DEV_REDIS_DB}"
+    redis_url = f"redis://{services.REDIS_HOST}:{services.REDIS_PORT}/{dev_redis_db}"
     env = _base_env(
         tmp_path / "data",
         _free_port(),
