@@ -8,6 +8,7 @@ exactly as the Set-Cookie headers give them.
 from __future__ import annotations
 
 import re
+import uuid
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
@@ -174,7 +175,10 @@ async def test_mail_links_open_console_pages(
     client: httpx.AsyncClient, app: Any, mailbox: Any, settings: Any, celery_worker: Any
 ) -> None:
     """The verification, reset and invitation mails link to pages the console serves."""
-    email = "console-links@example.com"
+    # Addresses of this test alone: the mailbox is the session's, and a rerun must not read
+    # the mail of an earlier run.
+    email = f"console-links-{uuid.uuid4().hex[:10]}@example.com"
+    invitee = f"invitee-console-{uuid.uuid4().hex[:10]}@example.com"
     r = await client.post(
         "/v1/auth/register", json={"email": email, "password": "a long enough password 1"}
     )
@@ -187,11 +191,11 @@ async def test_mail_links_open_console_pages(
     tenant = await create_tenant(app, owner)
     r = await client.post(
         f"/v1/tenants/{tenant.id}/invitations",
-        json={"email": "invitee-console@example.com"},
+        json={"email": invitee},
         headers=await bearer(owner),
     )
     assert r.status_code == 201, r.text
-    invite = mailbox.wait_for("invitee-console@example.com", "invited you")
+    invite = mailbox.wait_for(invitee, "invited you")
     pages = [(verify, "/verify-email"), (reset, "/reset-password"), (invite, "/invitations/accept")]
     for mail, page in pages:
         link = next(u for u in mail.links() if "token=" in u)
