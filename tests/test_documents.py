@@ -4,20 +4,27 @@ tenant's partition only; every bad input refused with its 4xx; duplicates, re-in
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
+import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from atrium.ingestion.extract import DOCX
+from atrium.ingestion.service import PROCESS_TASK
+from atrium.ingestion.vectorstore import lock_key
 from atrium.kit.blobstore import get_blobstore
 from atrium.kit.cache_versions import collection_versions
 from atrium.kit.vectordb import partition_name
 from atrium.models import Role, Tenant
+from atrium.models.outbox import OutboxJob
 from tests.support.factories import add_member, bearer, create_tenant, create_user
 from tests.test_extract import (
     PNG,
@@ -133,6 +140,105 @@ async def upload_files(
         for name, content, ctype in files
     ]
     return await client.post(ctx.docs, files=parts, data=data, headers=ctx.headers)
+
+
+class HeldLock:
+    """A collection's advisory lock in the vector database, held by the test (see
+    :func:`hold_collection_lock`)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection[Any], key: int) -> None:
+        self.conn = conn
+        self.key = key
+
+    async def wait_for_writer(self, timeout: float = 120.0) -> None:
+        """Return once another session waits for this lock: a processing run that embedded
+        its document and stopped at its store stage, before writing a chunk."""
+        # pg_locks shows a bigint key as its high and low 32 bits (classid, objid; objsubid 1).
+        unsigned = self.key & 0xFFFF_FFFF_FFFF_FFFF
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            cur = await self.conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                " AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 1",
+                (unsigned >> 32, unsigned & 0xFFFF_FFFF),
+            )
+            row = await cur.fetchone()
+            if row and row[0]:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError("no processing run reached its store stage")
+
+    async def release(self) -> None:
+        """Let the waiting run go on."""
+        cur = await self.conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+        row = await cur.fetchone()
+        assert row is not None and row[0] is True
+
+
+@contextlib.asynccontextmanager
+async def hold_collection_lock(settings: Any, collection_id: str) -> AsyncIterator[HeldLock]:
+    """Hold the lock that deleting a collection takes (``ingestion.vectorstore``).
+
+    A run writing a document of the collection takes it (shared) before asking whether it may
+    still write, so while the test holds it every such run stops at its store stage, with its
+    document ``processing``: the moment a deletion races with. Closing the connection releases
+    it whatever happens.
+    """
+    async with await psycopg.AsyncConnection.connect(
+        settings.vector_conninfo, autocommit=True
+    ) as conn:
+        key = lock_key(uuid.UUID(collection_id))
+        await conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        yield HeldLock(conn, key)
+
+
+async def drain_worker(app: Any, timeout: float = 120.0) -> None:
+    """Return once the session's worker has finished every task sent before this call.
+
+    The worker runs one task at a time (``--pool=solo``) from one queue, which the broker hands
+    out in order, one message at a time (``worker_prefetch_multiplier=1``, late acks): once a
+    marker task sent now has run, every task sent before it has ended (a retry with a countdown
+    excepted).
+    """
+    from atrium.worker import celery_app
+    from tests.support.tasks import RECORD_TASK
+
+    key = f"tests:drained:{uuid.uuid4()}"
+    await asyncio.to_thread(celery_app.send_task, RECORD_TASK, kwargs={"key": key, "value": "1"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await app.state.redis.get(key) is not None:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError("the worker did not run the marker task")
+
+
+async def queued_jobs(settings: Any, task: str, **kwargs: str) -> int:
+    """How many messages of ``task`` with these arguments wait in the broker's queue."""
+    import redis.asyncio as aioredis
+
+    from atrium.worker import celery_app
+
+    broker = aioredis.from_url(settings.celery_broker_url)
+    try:
+        raw = await broker.lrange(celery_app.conf.task_default_queue, 0, -1)
+    finally:
+        await broker.aclose()
+    count = 0
+    for item in raw:
+        message = json.loads(item)
+        _, message_kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        if message["headers"]["task"] == task and kwargs.items() <= message_kwargs.items():
+            count += 1
+    return count
+
+
+async def usage_now(client: httpx.AsyncClient, ctx: Ctx, metric: str) -> tuple[int, int]:
+    """``(used, reserved)`` of one metric of the tenant's usage."""
+    r = await client.get(f"/v1/tenants/{ctx.tenant.id}/usage", headers=ctx.headers)
+    assert r.status_code == 200, r.text
+    entry = next(m for m in r.json()["metrics"] if m["metric"] == metric)
+    return entry["used"], entry["reserved"]
 
 
 # Tests -------------------------------------------------------------------------------------
@@ -389,8 +495,13 @@ async def test_bad_json_and_other_bodies(app: Any, client: httpx.AsyncClient) ->
         ctx.docs, content=b"raw text", headers={**ctx.headers, "content-type": "text/plain"}
     )
     assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
-    r = await client.post(ctx.docs, data={"metadata": "{}"}, headers=ctx.headers, files=[])
-    assert r.status_code in (415, 422)
+    # A form that is not multipart (httpx sends ``data`` alone url-encoded): the type is wrong.
+    r = await client.post(ctx.docs, data={"metadata": "{}"}, headers=ctx.headers)
+    assert r.status_code == 415 and "multipart/form-data" in r.json()["detail"]
+    # Multipart, but without a file: the type is right and the content is not.
+    r = await client.post(ctx.docs, files={"metadata": (None, "{}")}, headers=ctx.headers)
+    assert r.request.headers["content-type"].startswith("multipart/form-data")
+    assert r.status_code == 422 and "one or more files" in r.json()["detail"]
 
 
 async def test_too_large_uploads_get_413(app: Any, client: httpx.AsyncClient) -> None:
@@ -441,15 +552,50 @@ async def test_delete_while_processing_leaves_no_chunk(
     app: Any, client: httpx.AsyncClient, celery_worker: Any, settings: Any
 ) -> None:
     ctx = await setup_tenant(app, client)
-    r = await client.post(ctx.docs, json={"text": prose(6000)}, headers=ctx.headers)
-    doc = r.json()["documents"][0]
-    await wait_document(client, ctx, doc["id"], until=("processing", "ready"))
-    r = await client.delete(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)
-    assert r.status_code == 202
-    await wait_document(client, ctx, doc["id"], until=("gone",))
-    # Give a run that was mid-way the time to reach its store stage: it must write nothing.
-    await asyncio.sleep(3)
+    # Another tenant's document, to queue behind the run (see below).
+    other = await setup_tenant(app, client, "Next")
+    async with (
+        hold_collection_lock(settings, ctx.collection_id) as lock,
+        hold_collection_lock(settings, other.collection_id) as next_lock,
+    ):
+        # Large enough (over pipeline.LARGE_TEXT_CHARS) that the run records every stage.
+        r = await client.post(ctx.docs, json={"text": prose(3500)}, headers=ctx.headers)
+        assert r.status_code == 202, r.text
+        doc = r.json()["documents"][0]
+        # The run has embedded everything and waits to write its chunks.
+        await lock.wait_for_writer()
+        body = (await client.get(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)).json()
+        assert (body["status"], body["stage"], body["attempts"]) == ("processing", "store", 1)
+        # What the run holds: its embedding tokens (spent) and its chunks (not yet written).
+        tokens_used, tokens_reserved = await usage_now(client, ctx, "embedding_tokens")
+        spent = tokens_used + tokens_reserved
+        assert spent > 0 and (await usage_now(client, ctx, "chunks"))[1] > 0
+
+        # The next task is the other document's (it will stop at its store stage too), then
+        # the deletion's: between the two, what the run left can be seen before the deletion
+        # task cleans up (which would hide chunks written after the deletion).
+        r = await client.post(other.docs, json={"text": prose(50)}, headers=other.headers)
+        assert r.status_code == 202, r.text
+        r = await client.delete(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)
+        assert r.status_code == 202 and r.json()["status"] == "deleting"
+        await lock.release()
+        # The worker runs one task at a time: the next run waiting means this one has ended.
+        await next_lock.wait_for_writer()
+        assert await chunk_rows(settings, doc["id"]) == []
+        body = (await client.get(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)).json()
+        assert (body["status"], body["chunk_count"]) == ("deleting", 0)
+        await next_lock.release()
+        await drain_worker(app)
     assert await chunk_rows(settings, doc["id"]) == []
+    assert await partition_count(settings, ctx.tenant.id) == 0
+    # The row is gone, not brought back by the run.
+    r = await client.get(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)
+    assert r.status_code == 404
+    assert (await client.get(ctx.docs, headers=ctx.headers)).json()["total"] == 0
+    # Usage: the embedding was spent and is counted once; nothing else is, nothing stays held.
+    assert await usage_now(client, ctx, "embedding_tokens") == (spent, 0)
+    for metric in ("documents", "stored_bytes", "chunks"):
+        assert await usage_now(client, ctx, metric) == (0, 0), metric
 
 
 async def test_reindex_replaces_chunks_exactly(
@@ -460,13 +606,38 @@ async def test_reindex_replaces_chunks_exactly(
     doc = r.json()["documents"][0]
     first = await wait_document(client, ctx, doc["id"])
     rows = await chunk_rows(settings, doc["id"])
-    r = await client.post(f"{ctx.docs}/{doc['id']}/reindex", headers=ctx.headers)
-    assert r.status_code == 202 and r.json()["status"] == "queued"
-    # A second request while queued changes nothing.
-    r = await client.post(f"{ctx.docs}/{doc['id']}/reindex", headers=ctx.headers)
-    assert r.status_code == 202
-    second = await wait_document(client, ctx, doc["id"])
-    assert second["status"] == "ready" and second["chunk_count"] == first["chunk_count"]
+    assert first["attempts"] == 1
+    # Another collection's document keeps the worker busy (held at its store stage), so that
+    # the re-index stays queued while it is asked for again.
+    r = await client.post(
+        f"/v1/tenants/{ctx.tenant.id}/collections", json={"name": "Busy"}, headers=ctx.headers
+    )
+    busy = r.json()["id"]
+    async with hold_collection_lock(settings, busy) as lock:
+        r = await client.post(
+            f"/v1/tenants/{ctx.tenant.id}/collections/{busy}/documents",
+            json={"text": prose(50)},
+            headers=ctx.headers,
+        )
+        assert r.status_code == 202, r.text
+        await lock.wait_for_writer()
+        r = await client.post(f"{ctx.docs}/{doc['id']}/reindex", headers=ctx.headers)
+        assert r.status_code == 202 and r.json()["status"] == "queued"
+        queued = r.json()
+        assert (queued["attempts"], queued["progress"], queued["error"]) == (0, 0, None)
+        # A second request while queued changes nothing: the same row, one job on the broker.
+        r = await client.post(f"{ctx.docs}/{doc['id']}/reindex", headers=ctx.headers)
+        assert r.status_code == 202 and r.json() == queued
+        assert (await client.get(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)).json() == queued
+        assert await queued_jobs(settings, PROCESS_TASK, document_id=doc["id"]) == 1
+        async with app.state.sessionmaker() as session:
+            left = await session.scalars(select(OutboxJob.kwargs))
+            assert [k for k in left if k.get("document_id") == doc["id"]] == []
+        await lock.release()
+        second = await wait_document(client, ctx, doc["id"])
+    # Claimed once (a second job would have found it ready and done nothing).
+    assert second["status"] == "ready" and second["attempts"] == 1
+    assert second["chunk_count"] == first["chunk_count"]
     again = await chunk_rows(settings, doc["id"])
     assert [(o, t) for _, o, t in again] == [(o, t) for _, o, t in rows]
 
@@ -514,4 +685,4 @@ async def test_the_plan_alone_decides_the_upload_size(app: Any, client: httpx.As
             headers=admin,
         )
         assert r.status_code == 422, r.text
-        assert "largest plan" in r.json()["detail"]["message"] or "largest" in r.text
+        assert r.json()["detail"]["largest"] == 200 * 1024 * 1024, r.text
