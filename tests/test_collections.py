@@ -3,8 +3,6 @@ deletion through the worker that leaves no document, chunk or file behind."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from typing import Any
 
@@ -14,7 +12,16 @@ import pytest
 from atrium.kit.blobstore import get_blobstore
 from atrium.models import Role
 from tests.support.factories import add_member, bearer, create_tenant, create_user
-from tests.test_documents import chunk_rows, partition_count, prose, setup_tenant, wait_document
+from tests.test_documents import (
+    chunk_rows,
+    drain_worker,
+    hold_collection_lock,
+    partition_count,
+    prose,
+    setup_tenant,
+    usage_now,
+    wait_document,
+)
 from tests.test_extract import make_pdf
 
 
@@ -134,31 +141,47 @@ async def test_delete_collection_removes_documents_chunks_and_files(
     r = await client.get(ctx.base, headers=ctx.headers)
     assert r.json()["document_count"] == 2 and r.json()["chunk_count"] > 0
 
-    # While one more large document is still being processed, delete the collection.
-    r = await client.post(ctx.docs, json={"text": prose(5000)}, headers=ctx.headers)
-    late = r.json()["documents"][0]
-    r = await client.delete(ctx.base, headers=ctx.headers)
-    assert r.status_code == 202 and r.json()["status"] == "deleting"
-    # The name is free at once; the doomed collection takes no more uploads.
-    r = await client.post(
-        f"/v1/tenants/{ctx.tenant.id}/collections", json={"name": "doomed"}, headers=ctx.headers
-    )
-    assert r.status_code == 201
-    r = await client.post(ctx.docs, json={"text": "more"}, headers=ctx.headers)
-    assert r.status_code == 409 and "being deleted" in r.json()["detail"]
-    assert (
-        await client.patch(ctx.base, json={"name": "x"}, headers=ctx.headers)
-    ).status_code == 409
+    # While one more large document is being processed (its run held at its store stage, as
+    # a deletion's lock would hold it), delete the collection.
+    async with (
+        hold_collection_lock(settings, ctx.collection_id) as lock,
+        hold_collection_lock(settings, keep.collection_id) as next_lock,
+    ):
+        r = await client.post(ctx.docs, json={"text": prose(3500)}, headers=ctx.headers)
+        late = r.json()["documents"][0]
+        await lock.wait_for_writer()
+        r = await client.get(f"{ctx.docs}/{late['id']}", headers=ctx.headers)
+        assert (r.json()["status"], r.json()["stage"]) == ("processing", "store")
+        # The next task: the other tenant's document (its run stops at its store stage too);
+        # then the deletion's. Between the two, what the late run left can be seen before the
+        # deletion task cleans up (which would hide chunks written after the deletion).
+        r = await client.post(keep.docs, json={"text": prose(50)}, headers=keep.headers)
+        assert r.status_code == 202, r.text
+        r = await client.delete(ctx.base, headers=ctx.headers)
+        assert r.status_code == 202 and r.json()["status"] == "deleting"
+        # The name is free at once; the doomed collection takes no more uploads.
+        r = await client.post(
+            f"/v1/tenants/{ctx.tenant.id}/collections",
+            json={"name": "doomed"},
+            headers=ctx.headers,
+        )
+        assert r.status_code == 201
+        r = await client.post(ctx.docs, json={"text": "more"}, headers=ctx.headers)
+        assert r.status_code == 409 and "being deleted" in r.json()["detail"]
+        assert (
+            await client.patch(ctx.base, json={"name": "x"}, headers=ctx.headers)
+        ).status_code == 409
+        await lock.release()
+        # The worker runs one task at a time: the next run waiting means the late one ended.
+        await next_lock.wait_for_writer()
+        assert await chunk_rows(settings, late["id"]) == []
+        r = await client.get(f"{ctx.docs}/{late['id']}", headers=ctx.headers)
+        assert (r.json()["status"], r.json()["chunk_count"]) == ("processing", 0)
+        assert (await client.get(ctx.base, headers=ctx.headers)).json()["status"] == "deleting"
+        await next_lock.release()
+        await drain_worker(app)
 
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        r = await client.get(ctx.base, headers=ctx.headers)
-        if r.status_code == 404:
-            break
-        assert r.json()["status"] == "deleting"
-        await asyncio.sleep(0.2)
-    assert r.status_code == 404
-    await asyncio.sleep(3)  # a run of the late document must not write after the deletion
+    assert (await client.get(ctx.base, headers=ctx.headers)).status_code == 404
     for doc in [*docs, late]:
         assert await chunk_rows(settings, doc["id"]) == []
     assert await partition_count(settings, ctx.tenant.id) == 0
@@ -169,5 +192,8 @@ async def test_delete_collection_removes_documents_chunks_and_files(
                 f"tenants/{ctx.tenant.id}/collections/{ctx.collection_id}/documents/{doc['id']}"
             )
     assert (await client.get(f"{ctx.docs}/{docs[0]['id']}", headers=ctx.headers)).status_code == 404
+    # Nothing of the collection counts any more (the late document included), nothing stays held.
+    for metric in ("documents", "stored_bytes", "chunks"):
+        assert await usage_now(client, ctx, metric) == (0, 0), metric
     # The other tenant's collection is untouched.
     assert len(await chunk_rows(settings, kept_doc["id"])) > 0
