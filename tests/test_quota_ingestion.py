@@ -3,12 +3,11 @@ through HTTP and the real Celery worker."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import httpx
 
-from tests.test_documents import prose, setup_tenant, wait_document
+from tests.test_documents import drain_worker, prose, setup_tenant, wait_document
 from tests.test_quota_helpers import set_plan, superuser_headers, usage_of
 
 
@@ -28,12 +27,16 @@ async def test_collections_are_counted(app: Any, client: httpx.AsyncClient) -> N
     refused = await client.post(url, json={"name": "Three"}, headers=ctx.headers)
     assert refused.status_code == 402
     assert refused.json()["detail"]["metric"] == "collections"
-    # A name taken is still a 409, not a quota error, and holds nothing.
-    assert (await client.post(url, json={"name": "Two"}, headers=ctx.headers)).status_code in (
-        402,
-        409,
-    )
-    assert (await client.delete(f"{url}/{second}", headers=ctx.headers)).status_code in (202, 204)
+    # A name taken is still a 409, not a quota error (the name is checked before the plan's
+    # limit is held), and holds nothing.
+    taken = await client.post(url, json={"name": "Two"}, headers=ctx.headers)
+    assert taken.status_code == 409, taken.text
+    assert "already exists" in taken.json()["detail"]
+    collections = usage_of(await _usage(client, ctx), "collections")
+    assert (collections["used"], collections["reserved"]) == (2, 0)
+    # Deleting a collection is accepted (the worker removes what it held): 202.
+    r = await client.delete(f"{url}/{second}", headers=ctx.headers)
+    assert r.status_code == 202 and r.json()["status"] == "deleting"
     assert usage_of(await _usage(client, ctx), "collections")["used"] == 1
     assert (await client.post(url, json={"name": "Three"}, headers=ctx.headers)).status_code == 201
 
@@ -60,18 +63,27 @@ async def test_documents_bytes_and_upload_size(app: Any, client: httpx.AsyncClie
     assert usage_of(usage, "stored_bytes")["used"] == sum(sizes)
 
     doc_id = r1.json()["documents"][0]["id"]
-    assert (await client.delete(f"{ctx.docs}/{doc_id}", headers=ctx.headers)).status_code in (
-        202,
-        204,
-    )
+    r = await client.delete(f"{ctx.docs}/{doc_id}", headers=ctx.headers)
+    assert r.status_code == 202 and r.json()["status"] == "deleting"
     usage = await _usage(client, ctx)
     assert usage_of(usage, "documents")["used"] == 1
     assert usage_of(usage, "stored_bytes")["used"] == sizes[1]
 
-    # The plan's largest upload applies.
-    too_big = await client.post(ctx.docs, json={"text": prose(1500)}, headers=ctx.headers)
-    assert too_big.status_code == 413
+    # The plan's largest upload applies, to the byte: 5001 bytes are refused (before any
+    # quota is held), exactly 5000 are taken.
+    text = (prose(1000) * 2)[:5001]
+    too_big = await client.post(ctx.docs, json={"text": text}, headers=ctx.headers)
+    assert too_big.status_code == 413, too_big.text
+    assert "The text is 4.9 KB; the largest upload allowed is 4.9 KB" in too_big.json()["detail"]
+    assert usage_of(await _usage(client, ctx), "documents") == usage_of(usage, "documents")
+    at_limit = await client.post(ctx.docs, json={"text": text[:5000]}, headers=ctx.headers)
+    assert at_limit.status_code == 202, at_limit.text
+    assert at_limit.json()["documents"][0]["size_bytes"] == 5000
+    # The usage report names the limit that was just enforced.
+    usage = await _usage(client, ctx)
     assert usage["max_upload_bytes"] == 5000
+    assert usage_of(usage, "documents")["used"] == 2
+    assert usage_of(usage, "stored_bytes")["used"] == sizes[1] + 5000
 
 
 async def test_chunks_and_embedding_tokens_are_metered_by_the_worker(
@@ -88,7 +100,7 @@ async def test_chunks_and_embedding_tokens_are_metered_by_the_worker(
 
     # Re-indexing replaces the chunks (no double count) but embeds again (tokens count).
     r = await client.post(f"{ctx.docs}/{doc['id']}/reindex", headers=ctx.headers)
-    assert r.status_code in (200, 202)
+    assert r.status_code == 202 and r.json()["status"] == "queued"
     again = await wait_document(client, ctx, doc["id"])
     assert again["status"] == "ready"
     usage = await _usage(client, ctx)
@@ -108,19 +120,15 @@ async def test_chunks_and_embedding_tokens_are_metered_by_the_worker(
 
     # Deleting the ready document gives its chunks back.
     r = await client.delete(f"{ctx.docs}/{doc['id']}", headers=ctx.headers)
-    assert r.status_code in (202, 204)
+    assert r.status_code == 202
     assert usage_of(await _usage(client, ctx), "chunks")["used"] == 0
 
     # Deleting the collection gives back what its remaining documents held (by the worker).
     assert usage_of(await _usage(client, ctx), "documents")["used"] == 1  # the failed one
     r = await client.delete(ctx.base, headers=ctx.headers)
-    assert r.status_code in (202, 204)
-    for _ in range(150):
-        usage = await _usage(client, ctx)
-        # The worker gives documents, bytes and chunks back one after the other.
-        if all(usage_of(usage, m)["used"] == 0 for m in ("documents", "stored_bytes", "chunks")):
-            break
-        await asyncio.sleep(0.2)
+    assert r.status_code == 202
+    await drain_worker(app)
+    usage = await _usage(client, ctx)
     assert [usage_of(usage, m)["used"] for m in ("documents", "stored_bytes", "chunks")] == [
         0,
         0,
