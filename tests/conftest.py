@@ -19,7 +19,6 @@ from asgi_lifespan import LifespanManager
 
 from tests.support import services
 from tests.support.llm_server import LLMServer
-from tests.support.load import free_port
 from tests.support.smtp import Mailbox
 
 
@@ -109,11 +108,14 @@ def llm_server(test_env: dict[str, Any]) -> Iterator[LLMServer]:
 def celery_worker(test_env: dict[str, Any]) -> Iterator[services.WorkerProcess]:
     """A real Celery worker subprocess on this xdist worker's broker.
 
-    It serves its Prometheus metrics as ``atrium worker --metrics-port`` does in production, on
-    the port in ``worker.env["ATRIUM_WORKER_METRICS_PORT"]`` (the worker's counters live in its
-    own process: tests/test_metrics.py scrapes them there).
+    Its Prometheus metrics go to the directory ``worker.env["PROMETHEUS_MULTIPROC_DIR"]``, as
+    under ``atrium worker --metrics-port`` and ``atrium dev`` (the worker's counters live in
+    its own process: tests/test_metrics.py reads them there). A directory, not a port: a port
+    chosen now might be taken by the time a test restarts the worker.
     """
-    env = {**os.environ, "ATRIUM_WORKER_METRICS_PORT": str(free_port())}
+    metrics_dir = test_env["data_dir"] / "worker-metrics"
+    metrics_dir.mkdir(exist_ok=True)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     worker = services.WorkerProcess(env, test_env["data_dir"] / "worker.log")
     worker.start()
     yield worker

@@ -307,40 +307,42 @@ async def test_real_requests_move_the_http_quota_rate_limit_and_stage_metrics(
 async def test_a_real_ingestion_moves_the_worker_metrics(
     app: Any, client: httpx.AsyncClient, celery_worker: Any, settings: Any
 ) -> None:
-    """The worker's own counters, scraped from ``atrium worker --metrics-port``, after a
-    document went through upload, the Celery task and the vector store."""
+    """The worker's own counters after a document went through upload, the Celery task and the
+    vector store: read from the worker's multiprocess directory, the way ``atrium worker
+    --metrics-port`` and ``atrium dev``'s /metrics read them."""
     import asyncio
     import time
+
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
     from atrium.kit.metrics import INGESTION_TASK
     from tests.support.retrieval import create_collection, make_tenant, upload, wait_ready
     from tests.test_documents import prose
 
-    port = celery_worker.env["ATRIUM_WORKER_METRICS_PORT"]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as worker:
+    def scrape_worker() -> dict[Any, float]:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+            registry, path=celery_worker.env["PROMETHEUS_MULTIPROC_DIR"]
+        )
+        return _samples(generate_latest(registry).decode())
 
-        async def scrape_worker() -> dict[Any, float]:
-            r = await worker.get("/metrics")
-            assert r.status_code == 200, r.text
-            return _samples(r.text)
+    before = scrape_worker()
+    world = await make_tenant(app, client)
+    await create_collection(client, world, "docs")
+    doc_id = await upload(client, world, "docs", "Lighthouses", prose(600), {})
+    doc = await wait_ready(client, world, "docs", doc_id)
+    assert doc["chunk_count"] > 1 and doc["token_count"] > 0, doc
 
-        before = await scrape_worker()
-        world = await make_tenant(app, client)
-        await create_collection(client, world, "docs")
-        doc_id = await upload(client, world, "docs", "Lighthouses", prose(600), {})
-        doc = await wait_ready(client, world, "docs", doc_id)
-        assert doc["chunk_count"] > 1 and doc["token_count"] > 0, doc
+    def delta(samples: dict[Any, float], name: str, **labels: str) -> float:
+        return _value(samples, name, **labels) - _value(before, name, **labels)
 
-        def delta(samples: dict[Any, float], name: str, **labels: str) -> float:
-            return _value(samples, name, **labels) - _value(before, name, **labels)
-
-        # The task's result is counted in its postrun signal, just after the row turned ready.
-        deadline = time.monotonic() + 60
-        after = await scrape_worker()
-        while delta(after, "atrium_documents_processed_total") < 1:
-            assert time.monotonic() < deadline, "the worker never counted the document"
-            await asyncio.sleep(0.1)
-            after = await scrape_worker()
+    # The task's result is counted in its postrun signal, just after the row turned ready.
+    deadline = time.monotonic() + 60
+    after = scrape_worker()
+    while delta(after, "atrium_documents_processed_total") < 1:
+        assert time.monotonic() < deadline, "the worker never counted the document"
+        await asyncio.sleep(0.1)
+        after = scrape_worker()
 
     assert delta(after, "atrium_documents_processed_total") == 1
     assert delta(after, "atrium_documents_failed_total") == 0
