@@ -72,8 +72,11 @@ def check_signature(settings: Settings, export_id: uuid.UUID, expires: int, sign
         Forbidden: the signature does not match.
         Gone: the link expired.
     """
+    # Bytes, not str: compare_digest refuses non-ASCII strings (a TypeError, so a 500, for a
+    # tampered link); UTF-8 bytes of anything not ours simply do not match.
+    sent = signature.encode("utf-8", "surrogateescape")
     valid = any(
-        hmac.compare_digest(_signature(key, export_id, expires), signature)
+        hmac.compare_digest(_signature(key, export_id, expires).encode(), sent)
         for key in settings.secret_keys
     )
     if not valid:
