@@ -5,14 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from fastapi_pagination import Page, Params
+from fastapi import Query
+from fastapi_pagination import Page
+from fastapi_pagination import Params as _DefaultParams
 from fastapi_pagination.ext.sqlalchemy import apaginate
 from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 T = TypeVar("T")
 
-__all__ = ["Page", "Params", "paginate_query"]
+__all__ = ["MAX_PAGE", "Page", "Params", "paginate_query"]
+
+#: The last page a list may ask for. Unbounded, a page number such as 2**63 became an OFFSET
+#: the database could not take (a 500); no list here is anywhere near 100 million rows.
+MAX_PAGE = 1_000_000
+
+
+class Params(_DefaultParams):
+    """``?page=1&size=50``: the page number (at most :data:`MAX_PAGE`) and size (1-100)."""
+
+    page: int = Query(1, ge=1, le=MAX_PAGE, description="Page number")
 
 
 async def paginate_query(
