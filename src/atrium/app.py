@@ -38,7 +38,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "`atrium dev` (or ./scripts/run), which starts the embedded servers, or set them."
             )
         engine = create_engine(settings.resolved_database_url, settings.database_pool_size)
-        pool = create_pool(settings.vector_conninfo, settings.vector_pool_size)
+        pool = create_pool(
+            settings.vector_conninfo,
+            settings.vector_pool_size,
+            timeout=settings.vector_pool_timeout_seconds,
+        )
         await pool.open(wait=False)
         redis = create_redis(settings.redis_url)
         redis_bytes = create_redis(settings.redis_url, decode_responses=False)
@@ -95,9 +99,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     from atrium.health.endpoints import router as health_router
 
+    from atrium.kit.responses import ANY_ROUTE
+
     app.include_router(health_router)
     for router in _v1_routers():
-        app.include_router(router, prefix="/v1")
+        # What every route may answer besides its own statuses (kit/responses.py).
+        app.include_router(router, prefix="/v1", responses=ANY_ROUTE)
     from atrium.console import install as install_console
 
     install_console(app)  # the web console at / (not under /v1)

@@ -35,18 +35,12 @@ from atrium.auth.user_limits import LimitedUser, user_rate_limit
 from atrium.kit.blobstore import get_blobstore
 from atrium.kit.db import DBSession
 from atrium.kit.errors import (
-    BadRequest,
-    Conflict,
-    Forbidden,
     Gone,
     NotFound,
-    TooManyRequests,
-    Unauthorized,
-    Unprocessable,
-    error_responses,
 )
 from atrium.kit.pagination import Page, Params, paginate_query
 from atrium.kit.ratelimit import by_field, by_ip, rate_limit
+from atrium.kit.responses import SIGNED_IN, errors
 from atrium.models import AuthSession, DataExport, ExportStatus
 
 router = APIRouter()
@@ -113,7 +107,7 @@ def _pair(pair: sessions.TokenPair) -> TokenPair:
     dependencies=REGISTER_LIMITS,
     status_code=status.HTTP_201_CREATED,
     response_model=Registered,
-    responses=error_responses(Conflict, Unprocessable, Forbidden, NotFound, Gone, TooManyRequests),
+    responses=errors(402, 403, 404, 409, 410, 429),
 )
 async def register(
     body: UserCreate, request: Request, session: DBSession, manager: Manager
@@ -138,7 +132,7 @@ async def register(
     dependencies=REQUEST_VERIFY_LIMITS,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Accepted,
-    responses=error_responses(TooManyRequests),
+    responses=errors(429),
 )
 async def request_verify_token(
     body: EmailBody, request: Request, session: DBSession, manager: Manager
@@ -153,7 +147,7 @@ async def request_verify_token(
     tags=["auth"],
     dependencies=VERIFY_LIMITS,
     response_model=User,
-    responses=error_responses(BadRequest, Conflict, TooManyRequests),
+    responses=errors(409, 429),
 )
 async def verify(body: TokenBody, request: Request, session: DBSession, manager: Manager) -> User:
     """Verify an address with the token from the mail (sign-up, or a new address)."""
@@ -166,7 +160,7 @@ async def verify(body: TokenBody, request: Request, session: DBSession, manager:
     tags=["auth"],
     dependencies=LOGIN_LIMITS,
     response_model=TokenPair,
-    responses=error_responses(Unauthorized, Forbidden, TooManyRequests),
+    responses=errors(401, 403, 429),
 )
 async def login(
     form: Annotated[OAuth2PasswordRequestForm, Depends()],
@@ -188,7 +182,7 @@ async def login(
     "/auth/refresh",
     tags=["auth"],
     response_model=TokenPair,
-    responses=error_responses(Unauthorized),
+    responses=errors(401),
 )
 async def refresh(body: RefreshBody, request: Request, session: DBSession) -> TokenPair:
     """Trade the refresh token for a new pair; the old refresh token is spent.
@@ -208,7 +202,7 @@ async def refresh(body: RefreshBody, request: Request, session: DBSession) -> To
     "/auth/logout",
     tags=["auth"],
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(Unauthorized),
+    responses=SIGNED_IN,
 )
 async def logout(principal: LimitedUser, request: Request, session: DBSession) -> Response:
     """End this session: its access and refresh tokens stop working at once."""
@@ -234,7 +228,7 @@ async def logout(principal: LimitedUser, request: Request, session: DBSession) -
     "/auth/logout-all",
     tags=["auth"],
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(Unauthorized),
+    responses=SIGNED_IN,
 )
 async def logout_all(principal: LimitedUser, request: Request, session: DBSession) -> Response:
     """End every session of the account, this one included."""
@@ -260,7 +254,7 @@ async def logout_all(principal: LimitedUser, request: Request, session: DBSessio
     dependencies=FORGOT_LIMITS,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Accepted,
-    responses=error_responses(TooManyRequests),
+    responses=errors(429),
 )
 async def forgot_password(
     body: EmailBody, request: Request, session: DBSession, manager: Manager
@@ -277,7 +271,6 @@ async def forgot_password(
     "/auth/reset-password",
     tags=["auth"],
     response_model=Accepted,
-    responses=error_responses(BadRequest, Unprocessable),
 )
 async def reset_password(
     body: ResetPassword, request: Request, session: DBSession, manager: Manager
@@ -293,13 +286,13 @@ async def reset_password(
 # The caller's account ----------------------------------------------------------------------
 
 
-@router.get("/users/me", tags=["users"], response_model=User)
+@router.get("/users/me", tags=["users"], response_model=User, responses=SIGNED_IN)
 async def get_me(principal: LimitedUser) -> User:
     """The caller's account."""
     return User.model_validate(principal.user)
 
 
-@router.patch("/users/me", tags=["users"], response_model=User)
+@router.patch("/users/me", tags=["users"], response_model=User, responses=SIGNED_IN)
 async def update_me(
     body: UserUpdate, principal: LimitedUser, request: Request, session: DBSession
 ) -> User:
@@ -315,7 +308,7 @@ async def update_me(
     tags=["users"],
     dependencies=PASSWORD_CHECK_LIMITS,
     response_model=Accepted,
-    responses=error_responses(Forbidden, Unprocessable, TooManyRequests),
+    responses=SIGNED_IN,
 )
 async def change_password(
     body: PasswordChange, principal: LimitedUser, request: Request, session: DBSession
@@ -341,7 +334,7 @@ async def change_password(
     dependencies=PASSWORD_CHECK_LIMITS,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Accepted,
-    responses=error_responses(Forbidden, Unprocessable, TooManyRequests),
+    responses=SIGNED_IN,
 )
 async def change_email(
     body: EmailChange, principal: LimitedUser, request: Request, session: DBSession
@@ -363,7 +356,7 @@ async def change_email(
     dependencies=PASSWORD_CHECK_LIMITS,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Accepted,
-    responses=error_responses(Forbidden, Conflict, TooManyRequests),
+    responses=SIGNED_IN | errors(409),
 )
 async def delete_me(
     body: PasswordBody, principal: LimitedUser, request: Request, session: DBSession
@@ -381,7 +374,7 @@ async def delete_me(
     return Accepted(detail=f"Your account was deleted; {len(purged)} tenant(s) are being purged.")
 
 
-@router.get("/users/me/sessions", tags=["users"], response_model=Page[Session])
+@router.get("/users/me/sessions", tags=["users"], response_model=Page[Session], responses=SIGNED_IN)
 async def list_sessions(
     principal: LimitedUser, session: DBSession, params: Annotated[Params, Depends()]
 ) -> Page[Session]:
@@ -410,7 +403,7 @@ async def list_sessions(
     "/users/me/sessions/{session_id}",
     tags=["users"],
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(NotFound),
+    responses=SIGNED_IN | errors(404),
 )
 async def delete_session(
     session_id: uuid.UUID, principal: LimitedUser, request: Request, session: DBSession
@@ -441,7 +434,7 @@ async def delete_session(
     dependencies=EXPORT_LIMITS,
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Export,
-    responses=error_responses(TooManyRequests),
+    responses=SIGNED_IN,
 )
 async def start_export(principal: LimitedUser, request: Request, session: DBSession) -> Export:
     """Build a ZIP of the caller's data in the background; a mail says when it is ready."""
@@ -453,7 +446,7 @@ async def start_export(principal: LimitedUser, request: Request, session: DBSess
     "/users/me/exports/{export_id}",
     tags=["users"],
     response_model=Export,
-    responses=error_responses(NotFound),
+    responses=SIGNED_IN | errors(404),
 )
 async def get_export(
     export_id: uuid.UUID, principal: LimitedUser, request: Request, session: DBSession
@@ -469,7 +462,7 @@ async def get_export(
     response_class=Response,
     responses={
         200: {"content": {"application/zip": {}}, "description": "The ZIP."},
-        **error_responses(Forbidden, Gone, NotFound),
+        **errors(403, 404, 410),
     },
 )
 async def download_export(

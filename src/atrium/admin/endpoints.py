@@ -13,15 +13,16 @@ from atrium.accounts.schemas import User
 from atrium.audit.service import record
 from atrium.auth.dependencies import SuperUser
 from atrium.kit.db import DBSession
-from atrium.kit.errors import Conflict, Forbidden, NotFound, error_responses
+from atrium.kit.errors import NotFound
 from atrium.kit.pagination import Page, Params, paginate_query
+from atrium.kit.responses import SUPERUSER, errors
 from atrium.models import Tenant, TenantStatus
 from atrium.models import User as UserModel
 from atrium.models.accounts import user_email_col, user_id_col
 from atrium.tenants.schemas import Tenant as TenantOut
 from atrium.tenants.service import forget_status
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], responses=SUPERUSER)
 PageParams = Annotated[Params, Depends()]
 Search = Annotated[
     str | None, Query(max_length=200, description="Part of the e-mail address or name.")
@@ -33,7 +34,7 @@ def _like(q: str) -> str:
     return f"%{escaped}%"
 
 
-@router.get("/users", response_model=Page[User], responses=error_responses(Forbidden))
+@router.get("/users", response_model=Page[User])
 async def list_users(
     _: SuperUser, session: DBSession, params: PageParams, q: Search = None
 ) -> Page[User]:
@@ -54,7 +55,7 @@ async def list_users(
     return await paginate_query(session, stmt, params, transform)
 
 
-@router.get("/tenants", response_model=Page[TenantOut], responses=error_responses(Forbidden))
+@router.get("/tenants", response_model=Page[TenantOut])
 async def list_tenants(
     _: SuperUser,
     session: DBSession,
@@ -104,7 +105,7 @@ async def _set_status(
 @router.post(
     "/tenants/{tenant_id}/suspend",
     response_model=TenantOut,
-    responses=error_responses(Forbidden, NotFound, Conflict),
+    responses=errors(404, 409),
 )
 async def suspend_tenant(
     tenant_id: uuid.UUID, principal: SuperUser, request: Request, session: DBSession
@@ -116,7 +117,7 @@ async def suspend_tenant(
 @router.post(
     "/tenants/{tenant_id}/unsuspend",
     response_model=TenantOut,
-    responses=error_responses(Forbidden, NotFound),
+    responses=errors(404),
 )
 async def unsuspend_tenant(
     tenant_id: uuid.UUID, principal: SuperUser, request: Request, session: DBSession

@@ -14,21 +14,12 @@ from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
 from atrium.kit.db import DBSession
-from atrium.kit.errors import (
-    Conflict,
-    Forbidden,
-    NotFound,
-    Unauthorized,
-    Unprocessable,
-    error_responses,
-)
 from atrium.kit.pagination import Page, Params, paginate_query
+from atrium.kit.responses import TENANT, errors
 from atrium.models import ApiKey as ApiKeyModel
 from atrium.models import utcnow
 
-router = APIRouter(prefix="/tenants/{tenant_id}/api-keys", tags=["api keys"])
-
-_AUTH_ERRORS = (Unauthorized, Forbidden, NotFound)
+router = APIRouter(prefix="/tenants/{tenant_id}/api-keys", tags=["api keys"], responses=TENANT)
 
 
 def _to_schema(key: ApiKeyModel) -> ApiKey:
@@ -59,7 +50,6 @@ def _created(key: ApiKeyModel, secret: str) -> ApiKeyCreated:
     status_code=status.HTTP_201_CREATED,
     response_model=ApiKeyCreated,
     summary="Create an API key",
-    responses=error_responses(*_AUTH_ERRORS, Unprocessable),
 )
 async def create_api_key(
     tenant_id: uuid.UUID,
@@ -81,7 +71,6 @@ async def create_api_key(
     "",
     response_model=Page[ApiKey],
     summary="List API keys",
-    responses=error_responses(*_AUTH_ERRORS),
 )
 async def list_api_keys(
     tenant_id: uuid.UUID,
@@ -108,7 +97,6 @@ async def list_api_keys(
     "/{key_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Revoke an API key",
-    responses=error_responses(*_AUTH_ERRORS),
 )
 async def revoke_api_key(
     tenant_id: uuid.UUID,
@@ -130,7 +118,7 @@ async def revoke_api_key(
     status_code=status.HTTP_201_CREATED,
     response_model=ApiKeyCreated,
     summary="Rotate an API key",
-    responses=error_responses(*_AUTH_ERRORS, Conflict),
+    responses=errors(409),
 )
 async def rotate_api_key(
     tenant_id: uuid.UUID,

@@ -13,12 +13,10 @@ from atrium.auth.subject import AuthSubject
 from atrium.billing import schemas, service
 from atrium.billing.quota import Quota
 from atrium.kit.db import DBSession
-from atrium.kit.errors import Forbidden, NotFound, Unauthorized, Unprocessable, error_responses
 from atrium.kit.ratelimit import rate_limit
+from atrium.kit.responses import SUPERUSER, TENANT, errors
 
 router = APIRouter(tags=["plans and usage"])
-
-_AUTH_ERRORS = (Unauthorized, Forbidden, NotFound)
 
 
 async def get_quota(request: Request) -> Quota:
@@ -34,6 +32,7 @@ QuotaDep = Annotated[Quota, Depends(get_quota)]
     response_model=schemas.PlanCatalog,
     summary="List plans",
     dependencies=[Depends(rate_limit("plans", 120, 60))],
+    responses=errors(429),
 )
 async def list_plans(quota: QuotaDep) -> schemas.PlanCatalog:
     """Every plan with its limits (public; ``null`` limits are unlimited)."""
@@ -44,7 +43,7 @@ async def list_plans(quota: QuotaDep) -> schemas.PlanCatalog:
     "/admin/tenants/{tenant_id}/plan",
     response_model=schemas.TenantPlan,
     summary="Get a tenant's plan (superuser)",
-    responses=error_responses(Unauthorized, Forbidden, NotFound),
+    responses=SUPERUSER | errors(404),
 )
 async def get_tenant_plan(
     tenant_id: uuid.UUID, session: DBSession, superuser: SuperUser
@@ -57,7 +56,7 @@ async def get_tenant_plan(
     "/admin/tenants/{tenant_id}/plan",
     response_model=schemas.TenantPlan,
     summary="Change a tenant's plan and limit overrides (superuser)",
-    responses=error_responses(Unauthorized, Forbidden, NotFound, Unprocessable),
+    responses=SUPERUSER | errors(404),
 )
 async def put_tenant_plan(
     tenant_id: uuid.UUID,
@@ -85,7 +84,7 @@ async def put_tenant_plan(
     "/tenants/{tenant_id}/usage",
     response_model=schemas.Usage,
     summary="Usage this period",
-    responses=error_responses(*_AUTH_ERRORS),
+    responses=TENANT,
 )
 async def get_usage(
     tenant_id: uuid.UUID,
@@ -101,7 +100,7 @@ async def get_usage(
     "/tenants/{tenant_id}/usage/history",
     response_model=schemas.UsageHistory,
     summary="Daily usage",
-    responses=error_responses(*_AUTH_ERRORS),
+    responses=TENANT,
 )
 async def get_usage_history(
     tenant_id: uuid.UUID,

@@ -66,7 +66,9 @@ LimitValue = Annotated[int, Field(ge=0)] | None
 class TenantPlanUpdate(BaseModel):
     """A superuser's change to a tenant's plan and limit overrides."""
 
-    plan: str = Field(description="The plan to put the tenant on (see GET /v1/plans).")
+    plan: str = Field(
+        description="The plan to put the tenant on (see GET /v1/plans).", examples=["pro"]
+    )
     overrides: dict[Limit, LimitValue] | None = Field(
         default=None,
         description=(

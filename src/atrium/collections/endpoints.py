@@ -14,12 +14,12 @@ from atrium.collections import service
 from atrium.collections.repository import CollectionRepository
 from atrium.collections.schemas import Collection, CollectionCreate, CollectionUpdate
 from atrium.kit.db import DBSession
-from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized, error_responses
 from atrium.kit.pagination import Page, Params, paginate_query
+from atrium.kit.responses import TENANT, errors
 
-router = APIRouter(prefix="/tenants/{tenant_id}/collections", tags=["collections"])
-
-_AUTH_ERRORS = (Unauthorized, Forbidden, NotFound)
+router = APIRouter(
+    prefix="/tenants/{tenant_id}/collections", tags=["collections"], responses=TENANT
+)
 
 
 @router.post(
@@ -27,7 +27,7 @@ _AUTH_ERRORS = (Unauthorized, Forbidden, NotFound)
     status_code=status.HTTP_201_CREATED,
     response_model=Collection,
     summary="Create a collection",
-    responses=error_responses(*_AUTH_ERRORS, Conflict),
+    responses=errors(402, 409),
 )
 async def create_collection(
     tenant_id: uuid.UUID,
@@ -45,7 +45,6 @@ async def create_collection(
     "",
     response_model=Page[Collection],
     summary="List collections",
-    responses=error_responses(*_AUTH_ERRORS),
 )
 async def list_collections(
     tenant_id: uuid.UUID,
@@ -62,7 +61,6 @@ async def list_collections(
     "/{collection_id}",
     response_model=Collection,
     summary="Get a collection",
-    responses=error_responses(*_AUTH_ERRORS),
 )
 async def get_collection(
     tenant_id: uuid.UUID,
@@ -79,7 +77,7 @@ async def get_collection(
     "/{collection_id}",
     response_model=Collection,
     summary="Change a collection",
-    responses=error_responses(*_AUTH_ERRORS, Conflict),
+    responses=errors(409),
 )
 async def update_collection(
     tenant_id: uuid.UUID,
@@ -102,7 +100,6 @@ async def update_collection(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Collection,
     summary="Delete a collection",
-    responses=error_responses(*_AUTH_ERRORS),
 )
 async def delete_collection(
     tenant_id: uuid.UUID,

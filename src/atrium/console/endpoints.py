@@ -42,7 +42,8 @@ from atrium.console.security import (
 from atrium.ingestion.extract import SUPPORTED
 from atrium.ingestion.limits import MAX_FILES_PER_REQUEST
 from atrium.kit.db import DBSession
-from atrium.kit.errors import Forbidden, TooManyRequests, Unauthorized, error_responses
+from atrium.kit.errors import Unauthorized
+from atrium.kit.responses import ANY_ROUTE, errors
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -61,7 +62,8 @@ PAGE_PATHS = (
     "/tenants/{page:path}",
 )
 
-router = APIRouter(tags=["console"])
+# What any of its routes may answer besides its own statuses, as for /v1 (kit/responses.py).
+router = APIRouter(tags=["console"], responses=ANY_ROUTE)
 
 
 @lru_cache(maxsize=1)
@@ -191,7 +193,7 @@ async def session_csrf(request: Request, response: Response) -> CsrfToken:
     "/console/session/login",
     dependencies=[*_CSRF, *LOGIN_LIMITS],
     response_model=ConsoleToken,
-    responses=error_responses(Unauthorized, Forbidden, TooManyRequests),
+    responses=errors(401, 403, 429),
 )
 async def session_login(
     body: ConsoleLogin,
@@ -217,7 +219,7 @@ async def session_login(
     "/console/session/refresh",
     dependencies=_CSRF,
     response_model=ConsoleToken,
-    responses=error_responses(Unauthorized, Forbidden),
+    responses=errors(401, 403),
 )
 async def session_refresh(request: Request, session: DBSession) -> Response:
     """Trade the refresh cookie for a new access token; the cookie is rotated.
@@ -250,7 +252,7 @@ async def session_refresh(request: Request, session: DBSession) -> Response:
     "/console/session/logout",
     dependencies=_CSRF,
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(Forbidden),
+    responses=errors(403),
 )
 async def session_logout(request: Request, session: DBSession) -> Response:
     """End the cookie's session (its access tokens stop working at once) and clear the cookie.

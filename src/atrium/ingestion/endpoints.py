@@ -29,24 +29,19 @@ from atrium.kit.blobstore import get_blobstore
 from atrium.kit.bodylimit import restrict as restrict_body
 from atrium.kit.db import DBSession
 from atrium.kit.errors import (
-    BadRequest,
-    Conflict,
-    Forbidden,
-    NotFound,
-    PayloadTooLarge,
-    Unauthorized,
     Unprocessable,
     UnsupportedMediaType,
-    error_responses,
 )
 from atrium.kit.pagination import Page, Params, paginate_query
+from atrium.kit.responses import TENANT, errors
 from atrium.models.ingestion import DocumentStatus
 
 router = APIRouter(
-    prefix="/tenants/{tenant_id}/collections/{collection_id}/documents", tags=["documents"]
+    prefix="/tenants/{tenant_id}/collections/{collection_id}/documents",
+    tags=["documents"],
+    responses=TENANT,
 )
 
-_AUTH_ERRORS = (Unauthorized, Forbidden, NotFound)
 
 _UPLOAD_BODY: dict[str, Any] = {
     "required": True,
@@ -159,14 +154,7 @@ def _item_from_json(body: bytes) -> service.Incoming:
     summary="Upload documents",
     responses={
         200: {"model": DocumentUpload, "description": "Every document was already there."},
-        **error_responses(
-            *_AUTH_ERRORS,
-            BadRequest,
-            Conflict,
-            PayloadTooLarge,
-            UnsupportedMediaType,
-            Unprocessable,
-        ),
+        **errors(402, 409, 413, 415),
     },
     openapi_extra={"requestBody": _UPLOAD_BODY},
 )
@@ -249,7 +237,6 @@ async def upload_documents(
     "",
     response_model=Page[Document],
     summary="List documents",
-    responses=error_responses(*_AUTH_ERRORS),
 )
 async def list_documents(
     tenant_id: uuid.UUID,
@@ -271,7 +258,6 @@ async def list_documents(
     "/{document_id}",
     response_model=Document,
     summary="Get a document",
-    responses=error_responses(*_AUTH_ERRORS),
 )
 async def get_document(
     tenant_id: uuid.UUID,
@@ -291,7 +277,7 @@ async def get_document(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Document,
     summary="Re-index a document",
-    responses=error_responses(*_AUTH_ERRORS, Conflict),
+    responses=errors(409),
 )
 async def reindex_document(
     tenant_id: uuid.UUID,
@@ -312,7 +298,6 @@ async def reindex_document(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=Document,
     summary="Delete a document",
-    responses=error_responses(*_AUTH_ERRORS),
 )
 async def delete_document(
     tenant_id: uuid.UUID,

@@ -13,17 +13,7 @@ from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
 from atrium.kit.cache_versions import tenant_versions, versions_command
-from atrium.kit.errors import (
-    BadGateway,
-    Forbidden,
-    GatewayTimeout,
-    NotFound,
-    PaymentRequired,
-    TooManyRequests,
-    Unauthorized,
-    Unprocessable,
-    error_responses,
-)
+from atrium.kit.responses import TENANT, errors
 from atrium.llm import service as answers
 from atrium.llm.schemas import AnswerRequest, AnswerResponse
 from atrium.retrieval import metering
@@ -31,7 +21,7 @@ from atrium.retrieval.metering import Metric
 from atrium.retrieval.schemas import SearchRequest, SearchResponse
 from atrium.retrieval.service import Resources, log_fields, search
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], responses=TENANT)
 log = structlog.get_logger("atrium.retrieval")
 
 
@@ -60,15 +50,7 @@ def _cache_flags(cache_control: str | None) -> tuple[bool, bool]:
     "/tenants/{tenant_id}/search",
     response_model=SearchResponse,
     summary="Search the tenant's documents",
-    responses=error_responses(
-        Unauthorized,
-        Forbidden,
-        NotFound,
-        PaymentRequired,
-        TooManyRequests,
-        BadGateway,
-        GatewayTimeout,
-    ),
+    responses=errors(402, 502, 504),
 )
 async def search_route(
     body: SearchRequest,
@@ -146,16 +128,7 @@ async def search_route(
     response_model=AnswerResponse,
     summary="Answer a question from the tenant's documents, with citations",
     responses={
-        **error_responses(
-            Unauthorized,
-            Forbidden,
-            NotFound,
-            PaymentRequired,
-            Unprocessable,
-            TooManyRequests,
-            BadGateway,
-            GatewayTimeout,
-        ),
+        **errors(402, 502, 504),
         200: {
             "description": "The answer, or with `stream: true` a `text/event-stream`.",
             "content": {"text/event-stream": {}},

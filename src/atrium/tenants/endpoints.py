@@ -17,17 +17,11 @@ from atrium.auth.user_limits import LimitedUser, user_rate_limit
 from atrium.kit.db import DBSession
 from atrium.kit.errors import (
     BadRequest,
-    Conflict,
-    Forbidden,
-    Gone,
-    NotFound,
-    TooManyRequests,
     Unauthorized,
-    Unprocessable,
-    error_responses,
 )
 from atrium.kit.pagination import Page, Params, paginate_query
 from atrium.kit.ratelimit import by_ip, rate_limit
+from atrium.kit.responses import SIGNED_IN, TENANT, errors
 from atrium.models import Role
 from atrium.tenants import invitations, schemas, service
 
@@ -42,7 +36,9 @@ def _tenant(t: object) -> schemas.Tenant:
 # Tenants -----------------------------------------------------------------------------------
 
 
-@router.get("/tenants", tags=["tenants"], response_model=Page[schemas.TenantWithRole])
+@router.get(
+    "/tenants", tags=["tenants"], response_model=Page[schemas.TenantWithRole], responses=SIGNED_IN
+)
 async def list_tenants(
     principal: LimitedUser, session: DBSession, params: PageParams
 ) -> Page[schemas.TenantWithRole]:
@@ -59,7 +55,7 @@ async def list_tenants(
     dependencies=[Depends(user_rate_limit("tenant-create", 10, 3600))],
     status_code=status.HTTP_201_CREATED,
     response_model=schemas.TenantWithRole,
-    responses=error_responses(Conflict, TooManyRequests),
+    responses=SIGNED_IN | errors(409),
 )
 async def create_tenant(
     body: schemas.TenantCreate, principal: LimitedUser, request: Request, session: DBSession
@@ -83,7 +79,7 @@ async def create_tenant(
     "/tenants/{tenant_id}",
     tags=["tenants"],
     response_model=schemas.Tenant,
-    responses=error_responses(NotFound, Forbidden),
+    responses=TENANT,
 )
 async def get_tenant(
     session: DBSession, subject: AuthSubject = Depends(require(Permission.tenant_read))
@@ -96,7 +92,7 @@ async def get_tenant(
     "/tenants/{tenant_id}",
     tags=["tenants"],
     response_model=schemas.Tenant,
-    responses=error_responses(NotFound, Forbidden),
+    responses=TENANT,
 )
 async def update_tenant(
     body: schemas.TenantUpdate,
@@ -112,7 +108,7 @@ async def update_tenant(
     "/tenants/{tenant_id}",
     tags=["tenants"],
     status_code=status.HTTP_202_ACCEPTED,
-    responses=error_responses(NotFound, Forbidden),
+    responses=TENANT,
 )
 async def delete_tenant(
     request: Request,
@@ -139,7 +135,7 @@ async def delete_tenant(
     "/tenants/{tenant_id}/members",
     tags=["members"],
     response_model=Page[schemas.Member],
-    responses=error_responses(NotFound, Forbidden),
+    responses=TENANT,
 )
 async def list_members(
     session: DBSession,
@@ -156,7 +152,7 @@ async def list_members(
     "/tenants/{tenant_id}/members/{user_id}",
     tags=["members"],
     response_model=schemas.Member,
-    responses=error_responses(NotFound, Forbidden, Conflict),
+    responses=TENANT | errors(409),
 )
 async def update_member(
     user_id: uuid.UUID,
@@ -173,7 +169,7 @@ async def update_member(
     "/tenants/{tenant_id}/members/{user_id}",
     tags=["members"],
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(NotFound, Forbidden, Conflict),
+    responses=TENANT | errors(409),
 )
 async def remove_member(
     user_id: uuid.UUID,
@@ -190,7 +186,7 @@ async def remove_member(
     "/tenants/{tenant_id}/leave",
     tags=["members"],
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(BadRequest, NotFound, Conflict),
+    responses=TENANT | errors(409),
 )
 async def leave_tenant(
     request: Request,
@@ -208,7 +204,7 @@ async def leave_tenant(
     "/tenants/{tenant_id}/transfer-ownership",
     tags=["members"],
     response_model=list[schemas.Member],
-    responses=error_responses(NotFound, Forbidden, Unprocessable),
+    responses=TENANT,
 )
 async def transfer_ownership(
     body: schemas.OwnershipTransfer,
@@ -228,7 +224,7 @@ async def transfer_ownership(
     tags=["invitations"],
     status_code=status.HTTP_201_CREATED,
     response_model=schemas.Invitation,
-    responses=error_responses(NotFound, Forbidden, Conflict, TooManyRequests),
+    responses=TENANT | errors(409),
 )
 async def create_invitation(
     body: schemas.InvitationCreate,
@@ -245,7 +241,7 @@ async def create_invitation(
     "/tenants/{tenant_id}/invitations",
     tags=["invitations"],
     response_model=Page[schemas.Invitation],
-    responses=error_responses(NotFound, Forbidden),
+    responses=TENANT,
 )
 async def list_invitations(
     session: DBSession,
@@ -262,7 +258,7 @@ async def list_invitations(
     "/tenants/{tenant_id}/invitations/{invitation_id}",
     tags=["invitations"],
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=error_responses(NotFound, Forbidden, Conflict),
+    responses=TENANT | errors(409),
 )
 async def revoke_invitation(
     invitation_id: uuid.UUID,
@@ -279,7 +275,7 @@ async def revoke_invitation(
     "/tenants/{tenant_id}/invitations/{invitation_id}/resend",
     tags=["invitations"],
     response_model=schemas.Invitation,
-    responses=error_responses(NotFound, Forbidden, Conflict, TooManyRequests),
+    responses=TENANT | errors(409),
 )
 async def resend_invitation(
     invitation_id: uuid.UUID,
@@ -299,9 +295,7 @@ async def resend_invitation(
     tags=["invitations"],
     dependencies=[Depends(rate_limit("invitation-accept", 30, 3600, key=by_ip))],
     response_model=schemas.InvitationAccepted,
-    responses=error_responses(
-        NotFound, Gone, Forbidden, Conflict, Unauthorized, Unprocessable, TooManyRequests
-    ),
+    responses=errors(401, 402, 403, 404, 409, 410, 429),
 )
 async def accept_invitation(
     body: schemas.InvitationAccept,
@@ -338,7 +332,7 @@ async def accept_invitation(
     "/tenants/{tenant_id}/audit-events",
     tags=["audit"],
     response_model=Page[schemas.AuditEvent],
-    responses=error_responses(NotFound, Forbidden),
+    responses=TENANT,
 )
 async def list_audit_events(
     session: DBSession,
