@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import structlog
 from fastapi import Depends, Request
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -44,8 +44,19 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 AfterCommit = Callable[[bool], Awaitable[None]]
 
 
+#: Seconds a new MySQL/MariaDB connection may take (aiomysql waits forever by default: a host
+#: that drops packets would hang each request until the kernel gives up, minutes later).
+CONNECT_TIMEOUT_SECONDS = 5
+
+
 def create_engine(url: str, pool_size: int = 10, *, busy_timeout: float = 30.0) -> AsyncEngine:
     """Create the async engine for MySQL/MariaDB or SQLite.
+
+    A MySQL/MariaDB engine pings each pooled connection as it is checked out
+    (``pool_pre_ping``): after the server restarted, the first request gets a fresh connection
+    instead of the dead one, and no restart of the app or the worker is needed. While the
+    server is down, connecting fails at once (refused) or after
+    :data:`CONNECT_TIMEOUT_SECONDS` (unreachable host), and the request answers 503.
 
     Args:
         url: the database URL.
@@ -60,6 +71,8 @@ def create_engine(url: str, pool_size: int = 10, *, busy_timeout: float = 30.0) 
         kwargs = {"connect_args": {"timeout": busy_timeout}, "hide_parameters": True}
     else:
         kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_recycle=1800)
+        if "connect_timeout" not in make_url(url).query:  # one given in the URL wins
+            kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_SECONDS}
     engine = create_async_engine(url, **kwargs)
     if url.startswith("sqlite"):
 
