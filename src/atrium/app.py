@@ -38,7 +38,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "`atrium dev` (or ./scripts/run), which starts the embedded servers, or set them."
             )
         engine = create_engine(settings.resolved_database_url, settings.database_pool_size)
-        pool = create_pool(settings.vector_conninfo, settings.vector_pool_size)
+        pool = create_pool(
+            settings.vector_conninfo,
+            settings.vector_pool_size,
+            timeout=settings.vector_pool_timeout_seconds,
+        )
         await pool.open(wait=False)
         redis = create_redis(settings.redis_url)
         redis_bytes = create_redis(settings.redis_url, decode_responses=False)

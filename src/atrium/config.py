@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         description="PostgreSQL with pgvector (postgresql+psycopg://...). Empty: embedded server.",
     )
     vector_pool_size: int = Field(10, ge=1, description="Vector database pool size.")
+    vector_pool_timeout_seconds: float = Field(
+        1.0,
+        gt=0,
+        description="How long a search (or a worker) waits for a vector database connection "
+        "before it answers 503 with Retry-After: the wait while the database is down, or while "
+        "every connection of the pool is busy (raise the pool size or this if searches get "
+        "503 under load while the database is up).",
+    )
     redis_url: str = Field(
         "", description="Redis (redis://host:port/db or unix://path). Empty: embedded Redis."
     )
@@ -129,6 +137,13 @@ class Settings(BaseSettings):
     log_json: bool = Field(True, description="JSON log lines (false: human-readable console).")
     metrics_token: SecretStr = Field(
         SecretStr(""), description="When set, GET /metrics requires Authorization: Bearer <token>."
+    )
+    celery_max_memory_per_child_mb: int = Field(
+        2048,
+        ge=0,
+        description="A worker pool process whose peak memory passed this (MB) is replaced by a "
+        "fresh one once its task ends (a large document leaves the process large; Celery's "
+        "worker_max_memory_per_child; prefork pool only; 0: never).",
     )
     worker_metrics_port: int = Field(
         0, ge=0, le=65535, description="Port where `atrium worker` serves its metrics (0: off)."

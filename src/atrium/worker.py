@@ -52,6 +52,11 @@ def create_celery() -> Celery:
             "socket_connect_timeout": 5,
             "socket_timeout": 5,
         },
+        # A child that a large document left large (peak resident memory, in KiB) is replaced
+        # after its task, before the next document meets an out-of-memory kill on top of it.
+        # A child killed mid-task (the kernel's OOM killer) is covered by the late acks above
+        # and the attempt limit of ``ingestion.pipeline``: docs/operations.md.
+        worker_max_memory_per_child=(settings.celery_max_memory_per_child_mb * 1024) or None,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),

@@ -62,8 +62,13 @@ async def resources() -> Resources:
 
         configure_jwt(settings)
         engine = create_engine(settings.resolved_database_url, pool_size=2)
-        pool = create_pool(settings.vector_conninfo, max_size=4)
-        await pool.open(wait=True, timeout=30)
+        pool = create_pool(
+            settings.vector_conninfo, max_size=4, timeout=settings.vector_pool_timeout_seconds
+        )
+        # Not waiting for a first connection: a worker that starts while the vector database
+        # is down must still claim its documents and retry them (a PoolTimeout at the store
+        # stage is transient), not fail every task at this line after 30 s.
+        await pool.open(wait=False)
         res = Resources(
             settings=settings,
             engine=engine,
