@@ -98,7 +98,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware, hsts=settings.is_production)
 
     from atrium.health.endpoints import router as health_router
-
     from atrium.kit.responses import ANY_ROUTE
 
     app.include_router(health_router)
