@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import pymysql
@@ -98,9 +99,13 @@ def start_pgserver() -> tuple[object, str, Path]:
 class WorkerProcess:
     """A real Celery worker in a subprocess, started with the test session's environment."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, argv: Sequence[str] = ("--pool=solo",)
+    ) -> None:
         self.env = env
         self.log_path = log_path
+        #: ``atrium worker`` options (a prefork pool where a test needs one).
+        self.argv = list(argv)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
@@ -109,7 +114,7 @@ class WorkerProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             # atrium worker plus the test-only tasks, which src/ must not carry.
-            [sys.executable, "-m", "tests.support.worker", "--pool=solo"],
+            [sys.executable, "-m", "tests.support.worker", *self.argv],
             env=self.env,
             cwd=Path(__file__).resolve().parents[2],
             stdout=log,
