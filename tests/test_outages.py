@@ -97,6 +97,99 @@ async def test_redis_outage_answers_503_then_recovers(
         assert r.status_code == 200, r.text
 
 
+@pytest.fixture
+async def quota_redis_app(
+    app: Any, settings: Any, private_redis: Broker, clean_state: None
+) -> AsyncIterator[Any]:
+    """The quota test app (tests/test_quota_helpers) with its Redis on the private server."""
+    from fastapi_cache import FastAPICache
+    from fastapi_cache.backends.redis import RedisBackend
+
+    from atrium.app import create_app
+    from atrium.config import load_settings
+    from tests.conftest import drain_background_writes
+    from tests.test_quota_helpers import quota_test_router
+
+    other = create_app(load_settings(**{**settings.model_dump(), "redis_url": private_redis.url}))
+    other.include_router(quota_test_router(), prefix="/v1")
+    try:
+        async with LifespanManager(other, startup_timeout=60):
+            yield other
+            await drain_background_writes(other)
+    finally:
+        FastAPICache.reset()
+        FastAPICache.init(RedisBackend(app.state.redis_bytes), prefix="atrium-cache")
+
+
+async def _mysql_used(app: Any, tenant_id: Any, metric: str) -> int:
+    from sqlalchemy import func, select
+
+    from atrium.models.billing import UsageCounter
+
+    async with app.state.sessionmaker() as session:
+        used = await session.scalar(
+            select(func.coalesce(func.sum(UsageCounter.used), 0)).where(
+                UsageCounter.tenant_id == tenant_id, UsageCounter.metric == metric
+            )
+        )
+    return int(used or 0)
+
+
+async def test_quota_counters_are_rebuilt_exactly_after_redis_lost_everything(
+    quota_redis_app: Any, private_redis: Broker
+) -> None:
+    """Redis restarts empty (no persistence) while work is counted: a search settled before
+    and waiting in the batch, a search holding its reservation through the outage. Nothing
+    is counted twice or lost: the usage is the same before and after, MySQL agrees, and the
+    limit admits exactly what is left."""
+    from atrium.billing.quota import Metric, Quota
+    from tests.test_quota_helpers import set_plan, superuser_headers, tenant_with_owner, usage_of
+
+    app = quota_redis_app
+    tenant, _, headers = await tenant_with_owner(app)
+    transport = httpx.ASGITransport(
+        app=app, client=("127.0.0.1", 50010), raise_app_exceptions=False
+    )
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", timeout=30
+    ) as client:
+        admin = await superuser_headers(app)
+        overrides = {"requests_per_minute_per_user": None, "searches_per_month": 10}
+        await set_plan(client, admin, tenant.id, "free", overrides)
+        search = f"/v1/tenants/{tenant.id}/_quota_test/search"
+        usage_url = f"/v1/tenants/{tenant.id}/usage"
+        for _ in range(3):
+            assert (await client.post(search, headers=headers)).status_code == 200
+        quota = Quota.of(app)
+        # Settled, waiting for the next batched write (as real searches are counted).
+        for _ in range(2):
+            settled = await quota.reserve(tenant.id, Metric.searches, 1).acquire()
+            await settled.record_later()
+        # Held, its work not finished yet.
+        held = await quota.reserve(tenant.id, Metric.searches, 1).acquire()
+
+        private_redis.stop()
+        r = await client.post(search, headers=headers)
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        private_redis.start()  # back, empty
+        assert await app.state.redis.dbsize() == 0
+
+        await held.commit()
+        await quota.flush()  # a no-op if the batch timer wrote it during the outage
+        r = await client.get(usage_url, headers=headers)
+        assert r.status_code == 200, r.text
+        assert usage_of(r.json(), "searches")["used"] == 6
+        assert await _mysql_used(app, tenant.id, "searches") == 6
+        for _ in range(4):
+            assert (await client.post(search, headers=headers)).status_code == 200
+        r = await client.post(search, headers=headers)
+        assert r.status_code == 402, r.text
+        await quota.flush()
+        assert await _mysql_used(app, tenant.id, "searches") == 10
+        r = await client.get(usage_url, headers=headers)
+        assert usage_of(r.json(), "searches")["used"] == 10
+
+
 def test_outages_are_recognised_through_their_causes() -> None:
     import redis.exceptions
     from sqlalchemy.exc import OperationalError
