@@ -31,8 +31,7 @@ _RETRY_AFTER = {
 DESCRIPTIONS: dict[int, str] = {
     400: "The request cannot be read (a body that is not valid JSON, UTF-8 or form data), "
     "or is refused as sent.",
-    401: "No valid credentials: a missing, malformed, expired or revoked access token or API "
-    "key.",
+    401: "No valid credentials: a missing, malformed, expired or revoked access token or API key.",
     402: "A plan limit would be exceeded; the detail names the metric, the limit and the use.",
     403: "Authenticated but not allowed: a missing permission or scope, the wrong kind of "
     "credential (an API key on a person's route), or a suspended tenant.",
