@@ -186,11 +186,10 @@ def _create_superuser(run: DevRun, email: str) -> None:
             "create-superuser",
             "--email",
             email,
-            "--password",
-            "correct horse battery staple",
         ],
         cwd=run.cwd,
-        env=run.env,
+        # The password from the environment (never an argument, which `ps` would show).
+        env={**run.env, "ATRIUM_SUPERUSER_PASSWORD": "correct horse battery staple"},
         capture_output=True,
         text=True,
         timeout=120,

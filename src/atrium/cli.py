@@ -170,9 +170,21 @@ def beat() -> None:
 @cli.command("create-superuser")
 def create_superuser(
     email: str = typer.Option(..., prompt=True),
-    password: str = typer.Option(..., prompt=True, hide_input=True, confirmation_prompt=True),
+    # Automation passes the password in the environment: an argument would show in `ps` and
+    # /proc/<pid>/cmdline to every user of the host.
+    password: str = typer.Option(
+        ...,
+        prompt=True,
+        hide_input=True,
+        confirmation_prompt=True,
+        envvar="ATRIUM_SUPERUSER_PASSWORD",
+        show_envvar=True,
+    ),
 ) -> None:
-    """Create a verified superuser (or promote an existing user)."""
+    """Create a verified superuser (or promote an existing user).
+
+    The password comes from ``ATRIUM_SUPERUSER_PASSWORD`` when it is set, else from a prompt.
+    """
     settings, services = _with_services()
     from atrium.kit.superuser import ensure_superuser
 

@@ -1,7 +1,7 @@
 """Upload limits: the one place that decides how large an upload may be.
 
-Plans (billing) will make the limit depend on the tenant's plan; callers already pass what that
-needs, so only this module changes then.
+The tenant's plan (config/plans.toml, with any per-tenant override) sets the largest document;
+this module turns it into request-size limits and the messages of their 413s.
 """
 
 from __future__ import annotations
