@@ -133,8 +133,11 @@ def _to_http(exc: BadDocument) -> AtriumError:
 
 
 def _too_large(label: str, size: int, limit: int) -> PayloadTooLarge:
+    shown, most = human_bytes(size), human_bytes(limit)
+    if shown == most:  # rounding hides the difference ("4.9 KB; at most 4.9 KB"): exact bytes
+        shown, most = f"{size:,} bytes", f"{limit:,} bytes"
     return PayloadTooLarge(
-        f"{label} is {human_bytes(size)}; the largest upload allowed is {human_bytes(limit)}. "
+        f"{label} is {shown}; the largest upload allowed is {most}. "
         "Split it into smaller documents."
     )
 
