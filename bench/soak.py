@@ -56,6 +56,7 @@ from tests.support.load import (  # noqa: E402
     DevServer,
     Tenant,
     _latest_token,
+    _statuses,
     login,
     prose_documents,
     sign_up,
@@ -82,6 +83,9 @@ class Soak:
     users: list[str] = field(default_factory=list)
     answers_done: int = 0
     rotations_checked: int = 0
+    document_ids: list[str] = field(default_factory=list)
+    final_statuses: Counter[str] = field(default_factory=Counter)
+    settle_seconds: float | None = None
 
     def now(self) -> float:
         return time.monotonic() - self.started
@@ -221,9 +225,31 @@ async def _uploads(
                 headers=tenant.headers,
             )
             soak.record("upload", r, (202,))
+            if r.status_code == 202:
+                soak.document_ids.extend(d["id"] for d in r.json()["documents"])
         except httpx.HTTPError as exc:
             soak.failed("upload", exc)
         await asyncio.sleep(every)
+
+
+async def _settle(
+    client: httpx.AsyncClient, tenant: Tenant, soak: Soak, timeout: float = 300.0
+) -> None:
+    """After the traffic: wait until every accepted upload is ``ready`` or ``failed``.
+
+    Nothing lost means every 202 ends in a final status; the statuses are counted as they are
+    when everything settled (or when ``timeout`` ran out, with what was still pending).
+    """
+    started = time.monotonic()
+    while True:
+        found = await _statuses(client, tenant)
+        final = Counter(found.get(i, {}).get("status", "missing") for i in soak.document_ids)
+        if set(final) <= {"ready", "failed", "missing"} or time.monotonic() - started > timeout:
+            soak.final_statuses = final
+            if set(final) <= {"ready", "failed", "missing"}:
+                soak.settle_seconds = round(time.monotonic() - started, 1)
+            return
+        await asyncio.sleep(1)
 
 
 async def _searches(
@@ -349,6 +375,9 @@ def summarise(soak: Soak, seconds: float) -> dict[str, Any]:
         "signups": len(soak.users),
         "answers_done": soak.answers_done,
         "rotations_checked": soak.rotations_checked,
+        "documents_uploaded": len(soak.document_ids),
+        "documents_final": dict(sorted(soak.final_statuses.items())),
+        "documents_settled_after_s": soak.settle_seconds,
         "memory": memory,
         "search_p50_ms_second_minute": _pct(second, 0.5),
         "search_p99_ms_second_minute": p99_second,
@@ -404,6 +433,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             stop.set()
             await sampler
+            await _settle(c, tenant, soak)
         return summarise(soak, seconds)
     finally:
         server.stop()
@@ -427,6 +457,16 @@ def _markdown(s: dict[str, Any], args: argparse.Namespace) -> str:
         ("sign-ups completed (register, verify, login)", s["signups"]),
         ("streamed answers read to `done`", s["answers_done"]),
         ("key rotations checked (new works, old refused)", s["rotations_checked"]),
+        (
+            "documents accepted → final status after the traffic",
+            f"{s['documents_uploaded']} → "
+            + ", ".join(f"{n} {status}" for status, n in s["documents_final"].items())
+            + (
+                f" (settled {s['documents_settled_after_s']} s after)"
+                if s["documents_settled_after_s"] is not None
+                else " (not settled within 300 s)"
+            ),
+        ),
         (
             "API RSS at 2 min → end (MiB)",
             f"{mem['api']['rss_2min_mib']} → {mem['api']['rss_end_mib']} "
