@@ -74,7 +74,8 @@ async def test_documents_bytes_and_upload_size(app: Any, client: httpx.AsyncClie
     text = (prose(1000) * 2)[:5001]
     too_big = await client.post(ctx.docs, json={"text": text}, headers=ctx.headers)
     assert too_big.status_code == 413, too_big.text
-    assert "The text is 5,001 bytes; the largest upload allowed is 5,000 bytes" in too_big.json()["detail"]
+    detail = too_big.json()["detail"]
+    assert "The text is 5,001 bytes; the largest upload allowed is 5,000 bytes" in detail
     assert usage_of(await _usage(client, ctx), "documents") == usage_of(usage, "documents")
     at_limit = await client.post(ctx.docs, json={"text": text[:5000]}, headers=ctx.headers)
     assert at_limit.status_code == 202, at_limit.text
