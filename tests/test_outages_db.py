@@ -11,8 +11,9 @@ on its own queue.
   succeeds (the pool pings each connection it hands out), and so does the worker's own
   database session (the same engine code, run in-process).
 * Vector database (PostgreSQL) stopped: searches answer 503 within 2 s; a document uploaded
-  meanwhile is retried by the worker and ends ``ready`` once the server is back; at no point
-  is there a ``ready`` document without its chunks, nor chunks without a ``ready`` document.
+  meanwhile is retried by the worker (more times than ``ATRIUM_INGESTION_MAX_ATTEMPTS``: runs
+  that ended in a retry are not crashes) and ends ``ready`` once the server is back; then no
+  ``ready`` document lacks its chunks and no chunk lacks a ``ready`` document.
 * A worker pool process killed mid-document (what the kernel's out-of-memory killer does):
   the document is handed to a fresh process at once, and after the allowed attempts it ends
   ``failed`` with a reason, never stuck in ``processing``.
@@ -418,8 +419,7 @@ def _kill_pool_process(worker: WorkerProcess) -> None:
 async def _poll_document(
     client: httpx.AsyncClient, ctx: Any, doc_id: str, until: Any, timeout: float = 120.0
 ) -> dict[str, Any]:
-    """Poll the document until ``until(body)``; fails if it is ever ``ready`` without chunks
-    or if the deadline passes."""
+    """Poll the document until ``until(body)``; fails if the deadline passes."""
     deadline = time.monotonic() + timeout
     body: dict[str, Any] = {}
     while time.monotonic() < deadline:
@@ -473,14 +473,26 @@ async def test_vector_database_stopped_searches_503_and_ingestion_retries_until_
         )
         assert r.status_code == 202, r.text
         during = r.json()["documents"][0]["id"]
+        # Kept down until the document has been retried more often than the worker may start
+        # a document without finishing it (MAX_ATTEMPTS): those runs ended, in a retry, so
+        # none of them counts as a crash.
         waiting = await _poll_document(
             client,
             ctx,
             during,
-            lambda b: b["status"] != "processing" and (b["error"] or "").startswith("Retrying"),
+            lambda b: (
+                b["status"] == "failed"
+                or (
+                    b["status"] == "queued"
+                    and b["attempts"] == MAX_ATTEMPTS + 1
+                    and (b["error"] or "").startswith("Retrying")
+                )
+            ),
         )
         assert waiting["status"] == "queued" and waiting["chunk_count"] == 0, waiting
-        assert "temporary problem" in waiting["error"]
+        # What the tenant reads names the component, not the server's address.
+        assert "temporary problem (the vector database was unavailable)" in waiting["error"]
+        assert "127.0.0.1" not in waiting["error"] and "port" not in waiting["error"]
 
         postgres.start()
         # The pool reconnects at the first search, not after a backoff that grew during the
@@ -491,7 +503,7 @@ async def test_vector_database_stopped_searches_503_and_ingestion_retries_until_
             client, ctx, during, lambda b: b["status"] != "queued" and b["status"] != "processing"
         )
         assert done["status"] == "ready", done
-        assert done["attempts"] == 2 and done["error"] is None
+        assert done["attempts"] > MAX_ATTEMPTS + 1 and done["error"] is None
 
         # Both stores agree: every ready document has exactly its chunks, and no chunk belongs
         # to a document that is not ready.
@@ -518,7 +530,8 @@ async def test_a_pool_process_killed_mid_document_is_retried_then_fails_with_a_r
     from atrium.worker import celery_app
     from tests.test_documents import prose, setup_tenant
 
-    # And a pool process that a large document left large is replaced after its task.
+    # The per-child memory limit reaches Celery's setting (that Celery then replaces a pool
+    # process over it after its task is Celery's own behaviour, not exercised here).
     limit_mb = postgres_app.state.settings.celery_max_memory_per_child_mb
     assert celery_app.conf.worker_max_memory_per_child == limit_mb * 1024
 

@@ -37,6 +37,7 @@ from atrium.ingestion.vectorstore import replace_document_chunks
 from atrium.kit.blobstore import get_blobstore
 from atrium.kit.cache_versions import bump_collection_version
 from atrium.kit.db import unit_of_work
+from atrium.kit.errors import outage_of
 from atrium.kit.runtime import Resources
 
 if TYPE_CHECKING:
@@ -64,6 +65,18 @@ class TransientFailure(Exception):
     def __init__(self, message: str, run_id: str | None) -> None:
         super().__init__(message)
         self.run_id = run_id
+
+
+def public_reason(exc: BaseException) -> str:
+    """What the tenant may read about a transient fault: the component, not its details.
+
+    The exception's own text names hosts, ports and driver internals; it goes to the log
+    (``ingestion_retry``), the document's ``error`` gets this.
+    """
+    if isinstance(exc, EmbeddingError):
+        return "the embedding provider was unavailable"
+    component = outage_of(exc)
+    return f"{component} was unavailable" if component else "a connection failed"
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -215,16 +228,19 @@ class _Run:
                 await self._progress("embed", STAGE_PERCENT["embed"] + span * done // len(texts))
         return vectors
 
-    async def run(self, max_attempts: int) -> Outcome:
+    async def run(self, max_attempts: int, retried: int) -> Outcome:
         started = time.perf_counter()
         async with unit_of_work(self.res.sessionmaker) as session:
             repo = DocumentRepository(session, self.tenant_id)
             document = await repo.claim(self.document_id, self.run_id)
             if document is None:
                 return Outcome("skipped")
-            if document.attempts > max_attempts:
+            # Runs that ended in a recorded retry (``retried``: an outage) did finish: only
+            # the others count, the runs a dying worker never ended.
+            if document.attempts - retried > max_attempts:
                 reason = (
-                    f"Processing was started {document.attempts - 1} times without finishing "
+                    f"Processing was started {document.attempts - 1 - retried} times without "
+                    "finishing "
                     "(the worker stopped each time, e.g. out of memory or time); the document "
                     "may be too large. Split it into smaller files, or re-index it to try again."
                 )
@@ -361,8 +377,20 @@ async def process(
     document_id: uuid.UUID,
     *,
     max_attempts: int,
+    retried: int = 0,
 ) -> Outcome:
     """Process one document end to end.
+
+    Args:
+        res: the process's resources.
+        tools: extraction, chunking and embedding tools.
+        tenant_id: the document's tenant.
+        document_id: the document.
+        max_attempts: runs that may stop without finishing (a worker killed: out of memory
+            or time) before the document fails instead of being started again.
+        retried: runs of this job that ended in a retry after a transient fault; they are
+            among the document's ``attempts`` but finished, so they do not count toward
+            ``max_attempts``.
 
     Returns:
         The outcome (``ready``, ``failed``, ``skipped`` or ``superseded``).
@@ -372,7 +400,7 @@ async def process(
     """
     run = _Run(res, tools, tenant_id, document_id)
     try:
-        return await run.run(max_attempts)
+        return await run.run(max_attempts, retried)
     except Superseded:
         log.info("ingestion_superseded", tenant_id=str(tenant_id), document_id=str(document_id))
         return Outcome("superseded")
@@ -381,7 +409,7 @@ async def process(
         return Outcome("failed", timings=run.timings, error=exc.message)
     except EmbeddingError as exc:
         if exc.transient:
-            raise TransientFailure(str(exc), run.run_id) from exc
+            raise _transient(run, exc) from exc
         reason = f"The embedding provider refused this document: {exc}"
         await run.fail(reason)
         return Outcome("failed", timings=run.timings, error=reason)
@@ -397,7 +425,7 @@ async def process(
         return Outcome("failed", timings=run.timings, error=reason)
     except Exception as exc:
         if is_transient(exc):
-            raise TransientFailure(f"{type(exc).__name__}: {exc}", run.run_id) from exc
+            raise _transient(run, exc) from exc
         log.exception("ingestion_error", tenant_id=str(tenant_id), document_id=str(document_id))
         reason = (
             f"An unexpected error stopped processing ({type(exc).__name__}); re-index the "
@@ -412,6 +440,16 @@ async def process(
         # Work settled before a failure (embedding tokens spent) is written before the task
         # ends, not left queued in this process (a no-op when the run flushed already).
         await run.quota.flush()
+
+
+def _transient(run: _Run, exc: Exception) -> TransientFailure:
+    log.warning(
+        "ingestion_retry",
+        tenant_id=str(run.tenant_id),
+        document_id=str(run.document_id),
+        error=f"{type(exc).__name__}: {exc}",
+    )
+    return TransientFailure(public_reason(exc), run.run_id)
 
 
 async def note_retry(

@@ -79,7 +79,12 @@ def process_document(self: Task, *, tenant_id: str, document_id: str) -> dict[st
         res = await runtime.resources()
         tools = worker_tools(res.settings)
         return await pipeline.process(
-            res, tools, tenant, document, max_attempts=res.settings.ingestion_max_attempts
+            res,
+            tools,
+            tenant,
+            document,
+            max_attempts=res.settings.ingestion_max_attempts,
+            retried=int(self.request.retries or 0),
         )
 
     try:
