@@ -375,6 +375,8 @@ async def test_transfer_cannot_push_the_new_owner_past_the_cap(
     # and nothing changed.
     tid, r = await made_and_handed_over("One too many")
     assert r.status_code == 409, r.text
+    operation = app.openapi()["paths"]["/v1/tenants/{tenant_id}/transfer-ownership"]["post"]
+    assert "409" in operation["responses"]  # declared, as every status a route returns
     detail = r.json()["detail"]
     assert detail["owned"] == cap and detail["limit"] == cap
     assert "delete or hand over one" in detail["message"]

@@ -105,7 +105,7 @@ async def _set_status(
 @router.post(
     "/tenants/{tenant_id}/suspend",
     response_model=TenantOut,
-    responses=errors(404, 409),
+    responses=errors(404),
 )
 async def suspend_tenant(
     tenant_id: uuid.UUID, principal: SuperUser, request: Request, session: DBSession

@@ -204,7 +204,8 @@ async def leave_tenant(
     "/tenants/{tenant_id}/transfer-ownership",
     tags=["members"],
     response_model=list[schemas.Member],
-    responses=TENANT,
+    # 409: the new owner already owns the most tenants one account may own.
+    responses=TENANT | errors(409),
 )
 async def transfer_ownership(
     body: schemas.OwnershipTransfer,
