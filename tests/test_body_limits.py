@@ -221,6 +221,10 @@ async def _post_chunked(
             async for chunk in body:
                 writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 await writer.drain()
+                # drain() does not yield while the socket takes data (and the server's
+                # lingering close reads up to 64 MiB after its 413): give the reader its turn
+                # to see the answer, as a client reading while it sends does.
+                await asyncio.sleep(0)
             writer.write(b"0\r\n\r\n")
             await writer.drain()
         except (ConnectionError, OSError):

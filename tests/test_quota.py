@@ -206,7 +206,8 @@ async def test_an_abandoned_reservation_lapses(quota_app: Any, qclient: httpx.As
     assert before_ms + 600_000 <= expiry <= after_ms + 600_000
     # Ten minutes later (the expiry moved into the past instead of waiting for it), the next
     # reservation finds the hold lapsed and gets the whole quota.
-    assert await quota_app.state.redis.zadd(holds, {held.member: before_ms - 1}, xx=True) == 0
+    moved = await quota_app.state.redis.zadd(holds, {held.member: before_ms - 1}, xx=True, ch=True)
+    assert moved == 1  # the hold existed and its expiry changed
     async with quota.reserve(tenant.id, Metric.answers, 3):
         pass
     assert (await quota.usage_of(tenant.id, Metric.answers)).used == 3

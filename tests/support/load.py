@@ -113,10 +113,9 @@ class DevServer:
                 *(sys.executable, "-m", "atrium.cli", "create-superuser"),
                 "--email",
                 address,
-                "--password",
-                PASSWORD,
             ],
-            env=self.env,
+            # From the environment, as automation should (an argument shows in `ps`).
+            env={**self.env, "ATRIUM_SUPERUSER_PASSWORD": PASSWORD},
             cwd=self.data_dir.parent,
             capture_output=True,
             text=True,
