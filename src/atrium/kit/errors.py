@@ -156,13 +156,6 @@ _STATUS_NAMES = {
 }
 
 
-def error_responses(*errors: type[AtriumError]) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries for the errors a route may raise."""
-    return {
-        e.status_code: {"model": ErrorBody, "description": e.__doc__ or e.__name__} for e in errors
-    }
-
-
 def _request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
