@@ -123,6 +123,17 @@ def celery_worker(test_env: dict[str, Any]) -> Iterator[services.WorkerProcess]:
 
 
 @pytest.fixture(scope="session")
+def live_server(test_env: dict[str, Any], celery_worker: services.WorkerProcess) -> Iterator[Any]:
+    """The API over real HTTP (``atrium serve``), with the session's services and worker."""
+    from tests.support.live import LiveServer
+
+    server = LiveServer(dict(os.environ), test_env["data_dir"] / "live-server.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 async def app(test_env: dict[str, Any]) -> AsyncIterator[Any]:
     from atrium.app import create_app
 
