@@ -9,7 +9,9 @@ their fields, keyboard use and phone width.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -112,9 +114,35 @@ async def test_sign_up_to_streamed_answer_and_log_out(
     secret_box = page.get_by_label("Secret key")
     await expect(secret_box).to_have_value(re.compile(r"^atr_"))
     secret = await secret_box.input_value()
-    await page.get_by_role("button", name="Copy").click()
+    await page.get_by_role("button", name="Copy", exact=True).click()
     await expect(main.get_by_text("Copied to the clipboard.")).to_be_visible()
     assert await page.evaluate("navigator.clipboard.readText()") == secret
+    # Ready-to-paste snippets with this tenant, the key and the page's origin filled in.
+    sdk = await page.locator("#snippet-sdk").text_content() or ""
+    assert "from atrium_client import Atrium" in sdk
+    assert f'base_url="{base}",' in sdk and f'api_key="{secret}",' in sdk
+    assert f'tenant_id="{tenant_id}",' in sdk
+    compile(sdk, "snippet", "exec")
+    cli = await page.locator("#snippet-cli").text_content() or ""
+    exports, search = cli.rsplit("\n", 1)
+    show = 'printf "%s %s %s" "$ATRIUM_URL" "$ATRIUM_API_KEY" "$ATRIUM_TENANT"'
+    shown = subprocess.run(
+        ["bash", "-c", f"{exports}\n{show}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert shown == f"{base} {secret} {tenant_id}"
+    assert search.startswith('atr search "')
+    mcp = json.loads(await page.locator("#snippet-mcp").text_content() or "")
+    assert mcp == {
+        "mcpServers": {
+            "atrium": {"url": f"{base}/mcp", "headers": {"Authorization": f"Bearer {secret}"}}
+        }
+    }
+    await page.get_by_role("button", name="Copy the command line snippet").click()
+    await expect(main.get_by_text("The command line snippet is in the clipboard.")).to_be_visible()
+    assert await page.evaluate("navigator.clipboard.readText()") == cli
     async with httpx.AsyncClient(base_url=base) as http:
         r = await http.get(
             f"/v1/tenants/{tenant_id}/collections", headers={"Authorization": f"Bearer {secret}"}

@@ -1,4 +1,5 @@
-// API keys: create (the secret is shown once, with a copy button), list, rotate, revoke.
+// API keys: create (the secret is shown once, with a copy button and ready-to-paste SDK, CLI and
+// MCP snippets), list, rotate, revoke.
 
 import { api } from "../api.js";
 import { add, announce, h, replace, time } from "../dom.js";
@@ -8,8 +9,82 @@ import { act, currentTenant, heading, table } from "./common.js";
 
 const DEFAULT_SCOPES = ["collections:read", "documents:read", "search", "answer"];
 
+/**
+ * The ready-to-paste snippets for a new key: the SDK, the `atr` command line and an MCP client
+ * config, with this tenant, the key and the console's own origin filled in.
+ * (Plain strings: they go into the page as text nodes, never as markup.)
+ */
+export function snippets(origin, tenantId, secret) {
+  const q = (s) => JSON.stringify(s);
+  return [
+    {
+      id: "sdk",
+      title: "Python SDK",
+      label: "Python SDK",
+      text: [
+        "from atrium_client import Atrium",
+        "",
+        "client = Atrium(",
+        `    base_url=${q(origin)},`,
+        `    api_key=${q(secret)},`,
+        `    tenant_id=${q(tenantId)},`,
+        ")",
+      ].join("\n"),
+    },
+    {
+      id: "cli",
+      title: "Command line",
+      label: "command line",
+      text: [
+        `export ATRIUM_URL=${origin} \\`,
+        `  ATRIUM_API_KEY=${secret} \\`,
+        `  ATRIUM_TENANT=${tenantId}`,
+        'atr search "your question"',
+      ].join("\n"),
+    },
+    {
+      id: "mcp",
+      title: "MCP client config (Cursor and others)",
+      label: "MCP config",
+      text: JSON.stringify(
+        { mcpServers: { atrium: { url: `${origin}/mcp`, headers: { Authorization: `Bearer ${secret}` } } } },
+        null,
+        2,
+      ),
+    },
+  ];
+}
+
+/** One snippet: a heading, the text in a <pre> and a button that copies it. */
+function snippetBlock({ id, title, label, text }) {
+  // Focusable, so keyboard users can scroll a long line sideways.
+  const pre = h("pre", { id: `snippet-${id}`, class: "snippet", tabindex: "0" }, h("code", {}, text));
+  const copied = h("span", { class: "status-line", role: "status" });
+  const copy = h("button", { type: "button", class: "small", "aria-label": `Copy the ${label} snippet` }, "Copy");
+  copy.addEventListener("click", async () => {
+    try {
+      await navigator.clipboard.writeText(text);
+      copied.textContent = `The ${label} snippet is in the clipboard.`;
+    } catch {
+      const range = document.createRange();
+      range.selectNodeContents(pre);
+      const selection = window.getSelection();
+      selection.removeAllRanges();
+      selection.addRange(range);
+      copied.textContent = "Select the snippet and copy it (Ctrl+C or ⌘C).";
+    }
+  });
+  return h(
+    "div",
+    { class: "snippet-block", "data-snippet": id },
+    h("div", { class: "snippet-head" }, h("h3", {}, title), copy),
+    pre,
+    copied,
+  );
+}
+
 /** The panel that shows a new secret once. */
-function secretPanel(key, onDone) {
+function secretPanel(key, tenantId, onDone) {
   const id = "new-key-secret";
   const input = h("input", { id, type: "text", readonly: true, value: key.key, class: "secret", spellcheck: "false", autocomplete: "off" });
   const copied = h("span", { class: "status-line", role: "status" });
@@ -32,6 +107,17 @@ function secretPanel(key, onDone) {
     h("label", { for: id }, "Secret key"),
     h("div", { class: "copy-row" }, input, copy),
     copied,
+    h("h3", { class: "snippets-title" }, "Use it"),
+    h(
+      "p",
+      { class: "hint" },
+      "Ready to paste, with this workspace, the key and this server filled in. The SDK and the ",
+      h("code", {}, "atr"),
+      " command come with the ",
+      h("code", {}, "atrium-client"),
+      " Python package.",
+    ),
+    h("div", { class: "snippets" }, snippets(window.location.origin, tenantId, key.key).map(snippetBlock)),
     h("div", { class: "actions" }, done),
   );
   done.addEventListener("click", () => {
@@ -104,7 +190,7 @@ export async function page(ctx) {
   }
 
   function showSecret(key) {
-    replace(secretBox, secretPanel(key, () => announce("The secret is hidden.")));
+    replace(secretBox, secretPanel(key, tenant.id, () => announce("The secret is hidden.")));
     secretBox.querySelector("h2").focus();
   }
 
