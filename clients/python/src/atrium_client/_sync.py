@@ -55,6 +55,8 @@ from atrium_client.models import (
 M = TypeVar("M", bound=BaseModel)
 
 _TERMINAL = {DocumentStatus.ready, DocumentStatus.failed}
+#: wait_until_ready reads up to this many documents one by one per poll; more, it lists first.
+_READ_EACH_UP_TO = 4
 
 
 class Atrium:
@@ -611,6 +613,12 @@ class Documents:
         """
         return self._c._call(Document, "DELETE", self._path(collection_id, f"/{document_id}"))
 
+    def _busy(self, collection_id: ID) -> set[str]:
+        busy: set[str] = set()
+        for status in (DocumentStatus.queued, DocumentStatus.processing):
+            busy.update(str(doc.id) for doc in self.list(collection_id, status=status))
+        return busy
+
     def wait_until_ready(
         self,
         collection_id: ID,
@@ -639,13 +647,20 @@ class Documents:
         pending = [str(d) for d in document_ids]
         pause = min(0.1, poll_interval)
         while True:
+            # Many documents: two listings (queued, processing) tell which ones are still busy,
+            # so only the others are read one by one.
+            busy = self._busy(collection_id) if len(pending) > _READ_EACH_UP_TO else set()
             for doc_id in pending:
-                latest[doc_id] = self.get(collection_id, doc_id)
-            pending = [d for d in pending if latest[d].status not in _TERMINAL]
+                if doc_id not in busy:
+                    latest[doc_id] = self.get(collection_id, doc_id)
+            pending = [d for d in pending if d not in latest or latest[d].status not in _TERMINAL]
             if not pending:
                 return [latest[str(d)] for d in document_ids]
             left = deadline - time.monotonic()
             if left <= 0:
+                for doc_id in pending:
+                    if doc_id not in latest:
+                        latest[doc_id] = self.get(collection_id, doc_id)
                 raise WaitTimeout(
                     f"{len(pending)} of {len(document_ids)} documents were not processed "
                     f"within {timeout} s",
