@@ -9,6 +9,7 @@ from typing import Any
 from atrium_client import Atrium
 
 from atrium.auth import tokens
+from tests.support import services
 from tests.support.apikeys import ALL_SCOPES
 from tests.support.factories import create_user
 
@@ -52,3 +53,16 @@ async def new_account(app: Any, url: str) -> Account:
             json={"plan": "free", "overrides": unlimited},
         )
     return Account(url, token, str(tenant.id), str(key.id), key.key)
+
+
+def clean_state(test_env: dict[str, Any]) -> None:
+    """What the ``clean_state`` fixture does after a test (empty every account table and the
+    app's Redis db), for the SDK's module-scoped fixtures."""
+    from atrium.models import Base
+
+    with services.mysql_connect(test_env["mysql_db"]) as conn, conn.cursor() as cur:
+        cur.execute("SET FOREIGN_KEY_CHECKS=0")
+        for table in reversed(Base.metadata.sorted_tables):
+            cur.execute(f"DELETE FROM `{table.name}`")
+        cur.execute("SET FOREIGN_KEY_CHECKS=1")
+    services.check_redis(test_env["redis_db"]).flushdb()

@@ -30,7 +30,7 @@ from atrium_client import (
     models,
 )
 
-from tests.clients.sdk_helpers import Account, new_account
+from tests.clients.sdk_helpers import Account, clean_state, new_account
 
 # One worker runs the whole module: its tests share one tenant and corpus.
 pytestmark = pytest.mark.xdist_group("sdk")
@@ -63,7 +63,7 @@ class World:
 
 @pytest.fixture(scope="module")
 async def world(
-    app: Any, live_server: Any, tmp_path_factory: pytest.TempPathFactory
+    app: Any, live_server: Any, test_env: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[World]:
     account = await new_account(app, live_server.url)
     client = account.client(timeout=60)
@@ -89,6 +89,7 @@ async def world(
     assert [d.status for d in final[:-1]] == [models.DocumentStatus.ready] * (len(ids) - 1)
     yield World(account, client, coll, directory, from_bytes, from_path, final[-1])
     client.close()
+    clean_state(test_env)
 
 
 # Uploads and waiting ---------------------------------------------------------------------------
