@@ -19,6 +19,7 @@ from atrium_client import (
     Conflict,
     DeltaEvent,
     DoneEvent,
+    ErrorEvent,
     NotFound,
     PermissionDenied,
     RateLimited,
@@ -401,3 +402,39 @@ async def test_async_client(world: World, tmp_path: Path) -> None:
             await c.documents.get(coll.id, uuid.uuid4())
         assert caught.value.request_id
         assert (await c.collections.delete(coll.id)).status == "deleting"
+
+
+SSE_WITH_ERROR = (
+    ": ping - 2026-01-01 00:00:00\r\n\r\n"
+    'event: retrieval\r\ndata: {"sources":[],"cache_hit":false,"timings":{"total_ms":1.5}}\r\n\r\n'
+    'event: delta\r\ndata: {"text":"Refunds take"}\r\n\r\n'
+    'event: later\r\ndata: {"unknown":"skipped"}\r\n\r\n'
+    'event: error\r\ndata: {"error":"GatewayTimeout","detail":"The model timed out",'
+    '"status":504}\r\n\r\n'
+)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_stream_error_events_are_typed() -> None:
+    # A provider failing mid-answer needs a generative LLM that breaks off: the live server
+    # runs extractive, so a scripted transport sends what the server sends then.
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.headers["accept"] == "text/event-stream"
+        return httpx.Response(
+            200, text=SSE_WITH_ERROR, headers={"content-type": "text/event-stream"}
+        )
+
+    transport = httpx.MockTransport(handler)
+    with Atrium("http://sdk.invalid", tenant_id="t", transport=transport) as client:
+        events = list(client.answer_stream("q"))
+    async with AsyncAtrium("http://sdk.invalid", tenant_id="t", transport=transport) as aclient:
+        async_events = [e async for e in aclient.answer_stream("q")]
+    for got in (events, async_events):
+        assert [e.type for e in got] == ["retrieval", "delta", "error"]
+        error = got[-1]
+        assert isinstance(error, ErrorEvent)
+        assert (error.error, error.detail, error.status) == (
+            "GatewayTimeout",
+            "The model timed out",
+            504,
+        )
