@@ -1,0 +1,408 @@
+"""``atr upload``: files sent in parallel with a byte progress bar, then a bar for processing.
+
+The SDK's ``documents.upload`` sends each file; the bytes it writes to the socket are counted by
+:class:`ProgressTransport`, an httpx transport (the SDK's ``transport=`` argument) that wraps
+the request body of the thread's current upload. Processing is followed with
+``documents.get``/``documents.list`` until every document is ``ready`` or ``failed``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+
+from atrium_client import Atrium, AtriumError, NotFound, models
+
+#: Called with the bytes of the request body sent so far and its total length.
+BodyProgress = Callable[[int, int], None]
+
+#: The report function of the upload running in this thread (None: not counted).
+_current_report: contextvars.ContextVar[BodyProgress | None] = contextvars.ContextVar(
+    "atr_upload_report", default=None
+)
+
+#: The body is handed to the socket in pieces of this size, so progress moves within a file.
+CHUNK = 64 * 1024
+
+
+class _CountingStream(httpx.SyncByteStream):
+    """A request body that reports how much of it has been sent."""
+
+    def __init__(self, inner: httpx.SyncByteStream, total: int, report: BodyProgress) -> None:
+        self._inner = inner
+        self._total = total
+        self._report = report
+
+    def __iter__(self) -> Iterator[bytes]:
+        sent = 0
+        self._report(0, self._total)
+        for chunk in self._inner:
+            for start in range(0, len(chunk), CHUNK):
+                piece = chunk[start : start + CHUNK]
+                yield piece
+                # Resumed once the transport has written the piece.
+                sent += len(piece)
+                self._report(sent, self._total)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+@contextmanager
+def counting(report: BodyProgress) -> Iterator[None]:
+    """Have :class:`ProgressTransport` report the request bodies this thread sends in the block.
+
+    Args:
+        report: called with the bytes sent so far and the body's length, as they go out.
+
+    Yields:
+        Nothing; the block runs inside.
+    """
+    token = _current_report.set(report)
+    try:
+        yield
+    finally:
+        _current_report.reset(token)
+
+
+class ProgressTransport(httpx.BaseTransport):
+    """An httpx transport that counts the body bytes of the uploads made under :func:`counting`.
+
+    Args:
+        inner: the transport that sends the requests (default: ``httpx.HTTPTransport()``).
+    """
+
+    def __init__(self, inner: httpx.BaseTransport | None = None) -> None:
+        self._inner = inner or httpx.HTTPTransport()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request``, counting its body when the calling thread asked for it.
+
+        Args:
+            request: the request.
+
+        Returns:
+            The response.
+        """
+        report = _current_report.get()
+        length = request.headers.get("content-length")
+        if report is not None and length and isinstance(request.stream, httpx.SyncByteStream):
+            request.stream = _CountingStream(request.stream, int(length), report)
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        """Close the inner transport."""
+        self._inner.close()
+
+
+def progress_transport() -> ProgressTransport | None:
+    """The counting transport, or None where the environment names an HTTP proxy.
+
+    httpx applies the proxy settings of the environment only to clients without a transport
+    of their own; with a proxy configured the upload goes without one and its bar moves a
+    whole file at a time.
+
+    Returns:
+        A transport for :meth:`~atrium_client._cli.config.Config.client`, or None.
+    """
+    if urllib.request.getproxies():
+        return None
+    return ProgressTransport()
+
+
+@dataclass
+class LocalFile:
+    """A file to upload.
+
+    Attributes:
+        path: where it is.
+        name: the name sent with it (its path under the directory given, or its file name).
+        size: its size in bytes.
+    """
+
+    path: Path
+    name: str
+    size: int
+
+
+def collect(paths: Sequence[Path]) -> list[LocalFile]:
+    """The files to upload: each file given, and every file under each directory given
+    (recursively, in name order; hidden files and directories are skipped).
+
+    Args:
+        paths: files and directories.
+
+    Returns:
+        The files, each once.
+    """
+    found: dict[Path, LocalFile] = {}
+    for path in paths:
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                rel = child.relative_to(path)
+                if any(part.startswith(".") for part in rel.parts) or not child.is_file():
+                    continue
+                found.setdefault(
+                    child.resolve(), LocalFile(child, rel.as_posix(), child.stat().st_size)
+                )
+        elif path.is_file():
+            found.setdefault(path.resolve(), LocalFile(path, path.name, path.stat().st_size))
+    return list(found.values())
+
+
+@dataclass
+class Outcome:
+    """What became of one file.
+
+    Attributes:
+        file: the local file.
+        document: the document as last read (None when the upload itself failed).
+        duplicate: the collection already held the same bytes.
+        error: why the upload or the processing failed, if it did.
+        deleted: the document was deleted while it was processed.
+    """
+
+    file: LocalFile
+    document: models.UploadedDocument | models.Document | None = None
+    duplicate: bool = False
+    error: str | None = None
+    deleted: bool = False
+
+    @property
+    def status(self) -> str:
+        """``ready`` or ``failed``; ``queued``/``processing`` while running; ``upload failed``
+        when the server refused the file; ``deleted`` when it went away while processed."""
+        if self.deleted:
+            return "deleted"
+        if self.document is None:
+            return "upload failed"
+        return str(self.document.status)
+
+    @property
+    def finished(self) -> bool:
+        """Whether nothing more will happen to it (ready, failed, refused or deleted)."""
+        return self.status not in ("queued", "processing")
+
+    @property
+    def failed(self) -> bool:
+        """Whether the file did not end up ``ready``."""
+        return self.status != "ready"
+
+    def as_json(self) -> dict[str, Any]:
+        """The outcome as a JSON object (for ``--json``).
+
+        Returns:
+            ``file``, ``size``, ``status``, ``document_id``, ``chunks``, ``duplicate``, ``error``.
+        """
+        doc = self.document
+        return {
+            "file": self.file.name,
+            "size": self.file.size,
+            "status": self.status,
+            "document_id": str(doc.id) if doc is not None else None,
+            "chunks": doc.chunk_count if doc is not None else None,
+            "duplicate": self.duplicate,
+            "error": self.error,
+        }
+
+
+class _ByteProgress:
+    """The upload bar: per-file shares of the body sent, summed over the files."""
+
+    def __init__(self, progress: Progress, task: TaskID) -> None:
+        self._progress = progress
+        self._task = task
+        self._sent: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def set(self, name: str, done: float) -> None:
+        with self._lock:
+            self._sent[name] = done
+            total = sum(self._sent.values())
+        self._progress.update(self._task, completed=total)
+
+    def reporter(self, file: LocalFile) -> BodyProgress:
+        def report(sent: int, total: int) -> None:
+            # The multipart body is a little longer than the file: scale it to the file.
+            self.set(file.name, file.size * sent / total if total else 0.0)
+
+        return report
+
+
+def upload_all(
+    client: Atrium,
+    collection_id: Any,
+    files: Sequence[LocalFile],
+    *,
+    parallel: int,
+    console: Console,
+) -> list[Outcome]:
+    """Upload ``files`` with ``parallel`` requests at a time under a progress bar of bytes sent.
+
+    Args:
+        client: the client (made with :func:`progress_transport` for byte-level progress).
+        collection_id: the collection.
+        files: the files.
+        parallel: how many uploads run at once.
+        console: where the bar is drawn (stderr).
+
+    Returns:
+        One outcome per file, in the order of ``files``; a refused upload has ``error`` set.
+
+    Raises:
+        AtriumError: the server could not be reached, or refused the key, for the first file
+            (the others are not tried).
+    """
+    total = sum(f.size for f in files)
+    noun = "file" if len(files) == 1 else "files"
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    abort = threading.Event()
+
+    def send(file: LocalFile, bar: _ByteProgress) -> Outcome:
+        if abort.is_set():
+            return Outcome(file, error="not sent (an earlier error stopped the upload)")
+        try:
+            with counting(bar.reporter(file)):
+                created = client.documents.upload(collection_id, file.path, filename=file.name)
+        except AtriumError as exc:
+            if exc.status_code is None or exc.status_code in (401, 403):
+                abort.set()
+                raise
+            return Outcome(file, error=str(exc))
+        bar.set(file.name, file.size)
+        doc = created[0]
+        return Outcome(file, document=doc, duplicate=doc.duplicate)
+
+    with progress:
+        task = progress.add_task(f"Uploading {len(files)} {noun}", total=max(total, 1))
+        bar = _ByteProgress(progress, task)
+        with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+            futures = [pool.submit(send, f, bar) for f in files]
+            outcomes = [f.result() for f in futures]
+        progress.update(task, completed=max(total, 1))
+    return outcomes
+
+
+def _poll(
+    client: Atrium, collection_id: Any, ids: Sequence[str], pages: int
+) -> dict[str, models.Document | None]:
+    """The documents ``ids`` as they are now (None for one that no longer exists): one read
+    each, or the collection's listing when that takes fewer requests."""
+    if len(ids) > pages:
+        wanted = set(ids)
+        found: dict[str, models.Document | None] = dict.fromkeys(ids)
+        for doc in client.documents.list(collection_id):
+            if str(doc.id) in wanted:
+                found[str(doc.id)] = doc
+        return found
+    out: dict[str, models.Document | None] = {}
+    for doc_id in ids:
+        try:
+            out[doc_id] = client.documents.get(collection_id, doc_id)
+        except NotFound:
+            out[doc_id] = None
+    return out
+
+
+def wait_for_processing(
+    client: Atrium,
+    collection_id: Any,
+    outcomes: Sequence[Outcome],
+    *,
+    timeout: float,
+    console: Console,
+    poll_interval: float = 1.0,
+) -> bool:
+    """Follow the uploaded documents under a progress bar until each is ``ready`` or
+    ``failed``, updating ``outcomes`` in place.
+
+    Args:
+        client: the client.
+        collection_id: the collection.
+        outcomes: the upload's outcomes (those without a document are skipped).
+        timeout: seconds to wait in all.
+        console: where the bar is drawn (stderr).
+        poll_interval: the longest pause between polls.
+
+    Returns:
+        True when every document finished, False when some were still running at ``timeout``.
+    """
+    by_id = {str(o.document.id): o for o in outcomes if o.document is not None}
+    if not by_id:
+        return True
+    count = client.collections.get(collection_id).document_count
+    pages = max(1, math.ceil(count / 100))
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[summary]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+    def summary() -> str:
+        done = [o for o in by_id.values() if o.finished]
+        failed = sum(1 for o in done if o.failed)
+        text = f"{len(done)}/{len(by_id)} processed"
+        return text + (f", {failed} failed" if failed else "")
+
+    def share(o: Outcome) -> float:
+        if o.finished or o.document is None:
+            return 100.0
+        return float(o.document.progress)
+
+    deadline = time.monotonic() + timeout
+    pause = 0.1
+    with progress:
+        task = progress.add_task("Processing", total=100 * len(by_id), summary=summary())
+        while True:
+            pending = [i for i, o in by_id.items() if not o.finished]
+            if pending:
+                for doc_id, doc in _poll(client, collection_id, pending, pages).items():
+                    outcome = by_id[doc_id]
+                    if doc is None:
+                        outcome.deleted = True
+                        outcome.error = "the document was deleted while it was processed"
+                    else:
+                        outcome.document = doc
+                        outcome.error = doc.error if doc.status == "failed" else None
+                pending = [i for i, o in by_id.items() if not o.finished]
+            progress.update(
+                task, completed=sum(share(o) for o in by_id.values()), summary=summary()
+            )
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                return not pending
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, poll_interval)

@@ -1,0 +1,249 @@
+"""The ``atr`` command line, run through its console script against the live server (real
+worker, embeddings and vector store). One tenant and one uploaded directory serve the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from atrium_client._cli.upload import ProgressTransport, counting
+
+from atrium.kit.vectordb import ensure_tenant_partition
+from tests.clients.sdk_helpers import clean_state
+from tests.support.apikeys import create_api_key
+from tests.support.factories import create_tenant, create_user
+from tests.support.load import free_port
+from tests.test_extract import make_docx, make_pdf
+
+# One worker runs the whole module: its tests share one tenant and upload.
+pytestmark = pytest.mark.xdist_group("cli")
+
+ATR = Path(sys.executable).parent / "atr"
+
+#: The uploaded directory: name -> bytes (a PDF and a DOCX besides text and Markdown).
+TEXTS = {
+    "refunds.md": "# Refunds\n\nRefunds are paid back to the original card within 14 days of "
+    "the return reaching our warehouse.\n",
+    "shipping.txt": "Shipping is free for orders above 50 euros. Parcels leave the warehouse "
+    "within two working days.\n",
+    "guides/security.md": "# Security\n\nRotate API keys every ninety days and revoke a key as "
+    "soon as it leaks.\n",
+}
+PDF = make_pdf(
+    [["Every kettle carries a two year warranty against manufacturing defects."]],
+    title="Warranty",
+)
+DOCX = make_docx(title="Travel policy", paragraphs=2)
+FILES = [*TEXTS, "travel.docx", "warranty.pdf"]
+
+
+@dataclass
+class Cli:
+    """The module's tenant and key, and the upload of the directory."""
+
+    env: dict[str, str]
+    tenant_id: str
+    collection: str
+    root: Path
+    upload: subprocess.CompletedProcess[str]
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """``atr ARGS`` with the module's configuration (``env`` overrides it)."""
+        return subprocess.run(
+            [str(ATR), *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+
+@pytest.fixture(scope="module")
+async def cli(
+    app: Any,
+    live_server: Any,
+    test_env: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Cli]:
+    user = await create_user(app)
+    tenant = await create_tenant(app, user)
+    async with app.state.vector_pool.connection() as conn:
+        await ensure_tenant_partition(conn, tenant.id)
+    _, secret = await create_api_key(app, tenant, name="cli tests")
+    env = {
+        **os.environ,
+        "ATRIUM_URL": live_server.url,
+        "ATRIUM_API_KEY": secret,
+        "ATRIUM_TENANT": str(tenant.id),
+        "COLUMNS": "200",  # rich's tables: room for ids and file names
+    }
+    root = tmp_path_factory.mktemp("cli") / "handbook"
+    for name, text in TEXTS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (root / "travel.docx").write_bytes(DOCX)
+    (root / "warranty.pdf").write_bytes(PDF)
+    (root / ".hidden.md").write_text("never uploaded")
+    collection = f"handbook-{uuid.uuid4().hex[:6]}"
+    cli = Cli(env, str(tenant.id), collection, root, None)  # type: ignore[arg-type]
+    cli.upload = cli.run("upload", str(root), "--collection", collection, "--parallel", "3")
+    yield cli
+    clean_state(test_env)
+
+
+@pytest.fixture(scope="module")
+async def revoked_key(app: Any, cli: Cli) -> str:
+    from atrium.models import Tenant
+
+    async with app.state.sessionmaker() as session:
+        tenant = await session.get(Tenant, uuid.UUID(cli.tenant_id))
+    _, secret = await create_api_key(app, tenant, revoked=True)
+    return secret
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The rows of a rich table printed without colour: first cell -> the other cells."""
+    rows = {}
+    for line in text.splitlines():
+        cells = line.split()
+        if len(cells) > 1:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_upload_a_directory_with_progress_and_a_summary(cli: Cli) -> None:
+    r = cli.upload
+    assert r.returncode == 0, r.stderr + r.stdout
+    # The collection did not exist: it was created, and the command said so.
+    assert f"Created collection '{cli.collection}'" in r.stderr
+    # The progress bars (drawn on stderr; a pipe gets their final state): bytes, then processing.
+    assert "Uploading 5 files" in r.stderr and "100%" in r.stderr
+    total = sum(len(t.encode()) for t in TEXTS.values()) + len(PDF) + len(DOCX)
+    assert f"{total / 1000:.1f}/{total / 1000:.1f} kB" in r.stderr
+    assert "Processing" in r.stderr and "5/5 processed" in r.stderr
+    # The summary lists every file (hidden ones skipped) as ready, with its chunks.
+    assert "Upload summary" in r.stdout
+    rows = table_rows(r.stdout)
+    assert sorted(n for n in rows if n in FILES) == sorted(FILES)
+    for name in FILES:
+        assert rows[name][0] == "ready", rows[name]
+        assert int(rows[name][1]) >= 1
+    assert ".hidden.md" not in r.stdout
+
+
+def test_search_prints_a_table_or_json(cli: Cli) -> None:
+    r = cli.run("search", "How long do refunds take?", "--top-k", "3")
+    assert r.returncode == 0, r.stderr
+    assert "Results for 'How long do refunds take?'" in r.stdout
+    assert "Refunds" in r.stdout and "14 days" in r.stdout
+    r = cli.run("search", "kettle warranty", "-c", cli.collection, "--mode", "hybrid", "--json")
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert body["mode"] == "hybrid"
+    assert "two year warranty" in body["results"][0]["text"]
+
+
+def test_ask_streams_the_answer_then_its_sources(cli: Cli) -> None:
+    r = cli.run("ask", "How long do refunds take?", "--top-k", "2")
+    assert r.returncode == 0, r.stderr
+    answer, _, sources = r.stdout.partition("\nSources:\n")
+    assert "14 days" in answer and "[1]" in answer
+    lines = sources.splitlines()
+    assert lines and lines[0].startswith("[1] Refunds (document ")
+    # --json: the whole answer at once, as the API gives it.
+    r = cli.run("ask", "How long do refunds take?", "--top-k", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    body = json.loads(r.stdout)
+    assert "14 days" in body["answer"] and body["citations"][0]["title"] == "Refunds"
+
+
+def test_collections_documents_and_usage(cli: Cli) -> None:
+    r = cli.run("collections")
+    assert r.returncode == 0, r.stderr
+    assert table_rows(r.stdout)[cli.collection][1] == "5"  # id, then documents
+    (coll,) = json.loads(cli.run("collections", "--json").stdout)
+    assert coll["name"] == cli.collection and coll["document_count"] == 5
+
+    # By id too; every document ready, with its file name.
+    r = cli.run("documents", "--collection", coll["id"])
+    assert r.returncode == 0, r.stderr
+    assert all(name in r.stdout for name in FILES)
+    assert r.stdout.count(" ready ") == 5
+    docs = json.loads(cli.run("documents", "--status", "ready", "--json").stdout)
+    assert sorted(d["filename"] for d in docs) == sorted(FILES)
+    r = cli.run("documents")  # every collection: a table each, titled with its name and id
+    assert f"{cli.collection} ({coll['id']})" in r.stdout
+    assert all(name in r.stdout for name in FILES)
+
+    r = cli.run("usage")
+    assert r.returncode == 0, r.stderr
+    assert "Plan " in r.stdout and "Metric" in r.stdout
+    usage = json.loads(cli.run("usage", "--json").stdout)
+    assert usage["tenant_id"] == cli.tenant_id
+    used = {m["metric"]: m["used"] for m in usage["metrics"]}
+    assert used["documents"] == 5
+    assert set(table_rows(r.stdout)) >= set(used)
+
+
+def test_a_failed_document_fails_the_upload(cli: Cli, tmp_path: Path) -> None:
+    # Accepted (it looks like a PDF) but unreadable: the worker marks it failed.
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.7 garbage")
+    coll = json.loads(cli.run("collections", "--json").stdout)[0]
+    r = cli.run("upload", str(broken), "-c", coll["id"], "--json")
+    assert r.returncode == 1, r.stderr + r.stdout
+    assert f"Collection '{cli.collection}'" in r.stderr  # found by id, not created
+    (outcome,) = json.loads(r.stdout)
+    assert outcome["file"] == "broken.pdf" and outcome["status"] == "failed"
+    assert outcome["error"]
+    assert r.stderr.strip().splitlines()[-1] == "Error: 1 of 1 files failed"
+
+
+def test_errors_are_one_line_with_an_exit_code(cli: Cli, revoked_key: str) -> None:
+    def error(r: subprocess.CompletedProcess[str]) -> str:
+        assert r.stdout == ""
+        (line,) = r.stderr.strip().splitlines()
+        assert line.startswith("Error: ")
+        return line
+
+    r = cli.run("collections", ATRIUM_API_KEY=revoked_key)
+    assert r.returncode == 4
+    assert "401 Unauthorized" in error(r) and "ATRIUM_API_KEY" in error(r)
+
+    r = cli.run("search", "anything", ATRIUM_URL=f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 3
+    assert "Cannot reach the Atrium server" in error(r)
+
+    r = cli.run("usage", ATRIUM_TENANT="")
+    assert r.returncode == 2
+    assert "--tenant (or ATRIUM_TENANT)" in error(r)
+
+    r = cli.run("search", "anything", "-c", "no such collection")
+    assert r.returncode == 1
+    assert "No collection named or with id 'no such collection'" in error(r)
+
+
+def test_the_upload_bar_counts_the_body_as_it_goes_out() -> None:
+    """The transport behind the byte bar reports the body piece by piece as the socket takes it
+    (here a mock transport reads it), and only for requests made under ``counting``."""
+    reports: list[tuple[int, int]] = []
+    transport = ProgressTransport(httpx.MockTransport(lambda request: httpx.Response(201)))
+    with httpx.Client(transport=transport, base_url="http://atrium.test") as http:
+        files = {"files": ("big.bin", b"x" * 300_000, "application/octet-stream")}
+        with counting(lambda sent, total: reports.append((sent, total))):
+            http.post("/upload", files=files)
+        http.post("/upload", files=files)  # not counted
+    total = reports[-1][1]
+    assert total > 300_000 and reports[-1] == (total, total)
+    assert reports[0] == (0, total) and len(reports) >= 6  # 64 KiB pieces
+    assert [sent for sent, _ in reports] == sorted(sent for sent, _ in reports)
