@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -174,16 +175,15 @@ def test_collections_documents_and_usage(cli: Cli) -> None:
     (coll,) = json.loads(cli.run("collections", "--json").stdout)
     assert coll["name"] == cli.collection and coll["document_count"] == 5
 
-    # By id too; every document ready, with its file name.
-    r = cli.run("documents", "--collection", coll["id"])
+    # Every collection: a table each, titled with its name and id; every document ready.
+    r = cli.run("documents")
     assert r.returncode == 0, r.stderr
-    assert all(name in r.stdout for name in FILES)
-    assert r.stdout.count(" ready ") == 5
-    docs = json.loads(cli.run("documents", "--status", "ready", "--json").stdout)
-    assert sorted(d["filename"] for d in docs) == sorted(FILES)
-    r = cli.run("documents")  # every collection: a table each, titled with its name and id
     assert f"{cli.collection} ({coll['id']})" in r.stdout
-    assert all(name in r.stdout for name in FILES)
+    assert r.stdout.count(" ready ") == 5 and all(name in r.stdout for name in FILES)
+    # The collection by id, a status filter, JSON.
+    r = cli.run("documents", "--collection", coll["id"], "--status", "ready", "--json")
+    assert r.returncode == 0, r.stderr
+    assert sorted(d["filename"] for d in json.loads(r.stdout)) == sorted(FILES)
 
     r = cli.run("usage")
     assert r.returncode == 0, r.stderr
@@ -199,8 +199,9 @@ def test_a_failed_document_fails_the_upload(cli: Cli, tmp_path: Path) -> None:
     # Accepted (it looks like a PDF) but unreadable: the worker marks it failed.
     broken = tmp_path / "broken.pdf"
     broken.write_bytes(b"%PDF-1.7 garbage")
-    coll = json.loads(cli.run("collections", "--json").stdout)[0]
-    r = cli.run("upload", str(broken), "-c", coll["id"], "--json")
+    created = re.search(r"Created collection '[^']+' \(([0-9a-f-]{36})\)", cli.upload.stderr)
+    assert created
+    r = cli.run("upload", str(broken), "-c", created.group(1), "--json")
     assert r.returncode == 1, r.stderr + r.stdout
     assert f"Collection '{cli.collection}'" in r.stderr  # found by id, not created
     (outcome,) = json.loads(r.stdout)
@@ -231,6 +232,12 @@ def test_errors_are_one_line_with_an_exit_code(cli: Cli, revoked_key: str) -> No
     r = cli.run("search", "anything", "-c", "no such collection")
     assert r.returncode == 1
     assert "No collection named or with id 'no such collection'" in error(r)
+
+    # An id that no collection has is not taken for the name of a new one.
+    missing = str(uuid.uuid4())
+    r = cli.run("upload", str(cli.root / "refunds.md"), "-c", missing)
+    assert r.returncode == 1
+    assert f"No collection with id {missing}" in error(r)
 
 
 def test_the_upload_bar_counts_the_body_as_it_goes_out() -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -122,18 +124,25 @@ async def test_sign_up_to_streamed_answer_and_log_out(
     assert "from atrium_client import Atrium" in sdk
     assert f'base_url="{base}",' in sdk and f'api_key="{secret}",' in sdk
     assert f'tenant_id="{tenant_id}",' in sdk
-    compile(sdk, "snippet", "exec")
+    # The snippets work as pasted: the SDK's client and the CLI (through the exports) reach
+    # this server with the new key.
+    snippet: dict[str, Any] = {}
+    exec(sdk, snippet)
+    with snippet["client"] as sdk_client:
+        assert list(sdk_client.collections.list()) == []
     cli = await page.locator("#snippet-cli").text_content() or ""
     exports, search = cli.rsplit("\n", 1)
-    show = 'printf "%s %s %s" "$ATRIUM_URL" "$ATRIUM_API_KEY" "$ATRIUM_TENANT"'
-    shown = subprocess.run(
-        ["bash", "-c", f"{exports}\n{show}"],
+    assert search.startswith('atr search "')
+    atr = Path(sys.executable).parent / "atr"
+    listed = subprocess.run(
+        ["bash", "-c", f"{exports}\n{atr} collections --json"],
+        env={k: v for k, v in os.environ.items() if not k.startswith("ATRIUM_")},
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
-    assert shown == f"{base} {secret} {tenant_id}"
-    assert search.startswith('atr search "')
+        timeout=60,
+        check=False,
+    )
+    assert (listed.returncode, listed.stdout) == (0, "[]\n"), listed.stderr
     mcp = json.loads(await page.locator("#snippet-mcp").text_content() or "")
     assert mcp == {
         "mcpServers": {

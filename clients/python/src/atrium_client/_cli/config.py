@@ -213,10 +213,15 @@ def ensure_collection(client: Atrium, ref: str) -> tuple[models.Collection, bool
 
     Returns:
         The collection, and whether it was created now.
+
+    Raises:
+        CliError: ``ref`` is an id no collection has (it is not taken for a new name).
     """
     collection = find_collection(client, ref)
     if collection is not None:
         return collection, False
+    if _as_uuid(ref) is not None:
+        raise CliError(f"No collection with id {ref} (see `atr collections`)")
     try:
         return client.collections.create(ref), True
     except Conflict:
