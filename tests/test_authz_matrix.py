@@ -23,7 +23,9 @@ import pytest
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import iter_route_contexts
+from sqlalchemy import update
 
+from atrium.apikeys.service import forget_tenant_status
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import (
     PERMISSION_HELP,
@@ -34,7 +36,9 @@ from atrium.auth.permissions import (
     permission_table_markdown,
 )
 from atrium.auth.subject import AuthSubject
-from atrium.models import Role, Tenant, User, utcnow
+from atrium.mcp_server import MCP_PATH
+from atrium.mcp_server.tools import TOOL_PERMISSIONS
+from atrium.models import Role, Tenant, TenantStatus, User, utcnow
 from tests.support.apikeys import ALL_SCOPES, create_api_key, key_header
 from tests.support.factories import add_member, bearer, create_tenant, create_user
 
@@ -359,3 +363,118 @@ async def test_authorization_matrix_over_every_tenant_route(app: Any, spy_client
         f"{len(failures)} authorization failures over {len(routes)} tenant routes:\n  "
         + "\n  ".join(failures)
     )
+
+
+# --- /mcp: the MCP endpoint ------------------------------------------------------------------
+#
+# One endpoint for every tool, and no tenant in its path: the API key names the tenant. The
+# key is authenticated (401, or 403 for a suspended tenant) before any MCP handling; each tool
+# then checks its one permission (TOOL_PERMISSIONS) and refuses with a tool error naming it.
+
+MCP_HEADERS = {
+    "Accept": "application/json, text/event-stream",
+    "MCP-Protocol-Version": "2025-06-18",
+}
+
+
+def _rpc(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"jsonrpc": "2.0", "id": 1, "method": method}
+    if params is not None:
+        body["params"] = params
+    return body
+
+
+def _made_up_arguments(schema: dict[str, Any]) -> dict[str, Any]:
+    """A value for each required argument of a tool, from its input schema."""
+    out: dict[str, Any] = {}
+    for name in schema.get("required", []):
+        prop = schema["properties"][name]
+        if prop.get("format") == "uuid":
+            out[name] = str(uuid.uuid4())
+        elif prop.get("type") == "integer":
+            out[name] = 1
+        else:
+            out[name] = "anything"
+    return out
+
+
+async def test_mcp_tools_are_authorized_like_the_routes(app: Any, spy_client: Any) -> None:
+    spy, client = spy_client
+    cast = await _cast(app)
+    _, lister = await create_api_key(app, cast.victim, creator=cast.owner)
+    r = await client.post(
+        MCP_PATH, json=_rpc("tools/list"), headers={**MCP_HEADERS, **key_header(lister)}
+    )
+    assert r.status_code == 200, r.text
+    listed = r.json()["result"]["tools"]
+    tools = {t["name"]: t["inputSchema"] for t in listed}
+    # Every tool the server offers names one permission a scope grants, and tells the model
+    # which scope that is.
+    assert set(tools) == set(TOOL_PERMISSIONS)
+    for t in listed:
+        perm = TOOL_PERMISSIONS[t["name"]]
+        assert _scopes_without(perm)[1], t["name"]
+        scopes = [s.value for s in Scope if perm in SCOPE_PERMISSIONS[s]]
+        assert any(f"'{s}'" in t["description"] for s in scopes), (t["name"], scopes)
+
+    failures: list[str] = []
+
+    async def call(tool: str, headers: dict[str, str]) -> httpx.Response:
+        body = _rpc("tools/call", {"name": tool, "arguments": _made_up_arguments(tools[tool])})
+        return await client.post(MCP_PATH, json=body, headers={**MCP_HEADERS, **headers})
+
+    def refused(tool: str, who: str, r: httpx.Response, status: int) -> None:
+        if r.status_code != status or r.json().get("error") is None:
+            failures.append(f"{tool} as {who}: {r.status_code} {r.text[:200]}, expected {status}")
+        elif spy.last_state.get("subject") is not None:
+            failures.append(f"{tool} as {who}: {status} but the subject was authorized")
+
+    def result(tool: str, who: str, r: httpx.Response) -> dict[str, Any]:
+        if r.status_code != 200 or "result" not in r.json():
+            failures.append(f"{tool} as {who}: {r.status_code} {r.text[:200]}, expected a result")
+            return {}
+        return r.json()["result"]  # type: ignore[no-any-return]
+
+    for tool, perm in TOOL_PERMISSIONS.items():
+        refused(tool, "no credentials", await call(tool, {}), 401)
+        refused(tool, "an expired key", await call(tool, cast.expired_key), 401)
+        refused(tool, "a revoked key", await call(tool, cast.revoked_key), 401)
+        refused(tool, "a member's access token", await call(tool, cast.viewer), 401)
+
+        lacking, _ = _scopes_without(perm)
+        _, secret = await create_api_key(app, cast.victim, lacking, creator=cast.owner)
+        out = result(tool, "a key without the scope", await call(tool, key_header(secret)))
+        detail = (out.get("structuredContent") or {}).get("detail")
+        if out and not (
+            out.get("isError")
+            and isinstance(detail, dict)
+            and detail.get("missing_permission") == perm.value
+        ):
+            failures.append(f"{tool} as a key without the scope: not refused naming {perm}: {out}")
+
+        # Keys act on their own tenant only (another tenant's key included): nothing in a
+        # call can name a different one.
+        for who, headers, tenant_id in (
+            ("another tenant's key", cast.other_key, None),
+            ("a key with every scope", key_header(lister), cast.victim.id),
+        ):
+            out = result(tool, who, await call(tool, headers))
+            subject = spy.last_state.get("subject")
+            error = (out.get("structuredContent") or {}).get("error")
+            if out and (error == "Forbidden" or subject is None):
+                failures.append(f"{tool} as {who}: refused: {out}")
+            elif subject is not None and (subject.tenant_id == cast.victim.id) != bool(tenant_id):
+                failures.append(f"{tool} as {who}: acted on tenant {subject.tenant_id}")
+
+    # A suspended tenant's keys are refused before any tool runs, as on the routes.
+    async with app.state.sessionmaker() as s:
+        await s.execute(
+            update(Tenant).where(Tenant.id == cast.victim.id).values(status=TenantStatus.suspended)
+        )
+        await s.commit()
+    await forget_tenant_status(app.state.redis, cast.victim.id)
+    r = await call("search", key_header(lister))
+    refused("search", "a suspended tenant's key", r, 403)
+    assert "suspended" in r.json()["detail"]
+
+    assert not failures, f"{len(failures)} MCP authorization failures:\n  " + "\n  ".join(failures)

@@ -56,7 +56,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         FastAPICache.init(RedisBackend(redis_bytes), prefix="atrium-cache")
         log.info("startup", environment=settings.environment.value)
         try:
-            yield
+            from atrium.mcp_server import running as mcp_running
+
+            # The MCP endpoint's session manager; stopped before the pools its tools use.
+            async with mcp_running(app):
+                yield
         finally:
             # Queued usage settlements first: they need the quota pool and Redis.
             await close_quota(app)
@@ -107,6 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from atrium.console import install as install_console
 
     install_console(app)  # the web console at / (not under /v1)
+    from atrium.mcp_server import install as install_mcp
+
+    install_mcp(app)  # the MCP server at /mcp (API keys)
     return app
 
 
