@@ -28,6 +28,7 @@ broker at scrape time, so any API replica reports the whole cluster's queue.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import os
 import time
@@ -274,6 +275,19 @@ def _cached_handler_class() -> type:
 _CachedHandler: Any = _cached_handler_class()
 
 
+@functools.cache
+def _http_instrumentation() -> Any:
+    """The library's default HTTP metrics, created once per process.
+
+    Left to itself, each app's middleware creates them when the app first runs; the second app
+    of a process then hits "Duplicated timeseries", which the library swallows by instrumenting
+    nothing, so that app's requests went uncounted (seen with two apps in one test process).
+    """
+    from prometheus_fastapi_instrumentator import metrics as http_metrics
+
+    return http_metrics.default()
+
+
 def install_metrics(app: FastAPI, settings: Settings) -> None:
     """Instrument HTTP requests and serve ``GET /metrics`` (bearer token when configured)."""
     from prometheus_fastapi_instrumentator import Instrumentator
@@ -283,7 +297,7 @@ def install_metrics(app: FastAPI, settings: Settings) -> None:
     Instrumentator(
         should_group_status_codes=False,
         excluded_handlers=["^/metrics$", "^/healthz$"],
-    ).instrument(app)
+    ).add(_http_instrumentation()).instrument(app)
     # The same middleware, with its route lookup remembered per path (see _CachedHandler).
     app.user_middleware = [
         Middleware(_CachedHandler, *m.args, **m.kwargs)
