@@ -124,10 +124,20 @@ def celery_worker(test_env: dict[str, Any]) -> Iterator[services.WorkerProcess]:
 
 @pytest.fixture(scope="session")
 def live_server(test_env: dict[str, Any], celery_worker: services.WorkerProcess) -> Iterator[Any]:
-    """The API over real HTTP (``atrium serve``), with the session's services and worker."""
+    """The API over real HTTP (``atrium serve``), with the session's services and worker.
+
+    Its answers are generative: its LLM is the session's loopback OpenAI-compatible server
+    (``llm_server``; set its ``behaviour["answer"]`` to choose what the model says). The settings
+    are the server process's own: the in-process ``app`` stays extractive.
+    """
     from tests.support.live import LiveServer
 
-    server = LiveServer(dict(os.environ), test_env["data_dir"] / "live-server.log")
+    llm = {
+        "ATRIUM_LLM_MODEL": "openai/test-model",
+        "ATRIUM_LLM_API_BASE": test_env["llm"].base_url,
+        "ATRIUM_LLM_API_KEY": "sk-test",
+    }
+    server = LiveServer({**os.environ, **llm}, test_env["data_dir"] / "live-server.log")
     server.start()
     yield server
     server.stop()

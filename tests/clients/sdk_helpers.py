@@ -66,3 +66,27 @@ def clean_state(test_env: dict[str, Any]) -> None:
             cur.execute(f"DELETE FROM `{table.name}`")
         cur.execute("SET FOREIGN_KEY_CHECKS=1")
     services.check_redis(test_env["redis_db"]).flushdb()
+
+
+def uploaded_document(**fields: Any) -> dict[str, Any]:
+    """An upload's answer for one document, as the server would send it (``fields`` override),
+    for tests whose transport or stand-in server answers instead of Atrium."""
+    now = "2026-01-01T00:00:00Z"
+    document: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "collection_id": str(uuid.uuid4()),
+        "title": "document",
+        "filename": "document",
+        "content_type": "text/plain",
+        "status": "queued",
+        "progress": 0,
+        "attempts": 0,
+        "chunk_count": 0,
+        "token_count": 0,
+        "size_bytes": 0,
+        "metadata": {},
+        "duplicate": False,
+        "created_at": now,
+        "updated_at": now,
+    }
+    return {"documents": [{**document, **fields}]}

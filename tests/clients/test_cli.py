@@ -3,6 +3,8 @@ worker, embeddings and vector store). One tenant and one uploaded directory serv
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import os
 import re
@@ -16,12 +18,15 @@ from typing import Any
 
 import httpx
 import pytest
-from atrium_client._cli.upload import ProgressTransport, counting
+from atrium_client import Atrium
+from atrium_client._cli import upload
+from rich.console import Console
 
 from atrium.kit.vectordb import ensure_tenant_partition
-from tests.clients.sdk_helpers import clean_state
+from tests.clients.sdk_helpers import clean_state, uploaded_document
 from tests.support.apikeys import create_api_key
 from tests.support.factories import create_tenant, create_user
+from tests.support.llm_server import LLMServer
 from tests.support.load import free_port
 from tests.test_extract import make_docx, make_pdf
 
@@ -154,18 +159,29 @@ def test_search_prints_a_table_or_json(cli: Cli) -> None:
     assert "two year warranty" in body["results"][0]["text"]
 
 
-def test_ask_streams_the_answer_then_its_sources(cli: Cli) -> None:
+def test_ask_streams_the_answer_then_its_sources(
+    cli: Cli, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The live server's LLM is the session's loopback server: it says this, token by token.
+    said = "Refunds reach the card within 14 days [1]. See also [8]."
+    monkeypatch.setitem(llm_server.behaviour, "answer", said)
     r = cli.run("ask", "How long do refunds take?", "--top-k", "2")
     assert r.returncode == 0, r.stderr
-    answer, _, sources = r.stdout.partition("\nSources:\n")
-    assert "14 days" in answer and "[1]" in answer
+    chat = [q for q in llm_server.requests if q["path"].endswith("/chat/completions")][-1]
+    assert chat["body"]["stream"] is True and chat["body"]["model"] == "test-model"
+    # The streamed text as the model wrote it, then the sources it cites ([8] names none).
+    answer, _, sources = r.stdout.partition("\n\nSources:\n")
+    assert answer == said
     lines = sources.splitlines()
-    assert lines and lines[0].startswith("[1] Refunds (document ")
+    assert len(lines) == 1 and lines[0].startswith("[1] Refunds (document ")
     # --json: the whole answer at once, as the API gives it.
     r = cli.run("ask", "How long do refunds take?", "--top-k", "2", "--json")
     assert r.returncode == 0, r.stderr
     body = json.loads(r.stdout)
-    assert "14 days" in body["answer"] and body["citations"][0]["title"] == "Refunds"
+    assert body["mode"] == "generative" and body["model"] == "openai/test-model"
+    assert body["answer"] == said
+    assert [c["number"] for c in body["citations"]] == [1]
+    assert body["citations"][0]["title"] == "Refunds"
 
 
 def test_collections_documents_and_usage(cli: Cli) -> None:
@@ -240,17 +256,40 @@ def test_errors_are_one_line_with_an_exit_code(cli: Cli, revoked_key: str) -> No
     assert f"No collection with id {missing}" in error(r)
 
 
-def test_the_upload_bar_counts_the_body_as_it_goes_out() -> None:
-    """The transport behind the byte bar reports the body piece by piece as the socket takes it
-    (here a mock transport reads it), and only for requests made under ``counting``."""
-    reports: list[tuple[int, int]] = []
-    transport = ProgressTransport(httpx.MockTransport(lambda request: httpx.Response(201)))
-    with httpx.Client(transport=transport, base_url="http://atrium.test") as http:
-        files = {"files": ("big.bin", b"x" * 300_000, "application/octet-stream")}
-        with counting(lambda sent, total: reports.append((sent, total))):
-            http.post("/upload", files=files)
-        http.post("/upload", files=files)  # not counted
-    total = reports[-1][1]
-    assert total > 300_000 and reports[-1] == (total, total)
-    assert reports[0] == (0, total) and len(reports) >= 6  # 64 KiB pieces
-    assert [sent for sent, _ in reports] == sorted(sent for sent, _ in reports)
+def test_the_upload_bar_counts_the_body_as_it_goes_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The byte bar is fed by the SDK's ``on_progress``: it moves piece by piece as the body is
+    taken (here by a mock transport, which reads it), not a whole file at a time."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * 300_000)
+    answer = uploaded_document(filename="big.bin", size_bytes=300_000)
+    bodies: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        bodies.append(len(request.read()))
+        return httpx.Response(201, json=answer)
+
+    shown: list[float] = []
+    monkeypatch.setattr(
+        upload._ByteProgress,
+        "set",
+        lambda self, name, done: shown.append(done),
+    )
+    transport = httpx.MockTransport(handler)
+    with Atrium("http://atrium.test", api_key="k", tenant_id="t", transport=transport) as client:
+        (outcome,) = upload.upload_all(
+            client,
+            answer["documents"][0]["collection_id"],
+            [upload.LocalFile(big, "big.bin", 300_000)],
+            parallel=1,
+            console=Console(file=io.StringIO()),
+        )
+    assert outcome.error is None and outcome.document is not None
+    # Scaled from the multipart body (a little longer) to the file: 0 first, then one step per
+    # 64 KiB piece, reaching the file's size once the whole body is out.
+    assert bodies[0] > 300_000
+    assert shown[0] == 0 and len(shown) >= 6
+    assert shown == sorted(shown) and shown[-1] == 300_000
+    steps = [b - a for a, b in itertools.pairwise(shown)]
+    assert max(steps) < 300_000 / 4

@@ -4,9 +4,12 @@ and one ingested corpus shared by the module (real worker, embeddings and vector
 from __future__ import annotations
 
 import datetime as dt
+import json
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,8 @@ from atrium_client import (
     models,
 )
 
-from tests.clients.sdk_helpers import Account, clean_state, new_account
+from tests.clients.sdk_helpers import Account, clean_state, new_account, uploaded_document
+from tests.support.llm_server import LLMServer
 
 # One worker runs the whole module: its tests share one tenant and corpus.
 pytestmark = pytest.mark.xdist_group("sdk")
@@ -47,6 +51,24 @@ HANDBOOK: dict[str, str] = {
 }
 PASTA = b"Cook the pasta in salted boiling water for nine minutes, then drain it.\n"
 VOLCANO = "Volcanoes erupt when magma rises through cracks in the Earth's crust.\n"
+
+
+#: What the live server's LLM (the session's loopback server) answers in these tests.
+LLM_ANSWER = "Refunds are paid back to the card within 14 days [1]. Keep the receipt [9]."
+
+
+@pytest.fixture
+def llm(llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch) -> LLMServer:
+    """The live server's LLM, answering :data:`LLM_ANSWER` for the test."""
+    monkeypatch.setitem(llm_server.behaviour, "answer", LLM_ANSWER)
+    return llm_server
+
+
+def last_chat(llm: LLMServer) -> dict[str, Any]:
+    """The body of the last chat completion request the LLM received."""
+    chats = [r for r in llm.requests if r["path"].endswith("/chat/completions")]
+    body: dict[str, Any] = chats[-1]["body"]
+    return body
 
 
 @dataclass
@@ -129,6 +151,78 @@ def test_wait_until_ready_returns_failed_documents_and_times_out(world: World) -
     assert c.documents.delete(world.collection.id, doc.id).status == "deleting"
 
 
+@pytest.mark.asyncio(loop_scope="session")
+async def test_upload_reports_its_progress_up_to_the_whole_body(world: World) -> None:
+    # 300 kB: five 64 KiB pieces. Unreadable as a PDF, so the worker is done with it at once; in
+    # a collection of its own (the corpus's listings stay as they are).
+    data = b"%PDF-1.7 " + uuid.uuid4().bytes * 18_750
+    c = world.client
+    coll = c.collections.create("progress")
+    seen: list[tuple[int, int]] = []
+    (doc,) = c.documents.upload(
+        coll.id, data, filename="big.pdf", on_progress=lambda *sent: seen.append(sent)
+    )
+    total = seen[0][1]
+    assert total > len(data)  # the multipart body: the file and its part headers
+    assert seen[0] == (0, total) and seen[-1] == (total, total)
+    assert len(seen) >= 6 and all(t == total for _, t in seen)
+    assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+    assert doc.size_bytes == len(data)
+
+    acct = world.account
+    aseen: list[tuple[int, int]] = []
+    async with AsyncAtrium(acct.url, api_key=acct.key, tenant_id=acct.tenant_id) as ac:
+        (again,) = await ac.documents.upload(
+            coll.id, data, filename="again.pdf", on_progress=lambda *sent: aseen.append(sent)
+        )
+    assert again.duplicate is True and again.id == doc.id
+    atotal = aseen[-1][1]
+    assert aseen[0] == (0, atotal) and aseen[-1] == (atotal, atotal) and len(aseen) >= 6
+    c.collections.delete(coll.id)
+
+
+def test_upload_progress_goes_through_the_environments_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The counted body goes the client's usual way: an HTTP proxy named by the environment
+    receives the upload (absolute URL) and the whole body, and progress still reaches it."""
+    received: list[tuple[str, int]] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            length = int(self.headers["Content-Length"])
+            received.append((self.path, len(self.rfile.read(length))))
+            data = json.dumps(uploaded_document()).encode()
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        seen: list[tuple[int, int]] = []
+        with Atrium("http://atrium.invalid", api_key="k", tenant_id="t") as client:
+            client.documents.upload(
+                "c", b"y" * 200_000, filename="b.txt", on_progress=lambda *s: seen.append(s)
+            )
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    ((path, length),) = received
+    assert path == "http://atrium.invalid/v1/tenants/t/collections/c/documents"
+    assert seen[0] == (0, length) and seen[-1] == (length, length) and len(seen) >= 4
+
+
 def test_list_pages_through_everything(world: World) -> None:
     c = world.client
     # Ready ones only: a document deleted by another test may leave between two listings.
@@ -196,20 +290,38 @@ def test_search_filters_collections_min_score_and_cache(world: World) -> None:
         c.search("magma", collection_ids=[uuid.uuid4()])
 
 
-def test_answer_and_answer_stream(world: World) -> None:
+def test_answer_and_answer_stream(world: World, llm: LLMServer) -> None:
     c = world.client
     answer = c.answer("How long do refunds take?", top_k=2)
     assert isinstance(answer, models.AnswerResponse)
-    assert answer.mode == models.AnswerMode.extractive
-    assert "14 days" in answer.answer and answer.citations
+    assert answer.mode == models.AnswerMode.generative
+    assert answer.model == "openai/test-model" and answer.prompt_version
+    assert answer.answer == LLM_ANSWER
+    assert answer.usage.total_tokens > 0
+    # [1] is the first source, the refunds document; [9] matches no source and is dropped.
+    assert [ct.number for ct in answer.citations] == [1]
+    assert answer.citations[0].title == "Refunds"
+    assert answer.citations[0].document_id == answer.sources[0].document_id
+    # The model was given the question and the retrieved text.
+    prompt = json.dumps(last_chat(llm)["messages"])
+    assert "How long do refunds take?" in prompt and "14 days" in prompt
+
     events = list(c.answer_stream("How long do refunds take?", top_k=2, mode="hybrid"))
     assert isinstance(events[0], RetrievalEvent) and len(events[0].sources) == 2
     assert isinstance(events[-1], DoneEvent)
     deltas = events[1:-1]
-    assert deltas and all(isinstance(e, DeltaEvent) for e in deltas)
+    assert all(isinstance(e, DeltaEvent) for e in deltas)
+    # One delta per token the model streamed, as it sent them.
+    words = LLM_ANSWER.split(" ")
+    assert [e.text for e in deltas if isinstance(e, DeltaEvent)] == [
+        words[0],
+        *(" " + w for w in words[1:]),
+    ]
+    assert last_chat(llm)["stream"] is True
     done = events[-1]
-    assert "".join(e.text for e in deltas if isinstance(e, DeltaEvent)).strip() == done.answer
-    assert done.citations[0].number == 1 and done.usage.total_tokens == 0
+    assert done.answer == LLM_ANSWER and done.mode == models.AnswerMode.generative
+    assert [ct.number for ct in done.citations] == [1] and done.citations[0].title == "Refunds"
+    assert done.usage.completion_tokens == len(words) and done.usage.total_tokens > 0
 
 
 def test_usage(world: World) -> None:
@@ -368,7 +480,8 @@ def test_retry_after_is_honoured_until_success() -> None:
 
 
 @pytest.mark.asyncio(loop_scope="session")
-async def test_async_client(world: World, tmp_path: Path) -> None:
+async def test_async_client(world: World, llm: LLMServer, tmp_path: Path) -> None:
+    llm.behaviour["answer"] = "Glaciers carve U-shaped valleys [1]."
     acct = world.account
     async with AsyncAtrium(acct.url, api_key=acct.key, tenant_id=acct.tenant_id) as c:
         coll = await c.collections.create("async")
@@ -390,9 +503,13 @@ async def test_async_client(world: World, tmp_path: Path) -> None:
             hits = (await c.search("moon and tides", mode=mode, collection_ids=[coll.id])).results  # type: ignore[arg-type]
             assert hits[0].document_id == from_dir[1].id
         answer = await c.answer("What do glaciers carve?", collection_ids=[coll.id], top_k=1)
-        assert "U-shaped" in answer.answer
+        assert answer.mode == models.AnswerMode.generative
+        assert answer.answer == "Glaciers carve U-shaped valleys [1]."
+        assert answer.citations[0].document_id == from_dir[0].id
         events = [e async for e in c.answer_stream("What do glaciers carve?", top_k=1)]
         assert isinstance(events[0], RetrievalEvent) and isinstance(events[-1], DoneEvent)
+        deltas = "".join(e.text for e in events if isinstance(e, DeltaEvent))
+        assert deltas == events[-1].answer == "Glaciers carve U-shaped valleys [1]."
         assert (await c.usage()).metrics
 
         key = await c.api_keys.create("async key", ["search"])
@@ -416,8 +533,8 @@ SSE_WITH_ERROR = (
 
 @pytest.mark.asyncio(loop_scope="session")
 async def test_stream_error_events_are_typed() -> None:
-    # A provider failing mid-answer needs a generative LLM that breaks off: the live server
-    # runs extractive, so a scripted transport sends what the server sends then.
+    # A provider failing mid-answer needs an LLM that breaks off after it started: the loopback
+    # LLM answers whole or not at all, so a scripted transport sends what the server sends then.
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.headers["accept"] == "text/event-stream"
         return httpx.Response(

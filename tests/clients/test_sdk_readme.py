@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.clients.sdk_helpers import clean_state, new_account
+from tests.support.llm_server import LLMServer
 
 README = Path(__file__).resolve().parents[2] / "clients" / "python" / "README.md"
 
@@ -33,8 +34,15 @@ def _substitute(code: str, old: str, new: str) -> str:
 @pytest.mark.asyncio(loop_scope="session")
 @pytest.mark.xdist_group("sdk")
 async def test_readme_quick_start_runs(
-    app: Any, live_server: Any, test_env: dict[str, Any], tmp_path: Path
+    app: Any,
+    live_server: Any,
+    test_env: dict[str, Any],
+    llm_server: LLMServer,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
+    # What the live server's LLM (the session's loopback server) answers.
+    monkeypatch.setitem(llm_server.behaviour, "answer", "Refunds take up to 14 days [1].")
     try:
         await _run_quick_start(app, live_server.url, tmp_path)
     finally:
@@ -70,6 +78,7 @@ async def _run_quick_start(app: Any, url: str, tmp_path: Path) -> None:
     lines = r.stdout.splitlines()
     # Search hits ("<score> <text>"), then the answer's events, the last one done.
     assert re.match(r"^-?\d+\.\d+ ", lines[0]) and "Refund" in r.stdout
-    assert lines[-1].startswith("type='done'") and "14 days" in lines[-1]
+    assert lines[-1].startswith("type='done'")
+    assert "answer='Refunds take up to 14 days [1].'" in lines[-1]
     assert any(line.startswith("type='retrieval'") for line in lines)
     assert any(line.startswith("type='delta'") for line in lines)

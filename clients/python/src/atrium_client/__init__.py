@@ -18,7 +18,7 @@ from atrium_client._async import (
     AsyncDocuments,
     AsyncTenants,
 )
-from atrium_client._base import RetryPolicy
+from atrium_client._base import ProgressCallback, RetryPolicy
 from atrium_client._sync import ApiKeys, Atrium, Collections, Documents, Tenants
 from atrium_client._version import __version__
 from atrium_client.errors import (
@@ -65,6 +65,7 @@ __all__ = [
     "PayloadTooLarge",
     "PaymentRequired",
     "PermissionDenied",
+    "ProgressCallback",
     "RateLimited",
     "RetrievalEvent",
     "RetryPolicy",

@@ -6,7 +6,7 @@ import json
 import os
 import random
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -24,10 +24,16 @@ SearchModeLike: TypeAlias = Literal["vector", "hybrid"] | SearchMode
 #: What ``documents.upload`` takes: a file or directory path, raw bytes, or several of them.
 UploadSource: TypeAlias = str | os.PathLike[str] | bytes | Sequence[str | os.PathLike[str] | bytes]
 
+#: Called with the bytes of an upload request's body sent so far and the body's length.
+ProgressCallback: TypeAlias = Callable[[int, int], None]
+
 #: Files per upload request (the server accepts up to 100).
 MAX_FILES_PER_REQUEST = 100
 #: Bytes of files per upload request before another request is started.
 MAX_BATCH_BYTES = 32 * 1024 * 1024
+
+#: With a progress callback, an upload's body is handed to the connection in pieces this large.
+UPLOAD_PIECE = 64 * 1024
 
 DEFAULT_TIMEOUT = 30.0
 
@@ -217,3 +223,81 @@ def multipart(
     if title is not None:
         data["title"] = title
     return files, data
+
+
+class ProgressStream(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A request body that reports how much of it the connection has taken.
+
+    It hands the body to httpx in pieces of :data:`UPLOAD_PIECE` bytes and calls ``on_progress``
+    with ``(0, total)`` first, then after each piece is written. httpx sends it as it sends any
+    body, through the client's own transport, proxies included. Each iteration (a retried
+    request sends its body again) counts from 0.
+
+    Args:
+        inner: the body httpx built (the multipart stream of an upload).
+        total: its length in bytes (its ``Content-Length``).
+        on_progress: called with the bytes sent so far and ``total``.
+    """
+
+    def __init__(
+        self,
+        inner: httpx.SyncByteStream | httpx.AsyncByteStream,
+        total: int,
+        on_progress: ProgressCallback,
+    ) -> None:
+        self._inner = inner
+        self._total = total
+        self._on_progress = on_progress
+
+    def _pieces(self, chunk: bytes) -> Iterator[bytes]:
+        for start in range(0, len(chunk), UPLOAD_PIECE):
+            yield chunk[start : start + UPLOAD_PIECE]
+
+    def __iter__(self) -> Iterator[bytes]:
+        if not isinstance(self._inner, httpx.SyncByteStream):
+            raise RuntimeError("Attempted to send an async request body with a sync client")
+        sent = 0
+        self._on_progress(0, self._total)
+        for chunk in self._inner:
+            for piece in self._pieces(chunk):
+                yield piece
+                # Resumed once the connection has written the piece.
+                sent += len(piece)
+                self._on_progress(sent, self._total)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        if not isinstance(self._inner, httpx.AsyncByteStream):
+            raise RuntimeError("Attempted to send a sync request body with an async client")
+        sent = 0
+        self._on_progress(0, self._total)
+        async for chunk in self._inner:
+            for piece in self._pieces(chunk):
+                yield piece
+                sent += len(piece)
+                self._on_progress(sent, self._total)
+
+    def close(self) -> None:
+        """Close the inner body."""
+        if isinstance(self._inner, httpx.SyncByteStream):
+            self._inner.close()
+
+    async def aclose(self) -> None:
+        """Close the inner body."""
+        if isinstance(self._inner, httpx.AsyncByteStream):
+            await self._inner.aclose()
+
+
+def with_progress(request: httpx.Request, on_progress: ProgressCallback | None) -> httpx.Request:
+    """``request``, its body reporting its progress to ``on_progress`` (unchanged when None).
+
+    Args:
+        request: a request built by the httpx client (an upload: its body has a known length).
+        on_progress: called with the bytes of the body sent so far and its length, or None.
+
+    Returns:
+        The same request.
+    """
+    if on_progress is not None:
+        length = int(request.headers.get("content-length", "0"))
+        request.stream = ProgressStream(request.stream, length, on_progress)
+    return request

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from atrium_client._base import (
     DEFAULT_TIMEOUT,
     ID,
+    ProgressCallback,
     RetryPolicy,
     SearchModeLike,
     UploadSource,
@@ -27,6 +28,7 @@ from atrium_client._base import (
     normalise_base_url,
     retrieval_body,
     tenant_path,
+    with_progress,
 )
 from atrium_client.errors import (
     APIConnectionError,
@@ -134,12 +136,14 @@ class Atrium:
         data: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
+        on_progress: ProgressCallback | None = None,
     ) -> httpx.Response:
         attempt = 0
         while True:
             request = self._http.build_request(
                 method, path, params=params, json=json, files=files, data=data, headers=headers
             )
+            with_progress(request, on_progress)
             try:
                 response = self._http.send(request, stream=stream)
             except httpx.TimeoutException as exc:
@@ -507,11 +511,12 @@ class Documents:
         filename: str | None = None,
         title: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        on_progress: ProgressCallback | None = None,
     ) -> builtins.list[UploadedDocument]:
         """Upload files: a path, a whole directory (recursively), bytes, or a list of those.
 
-        Large sets are sent in several requests (at most 100 files each). Processing happens in
-        the background: see :meth:`wait_until_ready`.
+        Large sets are sent in several requests (at most 100 files or 32 MiB each). Processing
+        happens in the background: see :meth:`wait_until_ready`.
 
         Args:
             collection_id: the collection.
@@ -519,6 +524,13 @@ class Documents:
             filename: the name for bytes (or for a single file), shown as its first title.
             title: a title, when exactly one file is uploaded.
             metadata: a small flat JSON object applied to every file.
+            on_progress: called with ``(sent, total)`` as the request body goes out: the bytes
+                of it written to the connection so far and its length (the multipart body, a
+                little longer than the files). It is called with ``(0, total)`` first, then
+                after each 64 KiB piece, ending with ``(total, total)``. Each request counts
+                from 0: a retried request, and each request of a large set, start again. It
+                runs in the thread that sends (the event loop for the async client), so it
+                should be quick; an exception it raises aborts the upload.
 
         Returns:
             The created documents (``duplicate`` is True for bytes already in the collection).
@@ -529,7 +541,9 @@ class Documents:
         created: builtins.list[UploadedDocument] = []
         for batch in batches(files):
             parts, data = multipart(batch, title=title, metadata=metadata)
-            response = self._c._send("POST", self._path(collection_id), files=parts, data=data)
+            response = self._c._send(
+                "POST", self._path(collection_id), files=parts, data=data, on_progress=on_progress
+            )
             created.extend(UploadedDocument.model_validate(d) for d in response.json()["documents"])
         return created
 

@@ -36,7 +36,7 @@ from atrium_client._cli.config import (
     reported,
     resolve_collection,
 )
-from atrium_client._cli.upload import collect, progress_transport, upload_all, wait_for_processing
+from atrium_client._cli.upload import collect, upload_all, wait_for_processing
 from atrium_client._version import __version__
 
 app = typer.Typer(
@@ -194,7 +194,7 @@ def upload(
         raise CliError("Nothing to upload: no files (hidden ones are skipped)", EXIT_USAGE)
     err = _stderr()
     finished = True
-    with config.client(progress_transport()) as client, reported(config.url):
+    with config.client() as client, reported(config.url):
         coll, created = ensure_collection(client, collection)
         if created:
             err.print(f"Created collection {coll.name!r} ({coll.id}).", markup=False)

@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import httpx
-
 from atrium_client import (
     APIConnectionError,
     APITimeoutError,
@@ -140,19 +138,14 @@ class Config:
         assert self.url and self.api_key and self.tenant
         return self.url, self.api_key, self.tenant
 
-    def client(self, transport: httpx.BaseTransport | None = None) -> Atrium:
+    def client(self) -> Atrium:
         """A client of the configured server, key and tenant.
-
-        Args:
-            transport: an httpx transport (the upload's progress counter), or None.
 
         Returns:
             The client; close it when done.
         """
         url, api_key, tenant = self.check()
-        return Atrium(
-            url, api_key=api_key, tenant_id=tenant, timeout=self.timeout, transport=transport
-        )
+        return Atrium(url, api_key=api_key, tenant_id=tenant, timeout=self.timeout)
 
 
 def _as_uuid(value: str) -> uuid.UUID | None:

@@ -1,26 +1,21 @@
 """``atr upload``: files sent in parallel with a byte progress bar, then a bar for processing.
 
-The SDK's ``documents.upload`` sends each file; the bytes it writes to the socket are counted by
-:class:`ProgressTransport`, an httpx transport (the SDK's ``transport=`` argument) that wraps
-the request body of the thread's current upload. Processing is followed with
+The SDK's ``documents.upload`` sends each file and reports the bytes of its request body as
+they go out (``on_progress=``), which moves the bar. Processing is followed with
 ``documents.get``/``documents.list`` until every document is ``ready`` or ``failed``.
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
 import threading
 import time
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -33,103 +28,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from atrium_client import Atrium, AtriumError, NotFound, models
-
-#: Called with the bytes of the request body sent so far and its total length.
-BodyProgress = Callable[[int, int], None]
-
-#: The report function of the upload running in this thread (None: not counted).
-_current_report: contextvars.ContextVar[BodyProgress | None] = contextvars.ContextVar(
-    "atr_upload_report", default=None
-)
-
-#: The body is handed to the socket in pieces of this size, so progress moves within a file.
-CHUNK = 64 * 1024
-
-
-class _CountingStream(httpx.SyncByteStream):
-    """A request body that reports how much of it has been sent."""
-
-    def __init__(self, inner: httpx.SyncByteStream, total: int, report: BodyProgress) -> None:
-        self._inner = inner
-        self._total = total
-        self._report = report
-
-    def __iter__(self) -> Iterator[bytes]:
-        sent = 0
-        self._report(0, self._total)
-        for chunk in self._inner:
-            for start in range(0, len(chunk), CHUNK):
-                piece = chunk[start : start + CHUNK]
-                yield piece
-                # Resumed once the transport has written the piece.
-                sent += len(piece)
-                self._report(sent, self._total)
-
-    def close(self) -> None:
-        self._inner.close()
-
-
-@contextmanager
-def counting(report: BodyProgress) -> Iterator[None]:
-    """Have :class:`ProgressTransport` report the request bodies this thread sends in the block.
-
-    Args:
-        report: called with the bytes sent so far and the body's length, as they go out.
-
-    Yields:
-        Nothing; the block runs inside.
-    """
-    token = _current_report.set(report)
-    try:
-        yield
-    finally:
-        _current_report.reset(token)
-
-
-class ProgressTransport(httpx.BaseTransport):
-    """An httpx transport that counts the body bytes of the uploads made under :func:`counting`.
-
-    Args:
-        inner: the transport that sends the requests (default: ``httpx.HTTPTransport()``).
-    """
-
-    def __init__(self, inner: httpx.BaseTransport | None = None) -> None:
-        self._inner = inner or httpx.HTTPTransport()
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request``, counting its body when the calling thread asked for it.
-
-        Args:
-            request: the request.
-
-        Returns:
-            The response.
-        """
-        report = _current_report.get()
-        length = request.headers.get("content-length")
-        if report is not None and length and isinstance(request.stream, httpx.SyncByteStream):
-            request.stream = _CountingStream(request.stream, int(length), report)
-        return self._inner.handle_request(request)
-
-    def close(self) -> None:
-        """Close the inner transport."""
-        self._inner.close()
-
-
-def progress_transport() -> ProgressTransport | None:
-    """The counting transport, or None where the environment names an HTTP proxy.
-
-    httpx applies the proxy settings of the environment only to clients without a transport
-    of their own; with a proxy configured the upload goes without one and its bar moves a
-    whole file at a time.
-
-    Returns:
-        A transport for :meth:`~atrium_client._cli.config.Config.client`, or None.
-    """
-    if urllib.request.getproxies():
-        return None
-    return ProgressTransport()
+from atrium_client import Atrium, AtriumError, NotFound, ProgressCallback, models
 
 
 @dataclass
@@ -243,7 +142,7 @@ class _ByteProgress:
             total = sum(self._sent.values())
         self._progress.update(self._task, completed=total)
 
-    def reporter(self, file: LocalFile) -> BodyProgress:
+    def reporter(self, file: LocalFile) -> ProgressCallback:
         def report(sent: int, total: int) -> None:
             # The multipart body is a little longer than the file: scale it to the file.
             self.set(file.name, file.size * sent / total if total else 0.0)
@@ -262,7 +161,7 @@ def upload_all(
     """Upload ``files`` with ``parallel`` requests at a time under a progress bar of bytes sent.
 
     Args:
-        client: the client (made with :func:`progress_transport` for byte-level progress).
+        client: the client.
         collection_id: the collection.
         files: the files.
         parallel: how many uploads run at once.
@@ -292,8 +191,9 @@ def upload_all(
         if abort.is_set():
             return Outcome(file, error="not sent (an earlier error stopped the upload)")
         try:
-            with counting(bar.reporter(file)):
-                created = client.documents.upload(collection_id, file.path, filename=file.name)
+            created = client.documents.upload(
+                collection_id, file.path, filename=file.name, on_progress=bar.reporter(file)
+            )
         except AtriumError as exc:
             if exc.status_code is None or exc.status_code in (401, 403):
                 abort.set()
