@@ -399,10 +399,10 @@ async def test_one_log_line_per_query_with_stage_timings(
     from structlog.testing import CapturingLogger
 
     from atrium.llm import service as answer_service
-    from atrium.retrieval import endpoints
+    from atrium.retrieval import service as search_service
 
     captured = CapturingLogger()
-    monkeypatch.setattr(endpoints, "log", captured)
+    monkeypatch.setattr(search_service, "log", captured)
     monkeypatch.setattr(answer_service, "log", captured)
     await _search(client, world, query="deep ocean trench", mode="hybrid")
     await _search(client, world, query="deep ocean trench", mode="hybrid")

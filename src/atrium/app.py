@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         FastAPICache.init(RedisBackend(redis_bytes), prefix="atrium-cache")
         log.info("startup", environment=settings.environment.value)
         try:
+            # Imported here, like the routers (_v1_routers): the app module stays import-cheap.
             from atrium.mcp_server import running as mcp_running
 
             # The MCP endpoint's session manager; stopped before the pools its tools use.
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in _v1_routers():
         # What every route may answer besides its own statuses (kit/responses.py).
         app.include_router(router, prefix="/v1", responses=ANY_ROUTE)
+    # Imported here, like the routers (_v1_routers): the app module stays import-cheap.
     from atrium.console import install as install_console
 
     install_console(app)  # the web console at / (not under /v1)

@@ -24,8 +24,8 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
 
 from atrium.auth.permissions import Scope
-from atrium.mcp_server import tools
 from atrium.models import Base, Tenant, utcnow
+from atrium.retrieval import service as retrieval
 from tests.support.apikeys import create_api_key
 from tests.support.factories import bearer, create_user
 from tests.support.llm_server import LLMServer
@@ -163,7 +163,8 @@ async def test_handshake_lists_the_tools_and_search_returns_cited_chunks(setup: 
         assert "[1] Photosynthesis" in text and str(first["document_id"]) in text
 
 
-async def test_search_options_and_the_other_tools(setup: Setup) -> None:
+async def test_search_options_and_the_other_tools(setup: Setup, llm_server: LLMServer) -> None:
+    llm_server.behaviour.clear()
     # mode="auto": the SDK's default (2026-07-28 per-request envelope when offered).
     async with mcp_client(setup.url, setup.key_a) as client:
         assert client.protocol_version == "2026-07-28"
@@ -197,7 +198,8 @@ async def test_search_options_and_the_other_tools(setup: Setup) -> None:
                 "answer", {"query": "How do plants turn sunlight into sugar?", "top_k": 2}
             )
         )
-        assert answer["mode"] == "extractive"  # the live server has no LLM configured
+        # The live server answers through the session's loopback LLM (tests/conftest.py).
+        assert answer["mode"] == "generative"
         assert answer["citations"] and answer["citations"][0]["title"] == "Photosynthesis"
         assert answer["sources"][0]["document_id"] == str(setup.a.documents["Photosynthesis"])
         assert "[1]" in answer["answer"]
@@ -284,6 +286,36 @@ async def test_bad_credentials_get_401_before_any_mcp_handling(setup: Setup) -> 
     assert refused
 
 
+async def test_a_key_revoked_or_rotated_after_use_is_refused(app: Any, setup: Setup) -> None:
+    # The server remembers each key's tenant once it has served it (apikeys.service.
+    # tenant_of_key): that must never let a revoked or rotated key back in.
+    async with app.state.sessionmaker() as session:
+        tenant = await session.get(Tenant, setup.a.tenant_id)
+    revoked, revoked_secret = await create_api_key(app, tenant)
+    rotated, rotated_secret = await create_api_key(app, tenant)
+    tools_list = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 50013))
+    async with (
+        httpx.AsyncClient(timeout=30) as http,
+        httpx.AsyncClient(transport=transport, base_url="http://testserver") as api,
+    ):
+
+        async def status(secret: str) -> int:
+            headers = {**MCP_HEADERS, "Authorization": f"Bearer {secret}"}
+            return (await http.post(setup.url, json=tools_list, headers=headers)).status_code
+
+        assert await status(revoked_secret) == 200
+        assert await status(rotated_secret) == 200
+        keys = f"/v1/tenants/{setup.a.tenant_id}/api-keys"
+        r = await api.delete(f"{keys}/{revoked.id}", headers=setup.a.headers)
+        assert r.status_code == 204, r.text
+        r = await api.post(f"{keys}/{rotated.id}/rotate", json={}, headers=setup.a.headers)
+        assert r.status_code == 201, r.text
+        assert await status(revoked_secret) == 401
+        assert await status(rotated_secret) == 401
+        assert await status(r.json()["key"]) == 200
+
+
 async def test_rate_limit_refuses_as_the_routes_do(app: Any, setup: Setup) -> None:
     key = await _key(app, setup.a.tenant_id, rate_limit_per_minute=2)
     headers = {**MCP_HEADERS, "Authorization": f"Bearer {key}"}
@@ -316,17 +348,10 @@ async def test_a_tenant_over_its_search_quota_is_refused(app: Any, setup: Setup)
     assert "Upgrade the plan" in refused.content[0].text  # type: ignore[union-attr]
 
 
-async def test_generative_answer_with_its_citations(
-    app: Any, setup: Setup, settings: Any, llm_server: LLMServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The live server runs without an LLM; the in-process app (same services and data) is
-    # pointed at the session's OpenAI-compatible loopback server, as tests/test_answer.py does.
-    monkeypatch.setattr(settings, "llm_model", "openai/test-model")
-    monkeypatch.setattr(settings, "llm_api_base", llm_server.base_url)
-    monkeypatch.setattr(settings, "llm_api_key", type(settings.llm_api_key)("sk-test"))
-    monkeypatch.setattr(settings, "llm_timeout_seconds", 5.0)
+async def test_generative_answer_with_its_citations(setup: Setup, llm_server: LLMServer) -> None:
+    # The live server's LLM is the session's OpenAI-compatible loopback server.
     llm_server.behaviour.clear()
-    async with in_process_client(app, setup.key_a) as client:
+    async with mcp_client(setup.url, setup.key_a) as client:
         result = await client.call_tool(
             "answer", {"query": "How do plants turn sunlight into sugar?", "top_k": 2}
         )
@@ -357,7 +382,8 @@ async def test_a_failing_service_is_a_tool_error_never_a_500(
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise failure
 
-    monkeypatch.setattr(tools, "search", broken)
+    # Inside the search the route also runs (retrieval.service.metered_search).
+    monkeypatch.setattr(retrieval, "search", broken)
     async with in_process_client(app, setup.key_a) as client:
         result = await client.call_tool("search", {"query": "plants"})
     assert result.is_error

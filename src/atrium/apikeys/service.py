@@ -322,6 +322,57 @@ async def authenticate_api_key(
     )
 
 
+#: Which tenant each key belongs to, by the key's HMAC under the current secret (never the key
+#: itself), for :func:`tenant_of_key`. Bounded: emptied when full (a miss costs one indexed
+#: read).
+_key_tenants: dict[str, uuid.UUID] = {}
+_MAX_KEY_TENANTS = 100_000
+
+
+def forget_key_tenants() -> None:
+    """Forget this process's key-to-tenant map (tests)."""
+    _key_tenants.clear()
+
+
+async def tenant_of_key(request: Request, token: str) -> uuid.UUID:
+    """The tenant an ``atr_...`` key belongs to, read from the key's own row.
+
+    For a caller whose path names no tenant (``/mcp``): it learns the tenant here, then passes
+    it to :func:`authenticate_api_key`, which makes every other check. The answer is kept in a
+    per-process map: a key never changes tenant and its HMAC is never reused by another key,
+    so an entry is never wrong, and it grants nothing by itself. A key revoked, expired or
+    rotated past its grace period, or deleted with its tenant, still maps to that tenant here
+    and is refused by :func:`authenticate_api_key` on every request (401, or 404 for a tenant
+    that is gone). Unknown keys are not remembered.
+
+    Args:
+        request: the HTTP request (``app.state`` gives settings and the account database).
+        token: the bearer credential, starting with ``atr_``.
+
+    Raises:
+        Unauthorized: a malformed key, or one that does not exist.
+    """
+    if not is_well_formed(token):
+        # The words authenticate_api_key uses, and no lookup for a mistyped key.
+        raise Unauthorized("Malformed API key: check that it was copied whole")
+    state = request.app.state
+    settings: Settings = state.settings
+    digest = key_digest(_current_secret(settings), token)
+    tenant_id = _key_tenants.get(digest)
+    if tenant_id is not None:
+        return tenant_id
+    # One digest per secret of the key ring: keys issued under a previous secret still work.
+    digests = [digest] + [key_digest(s, token) for s in settings.secret_keys[1:]]
+    async with state.sessionmaker() as session:
+        key = await repository.find_by_digests(session, digests)
+    if key is None:
+        raise Unauthorized("Invalid API key")
+    if len(_key_tenants) >= _MAX_KEY_TENANTS:
+        _key_tenants.clear()
+    _key_tenants[digest] = key.tenant_id
+    return key.tenant_id
+
+
 # --- last_used_at: debounced, written by a task -----------------------------------------------
 
 #: When this process last tried to record a use of each key (monotonic seconds). A filter in

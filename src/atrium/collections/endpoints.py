@@ -11,10 +11,9 @@ from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
 from atrium.collections import service
-from atrium.collections.repository import CollectionRepository
 from atrium.collections.schemas import Collection, CollectionCreate, CollectionUpdate
 from atrium.kit.db import DBSession
-from atrium.kit.pagination import Page, Params, paginate_query
+from atrium.kit.pagination import Page, Params
 from atrium.kit.responses import TENANT, errors
 
 router = APIRouter(
@@ -53,8 +52,7 @@ async def list_collections(
     subject: AuthSubject = Depends(require(Permission.collections_read)),
 ) -> Any:
     """The tenant's collections by name, with document, chunk and byte totals."""
-    query = CollectionRepository(session, subject.tenant_id).list_query()
-    return await paginate_query(session, query, params, service.rows_to_schemas)
+    return await service.list_page(session, subject, params)
 
 
 @router.get(

@@ -18,6 +18,7 @@ from atrium.collections.repository import CollectionRepository, CollectionTotals
 from atrium.kit.cache_versions import catalog_changed
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import Conflict, NotFound
+from atrium.kit.pagination import Page, Params, paginate_query
 from atrium.models.ingestion import Collection, CollectionStatus
 
 #: The Celery task that removes a collection's documents, chunks and files.
@@ -50,6 +51,14 @@ def rows_to_schemas(rows: Sequence[Any]) -> list[schemas.Collection]:
         )
         for row in rows
     ]
+
+
+async def list_page(
+    session: AsyncSession, subject: AuthSubject, params: Params
+) -> Page[schemas.Collection]:
+    """One page of the tenant's collections by name, with their totals."""
+    query = CollectionRepository(session, subject.tenant_id).list_query()
+    return await paginate_query(session, query, params, rows_to_schemas)
 
 
 def _name_taken(name: str) -> Conflict:

@@ -263,13 +263,15 @@ def _new_document(tenant_id: uuid.UUID, collection_id: uuid.UUID, item: _Checked
 async def get(
     session: AsyncSession,
     subject: AuthSubject,
-    collection_id: uuid.UUID,
+    collection_id: uuid.UUID | None,
     document_id: uuid.UUID,
 ) -> Document:
-    """A document of the collection.
+    """A document of the tenant, in the collection when one is given (None: in any of them).
+
+    Another tenant's document is not found, exactly like one that never existed.
 
     Raises:
-        NotFound: when the tenant has no such document in that collection.
+        NotFound: when the tenant has no such document (in that collection).
     """
     document = await DocumentRepository(session, subject.tenant_id).get(document_id, collection_id)
     if document is None:

@@ -135,6 +135,12 @@ class GatewayTimeout(AtriumError):
     status_code = 504
 
 
+class InternalError(AtriumError):
+    """Something failed that should not have: what an unexpected exception is answered as."""
+
+    status_code = 500
+
+
 class ErrorBody(BaseModel):
     """The body of every error response."""
 
@@ -160,11 +166,15 @@ def _request_id(request: Request) -> str:
     return str(request.scope.get("state", {}).get("request_id", ""))
 
 
-async def _atrium_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, AtriumError)
+def _render(exc: AtriumError) -> JSONResponse:
     return JSONResponse(
         {"error": exc.name, "detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
     )
+
+
+async def _atrium_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AtriumError)
+    return _render(exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -222,6 +232,27 @@ def outage_of(exc: BaseException) -> str | None:
     return None
 
 
+def outage_error(component: str) -> ServiceUnavailable:
+    """What a client is told while ``component`` (named by :func:`outage_of`) is unreachable.
+
+    A 503 with ``Retry-After``, not a 500: the client should retry (operations.md). The routes'
+    handler and the MCP tools both answer with it.
+    """
+    return ServiceUnavailable(
+        f"{component[0].upper()}{component[1:]} is unavailable right now; retry in "
+        f"{OUTAGE_RETRY_AFTER_SECONDS} seconds",
+        headers={"Retry-After": str(OUTAGE_RETRY_AFTER_SECONDS)},
+    )
+
+
+def internal_error(request_id: str) -> InternalError:
+    """What a client is told about any other unexpected exception: never its details (they
+    are logged with the request id), only the request id to quote."""
+    return InternalError(
+        f"An unexpected error occurred. Quote request id {request_id} when reporting it."
+    )
+
+
 def _outage_response(request: Request, component: str, exc: Exception) -> JSONResponse:
     log.warning(
         "dependency_unavailable",
@@ -229,15 +260,7 @@ def _outage_response(request: Request, component: str, exc: Exception) -> JSONRe
         component=component,
         error=f"{type(exc).__name__}: {exc}"[:500],
     )
-    return JSONResponse(
-        {
-            "error": "ServiceUnavailable",
-            "detail": f"{component[0].upper()}{component[1:]} is unavailable right now; retry in "
-            f"{OUTAGE_RETRY_AFTER_SECONDS} seconds",
-        },
-        status_code=503,
-        headers={"Retry-After": str(OUTAGE_RETRY_AFTER_SECONDS)},
-    )
+    return _render(outage_error(component))
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
@@ -248,13 +271,7 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
     # Never send a stack trace: log it with the request id and hand that id to the client.
     rid = _request_id(request)
     log.exception("unhandled_error", request_id=rid, exc_info=exc)
-    return JSONResponse(
-        {
-            "error": "InternalError",
-            "detail": f"An unexpected error occurred. Quote request id {rid} when reporting it.",
-        },
-        status_code=500,
-    )
+    return _render(internal_error(rid))
 
 
 async def _dependency_error(request: Request, exc: Exception) -> JSONResponse:

@@ -10,7 +10,6 @@ route would have answered, so a model reads why and what to change; none becomes
 from __future__ import annotations
 
 import inspect
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
@@ -24,34 +23,28 @@ from pydantic import BaseModel, Field, ValidationError
 from atrium.auth.permissions import SCOPE_PERMISSIONS, Permission
 from atrium.auth.subject import AuthSubject
 from atrium.collections import service as collections
-from atrium.collections.repository import CollectionRepository
 from atrium.collections.schemas import Collection
 from atrium.ingestion import service as documents
-from atrium.ingestion.repository import DocumentRepository
 from atrium.ingestion.schemas import Document
-from atrium.kit.cache_versions import tenant_versions, versions_command
 from atrium.kit.db import unit_of_work
 from atrium.kit.errors import (
-    OUTAGE_RETRY_AFTER_SECONDS,
     AtriumError,
     Forbidden,
-    NotFound,
-    ServiceUnavailable,
     Unprocessable,
+    internal_error,
+    outage_error,
     outage_of,
 )
-from atrium.kit.pagination import MAX_PAGE, Params, paginate_query
+from atrium.kit.pagination import MAX_PAGE, Params
 from atrium.llm import service as answers
 from atrium.llm.schemas import AnswerRequest, AnswerResponse
-from atrium.retrieval import metering
-from atrium.retrieval.metering import Metric
 from atrium.retrieval.schemas import (
     MAX_COLLECTIONS,
     MAX_QUERY_CHARS,
     SearchMode,
     SearchRequest,
 )
-from atrium.retrieval.service import Resources, log_fields, search
+from atrium.retrieval.service import Resources, metered_search
 
 log = structlog.get_logger("atrium.mcp")
 
@@ -113,16 +106,6 @@ def _request(ctx: Context[Any, Any]) -> Request:
     return request
 
 
-def _resources(request: Request) -> Resources:
-    state = request.app.state
-    return Resources(
-        settings=state.settings,
-        vector_pool=state.vector_pool,
-        redis=state.redis,
-        engine=state.engine,
-    )
-
-
 def _missing_permission(permission: Permission) -> Forbidden:
     scopes = [s.value for s, granted in SCOPE_PERMISSIONS.items() if permission in granted]
     message = (
@@ -145,12 +128,6 @@ def _error(exc: AtriumError) -> CallToolResult:
         structured_content={"error": exc.name, "detail": exc.detail, "status": exc.status_code},
         is_error=True,
     )
-
-
-class InternalError(AtriumError):
-    """Something failed that should not have (named as the API's 500 body names it)."""
-
-    status_code = 500
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -201,16 +178,10 @@ async def _call(
         rid = str(getattr(request.state, "request_id", ""))
         if component is not None:
             log.warning("dependency_unavailable", tool=tool, component=component, request_id=rid)
-            return _error(
-                ServiceUnavailable(
-                    f"{component[0].upper()}{component[1:]} is unavailable right now; retry in "
-                    f"{OUTAGE_RETRY_AFTER_SECONDS} seconds"
-                )
-            )
+            return _error(outage_error(component))
         # Never a stack trace to the client: log it with the request id and hand that over.
         log.exception("mcp_tool_failed", tool=tool, request_id=rid)
-        message = f"An unexpected error occurred. Quote request id {rid} when reporting it."
-        return _error(InternalError(message))
+        return _error(internal_error(rid))
 
 
 def _chunk_text(chunks: list[Chunk]) -> str:
@@ -258,39 +229,12 @@ Mode = Annotated[
 
 
 async def _search(request: Request, subject: AuthSubject, params: SearchRequest) -> CallToolResult:
-    # What POST /v1/tenants/{tenant_id}/search does: hold one search of the plan (with the
-    # cache versions in the same Redis round trip), search, settle or give the hold back.
-    start = time.perf_counter()
-    res = _resources(request)
-    tenant_id = subject.tenant_id
-    hold = await metering.reserve(
-        request, tenant_id, Metric.searches, alongside=[versions_command(tenant_id)]
+    # The /search route's own steps (quota hold, cache, search, settle, metrics, log line); the
+    # cache is filled before the result goes back, since a tool result is the response.
+    outcome = await metered_search(
+        Resources.of(request.app.state), request, subject.tenant_id, params, via="mcp"
     )
-    try:
-        versions = await tenant_versions(res.redis, tenant_id, hold.replies[0])
-        outcome = await search(res, tenant_id, params, versions=versions)
-    except BaseException:
-        await metering.release(hold)
-        raise
-    await metering.settle(hold)
     response = outcome.response
-    t = response.timings
-    metering.observe(
-        embedding_ms=t.embedding_ms,
-        search_ms=t.search_ms,
-        fusion_ms=t.fusion_ms,
-        hybrid=response.mode is SearchMode.hybrid,
-    )
-    log.info(
-        "query",
-        kind="search",
-        via="mcp",
-        tenant_id=str(tenant_id),
-        top_k=params.top_k,
-        filtered=bool(params.filters),
-        **log_fields(response),
-        total_ms=round((time.perf_counter() - start) * 1000, 3),
-    )
     chunks = [
         Chunk(number=n, **r.model_dump(include=set(Chunk.model_fields) - {"number"}))
         for n, r in enumerate(response.results, start=1)
@@ -314,7 +258,7 @@ async def _answer(request: Request, subject: AuthSubject, params: AnswerRequest)
     # here rather than after a response, since a tool result is the response.
     background = BackgroundTasks()
     response = await answers.answer(
-        _resources(request), request, subject.tenant_id, params, background
+        Resources.of(request.app.state), request, subject.tenant_id, params, background
     )
     await background()
     lines = [response.answer]
@@ -332,10 +276,7 @@ async def _list_collections(
     request: Request, subject: AuthSubject, page: int, size: int
 ) -> CallToolResult:
     async with unit_of_work(request.app.state.sessionmaker, write=False) as session:
-        query = CollectionRepository(session, subject.tenant_id).list_query()
-        result = await paginate_query(
-            session, query, Params(page=page, size=size), collections.rows_to_schemas
-        )
+        result = await collections.list_page(session, subject, Params(page=page, size=size))
     out = CollectionsOutput(
         collections=list(result.items),
         total=result.total or 0,
@@ -361,12 +302,10 @@ async def _get_document(
     collection_id: uuid.UUID | None,
 ) -> CallToolResult:
     async with unit_of_work(request.app.state.sessionmaker, write=False) as session:
-        # Scoped to the key's tenant: another tenant's document is "not found", exactly like
-        # one that never existed.
-        found = await DocumentRepository(session, subject.tenant_id).get(document_id, collection_id)
-        if found is None:
-            raise NotFound("Document not found")
-        document = documents.to_schema(found)
+        # Scoped to the key's tenant, as the route is.
+        document = documents.to_schema(
+            await documents.get(session, subject, collection_id, document_id)
+        )
     text = (
         f"{document.title} (document {document.id}, collection {document.collection_id}): "
         f"{document.status.value}, {document.chunk_count} chunk(s), "

@@ -2,38 +2,26 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any
 
-import structlog
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, Response
 from sse_starlette import EventSourceResponse
 
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
-from atrium.kit.cache_versions import tenant_versions, versions_command
 from atrium.kit.responses import TENANT, errors
 from atrium.llm import service as answers
 from atrium.llm.schemas import AnswerRequest, AnswerResponse
-from atrium.retrieval import metering
-from atrium.retrieval.metering import Metric
 from atrium.retrieval.schemas import SearchRequest, SearchResponse
-from atrium.retrieval.service import Resources, log_fields, search
+from atrium.retrieval.service import Resources, metered_search
 
 router = APIRouter(tags=["search"], responses=TENANT)
-log = structlog.get_logger("atrium.retrieval")
 
 
 async def resources(request: Request) -> Resources:
     """The app's pools for retrieval (async: a plain function would run in a thread)."""
-    state = request.app.state
-    return Resources(
-        settings=state.settings,
-        vector_pool=state.vector_pool,
-        redis=state.redis,
-        engine=state.engine,
-    )
+    return Resources.of(request.app.state)
 
 
 def _cache_flags(cache_control: str | None) -> tuple[bool, bool]:
@@ -70,49 +58,19 @@ async def search_route(
     to bypass the cache (or `no-store` to neither read nor fill it). The response reports the
     milliseconds spent embedding, searching and fusing.
     """
-    start = time.perf_counter()
     use_cache, store = _cache_flags(cache_control)
-    # The quota hold and the cache versions in one Redis round trip.
-    hold = await metering.reserve(
+    outcome = await metered_search(
+        res,
         request,
         subject.tenant_id,
-        Metric.searches,
-        alongside=[versions_command(subject.tenant_id)],
+        body,
+        use_cache=use_cache,
+        store=store,
+        defer_store=True,
     )
-    try:
-        versions = await tenant_versions(res.redis, subject.tenant_id, hold.replies[0])
-        outcome = await search(
-            res,
-            subject.tenant_id,
-            body,
-            use_cache=use_cache,
-            store=store,
-            defer_store=True,
-            versions=versions,
-        )
-    except BaseException:
-        await metering.release(hold)
-        raise
-    await metering.settle(hold)
     if outcome.store is not None:
         # Filling the cache is no business of this caller's: after the response.
         background.add_task(outcome.store)
-    t = outcome.response.timings
-    metering.observe(
-        embedding_ms=t.embedding_ms,
-        search_ms=t.search_ms,
-        fusion_ms=t.fusion_ms,
-        hybrid=outcome.response.mode.value == "hybrid",
-    )
-    log.info(
-        "query",
-        kind="search",
-        tenant_id=str(subject.tenant_id),
-        top_k=body.top_k,
-        filtered=bool(body.filters),
-        **log_fields(outcome.response),
-        total_ms=round((time.perf_counter() - start) * 1000, 3),
-    )
     # Serialised once by pydantic's own JSON encoder: the model is already valid, so FastAPI's
     # response_model pass (validate again, then encode) is skipped; response_model still
     # documents the body.

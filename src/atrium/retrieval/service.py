@@ -2,6 +2,10 @@
 
 Everything is scoped by the tenant id of the caller's :class:`AuthSubject`; the SQL only ever
 names that tenant's partition, so no filter or collection id can reach another tenant's chunks.
+
+:func:`metered_search` is a search as a caller asks for one (the ``/search`` route, the MCP
+``search`` tool): held against the plan's quota, settled, observed and logged. Answers hold
+their own quota (:mod:`atrium.llm.service`) and call :func:`search` directly.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.config import Settings
 from atrium.ingestion.embedding import EmbeddingError
-from atrium.kit.cache_versions import TenantVersions, tenant_versions
+from atrium.kit.cache_versions import TenantVersions, tenant_versions, versions_command
 from atrium.kit.errors import BadGateway, GatewayTimeout
-from atrium.retrieval import cache, collections, repository
+from atrium.retrieval import cache, collections, metering, repository
 from atrium.retrieval.embedding import Vector, embed_query
 from atrium.retrieval.filters import Condition, canonical, parse_filters
+from atrium.retrieval.metering import Metric
 from atrium.retrieval.schemas import (
     SearchMode,
     SearchParams,
@@ -47,6 +52,16 @@ class Resources:
     vector_pool: AsyncConnectionPool
     redis: Redis
     engine: AsyncEngine
+
+    @classmethod
+    def of(cls, state: Any) -> Resources:
+        """The running app's pools and settings (``app.state``)."""
+        return cls(
+            settings=state.settings,
+            vector_pool=state.vector_pool,
+            redis=state.redis,
+            engine=state.engine,
+        )
 
 
 @dataclass
@@ -170,6 +185,81 @@ async def search(
         )
     finally:
         embedding.add_done_callback(_discard)
+
+
+async def metered_search(
+    res: Resources,
+    ctx: Any,
+    tenant_id: uuid.UUID,
+    params: SearchParams,
+    *,
+    use_cache: bool = True,
+    store: bool = True,
+    defer_store: bool = False,
+    via: str | None = None,
+) -> SearchOutcome:
+    """One search of the plan: hold it, search, settle it (or give it back), observe, log.
+
+    What the ``/search`` route and the MCP ``search`` tool both do; the quota hold and the
+    tenant's cache versions are read in one Redis round trip.
+
+    Args:
+        res: the app's pools and settings.
+        ctx: the request (its quota engine meters the search).
+        tenant_id: the caller's tenant (from its AuthSubject).
+        params: the validated request.
+        use_cache: look the request up in the result cache first.
+        store: store a fresh result in the cache.
+        defer_store: leave that cache write to the caller (``outcome.store``), to run after
+            the response has gone out.
+        via: how the search arrived, for the log line when not the HTTP route (``"mcp"``).
+
+    Raises:
+        PaymentRequired: the plan has no searches left (402; nothing else was done).
+        NotFound: a requested collection is not one of the tenant's.
+        BadGateway, GatewayTimeout: a hosted embedding model failed.
+    """
+    start = time.perf_counter()
+    hold = await metering.reserve(
+        ctx, tenant_id, Metric.searches, alongside=[versions_command(tenant_id)]
+    )
+    try:
+        versions = await tenant_versions(res.redis, tenant_id, hold.replies[0])
+        outcome = await search(
+            res,
+            tenant_id,
+            params,
+            use_cache=use_cache,
+            store=store,
+            defer_store=defer_store,
+            versions=versions,
+        )
+    except BaseException:
+        # Nothing was searched: the plan gets its search back.
+        await metering.release(hold)
+        raise
+    await metering.settle(hold)
+    response = outcome.response
+    t = response.timings
+    metering.observe(
+        embedding_ms=t.embedding_ms,
+        search_ms=t.search_ms,
+        fusion_ms=t.fusion_ms,
+        hybrid=response.mode is SearchMode.hybrid,
+    )
+    fields = log_fields(response)
+    if via is not None:
+        fields["via"] = via
+    log.info(
+        "query",
+        kind="search",
+        tenant_id=str(tenant_id),
+        top_k=params.top_k,
+        filtered=bool(params.filters),
+        **fields,
+        total_ms=_ms(start),
+    )
+    return outcome
 
 
 def _discard(task: asyncio.Future[Any]) -> None:
