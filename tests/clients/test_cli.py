@@ -281,7 +281,7 @@ def test_the_upload_bar_counts_the_body_as_it_goes_out(
         (outcome,) = upload.upload_all(
             client,
             answer["documents"][0]["collection_id"],
-            [upload.LocalFile(big, "big.bin", 300_000)],
+            upload.collect([big]),
             parallel=1,
             console=Console(file=io.StringIO()),
         )

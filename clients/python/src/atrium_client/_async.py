@@ -23,11 +23,13 @@ from atrium_client._base import (
     auth_headers,
     batches,
     cache_headers,
+    check_path,
     collect_files,
     drop_none,
     multipart,
     normalise_base_url,
     retrieval_body,
+    segment,
     tenant_path,
     with_progress,
 )
@@ -143,6 +145,8 @@ class AsyncAtrium:
         stream: bool = False,
         on_progress: ProgressCallback | None = None,
     ) -> httpx.Response:
+        # Every request carries the credentials: only to base_url, never to a URL given whole.
+        check_path(path)
         attempt = 0
         while True:
             request = self._http.build_request(
@@ -182,17 +186,22 @@ class AsyncAtrium:
 
         Args:
             method: the HTTP method.
-            path: the path from the server root (``/v1/...``); ``{tenant_id}`` in it is
-                replaced by the client's tenant.
+            path: the path from the server root (``/v1/...``), starting with a single ``/``;
+                ``{tenant_id}`` in it is replaced by the client's tenant. Ids put into it
+                should be encoded (``urllib.parse.quote(id, safe="")``).
             params: query parameters.
             json: a JSON body.
             headers: extra headers for this request.
 
         Returns:
             The decoded JSON, or None for an empty body.
+
+        Raises:
+            ValueError: ``path`` is a whole URL (``https://...``, ``//host/...``) or does not
+                start with ``/``: the API key is only ever sent to the client's ``base_url``.
         """
         if "{tenant_id}" in path:
-            path = path.replace("{tenant_id}", str(self._tenant_id()))
+            path = path.replace("{tenant_id}", segment(self._tenant_id()))
         response = await self._send(method, path, params=params, json=json, headers=headers)
         return response.json() if response.content else None
 
@@ -462,7 +471,7 @@ class AsyncCollections:
         Returns:
             The collection.
         """
-        return await self._c._get(Collection, self._c._t(f"collections/{collection_id}"))
+        return await self._c._get(Collection, self._c._t(f"collections/{segment(collection_id)}"))
 
     async def update(
         self,
@@ -484,7 +493,7 @@ class AsyncCollections:
             The changed collection.
         """
         body = drop_none({"name": name, "description": description, "metadata": metadata})
-        path = self._c._t(f"collections/{collection_id}")
+        path = self._c._t(f"collections/{segment(collection_id)}")
         return await self._c._call(Collection, "PATCH", path, json=body)
 
     async def delete(self, collection_id: ID) -> Collection:
@@ -496,7 +505,9 @@ class AsyncCollections:
         Returns:
             The collection, with status ``deleting``.
         """
-        return await self._c._call(Collection, "DELETE", self._c._t(f"collections/{collection_id}"))
+        return await self._c._call(
+            Collection, "DELETE", self._c._t(f"collections/{segment(collection_id)}")
+        )
 
 
 class AsyncDocuments:
@@ -506,7 +517,7 @@ class AsyncDocuments:
         self._c = client
 
     def _path(self, collection_id: ID, suffix: str = "") -> str:
-        return self._c._t(f"collections/{collection_id}/documents{suffix}")
+        return self._c._t(f"collections/{segment(collection_id)}/documents{suffix}")
 
     async def upload(
         self,
@@ -607,7 +618,7 @@ class AsyncDocuments:
         Returns:
             The document.
         """
-        return await self._c._get(Document, self._path(collection_id, f"/{document_id}"))
+        return await self._c._get(Document, self._path(collection_id, f"/{segment(document_id)}"))
 
     async def reindex(self, collection_id: ID, document_id: ID) -> Document:
         """Process a document again (extraction, chunking, embedding).
@@ -619,7 +630,7 @@ class AsyncDocuments:
         Returns:
             The document, queued again.
         """
-        path = self._path(collection_id, f"/{document_id}/reindex")
+        path = self._path(collection_id, f"/{segment(document_id)}/reindex")
         return await self._c._call(Document, "POST", path)
 
     async def delete(self, collection_id: ID, document_id: ID) -> Document:
@@ -632,7 +643,9 @@ class AsyncDocuments:
         Returns:
             The document, with status ``deleting``.
         """
-        return await self._c._call(Document, "DELETE", self._path(collection_id, f"/{document_id}"))
+        return await self._c._call(
+            Document, "DELETE", self._path(collection_id, f"/{segment(document_id)}")
+        )
 
     async def _busy(self, collection_id: ID) -> set[str]:
         busy: set[str] = set()
@@ -747,7 +760,7 @@ class AsyncApiKeys:
         Args:
             key_id: the key.
         """
-        await self._c._send("DELETE", self._c._t(f"api-keys/{key_id}"))
+        await self._c._send("DELETE", self._c._t(f"api-keys/{segment(key_id)}"))
 
     async def rotate(self, key_id: ID, *, grace_period_seconds: int = 0) -> ApiKeyCreated:
         """Issue a new secret for a key and revoke the old one (after the grace period).
@@ -760,7 +773,7 @@ class AsyncApiKeys:
             The new key with its secret.
         """
         body = {"grace_period_seconds": grace_period_seconds}
-        path = self._c._t(f"api-keys/{key_id}/rotate")
+        path = self._c._t(f"api-keys/{segment(key_id)}/rotate")
         return await self._c._call(ApiKeyCreated, "POST", path, json=body)
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import stat
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
+from urllib.parse import quote
 
 import httpx
 
@@ -85,13 +88,70 @@ def auth_headers(
     return headers
 
 
+def segment(value: ID) -> str:
+    """``value`` as one segment of a URL path, percent-encoded.
+
+    Ids are put into paths with this, so that one holding ``/``, ``?`` or ``#`` cannot reach
+    another route (``documents.get(c, "../../api-keys")``); ``.``, ``..`` and an empty id are
+    refused, since a URL resolves them as steps up the path rather than as names.
+
+    Args:
+        value: an id (a UUID or a string).
+
+    Returns:
+        The encoded segment.
+
+    Raises:
+        ValueError: ``value`` is empty, ``.`` or ``..``.
+    """
+    text = str(value)
+    if text in ("", ".", ".."):
+        raise ValueError(f"Not a valid id: {text!r}")
+    return quote(text, safe="")
+
+
+def check_path(path: str) -> str:
+    """``path`` if it is a path from the server's root (``/v1/...``).
+
+    The client sends its credentials with every request, so it only sends to its own
+    ``base_url``: an absolute URL (``https://elsewhere/...``) or a scheme-relative one
+    (``//elsewhere/...``) would carry the API key to another host.
+
+    Args:
+        path: the path of a request.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: ``path`` does not start with a single ``/``.
+    """
+    if not path.startswith("/") or path.startswith("//") or path.startswith("/\\"):
+        raise ValueError(
+            f"Not a path from the server's root: {path!r} (give a path such as '/v1/plans'; "
+            "requests only go to the client's base_url)"
+        )
+    return path
+
+
 def tenant_path(tenant_id: ID | None, path: str) -> str:
-    """``/v1/tenants/{tenant_id}/{path}``; raises ValueError when no tenant is set."""
+    """``/v1/tenants/{tenant_id}/{path}`` (the tenant id encoded as a path segment).
+
+    Args:
+        tenant_id: the tenant.
+        path: the rest of the path, its ids already encoded with :func:`segment`.
+
+    Returns:
+        The path.
+
+    Raises:
+        ValueError: no tenant is set, or it is not a valid id.
+    """
     if not tenant_id:
         raise ValueError(
             "This call works on a tenant: pass tenant_id= to the client (or set client.tenant_id)"
         )
-    return f"/v1/tenants/{tenant_id}/{path}".rstrip("/")
+    return f"/v1/tenants/{segment(tenant_id)}/{path}".rstrip("/")
 
 
 def drop_none(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -133,36 +193,140 @@ def cache_headers(cache: bool) -> dict[str, str]:
 
 @dataclass
 class PendingFile:
-    """A file to upload: its name and where its bytes come from."""
+    """A file to upload: its name and where its bytes come from.
+
+    Attributes:
+        name: the name sent with it.
+        path: the file its bytes are read from (None for bytes given as such).
+        data: its bytes, when given as bytes.
+        size: its size in bytes when it was collected (``len(data)`` for bytes).
+        follow: whether ``path`` may be a symbolic link: True for a path the caller named, False
+            for one found by walking a directory (opened with ``O_NOFOLLOW``, so a link put in
+            its place after the walk is refused rather than followed out of the directory).
+    """
 
     name: str
     path: Path | None = None
     data: bytes | None = None
+    size: int = 0
+    follow: bool = True
 
-    @property
-    def size(self) -> int:
-        """Its size in bytes."""
+    def __post_init__(self) -> None:
         if self.data is not None:
-            return len(self.data)
-        assert self.path is not None
-        return self.path.stat().st_size
+            self.size = len(self.data)
 
     def read(self) -> bytes:
-        """Its bytes."""
+        """Its bytes: no more than the size the opened file reports.
+
+        Returns:
+            The bytes.
+
+        Raises:
+            ValueError: the path is no longer a regular file (or, found in a directory, has
+                become a symbolic link).
+            OSError: it cannot be opened or read.
+        """
         if self.data is not None:
             return self.data
         assert self.path is not None
-        return self.path.read_bytes()
+        # O_NONBLOCK: opening a FIFO put in the file's place must not hang (it is refused below
+        # once open); it changes nothing for a regular file.
+        flags = os.O_RDONLY | _O_NONBLOCK | _O_BINARY | (0 if self.follow else _O_NOFOLLOW)
+        try:
+            fd = os.open(self.path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and not self.follow:
+                raise ValueError(
+                    f"{self.path} became a symbolic link after its directory was read: "
+                    "links in a directory are not followed"
+                ) from exc
+            raise
+        try:
+            # Check and size what was opened, not the path: it may have been replaced since.
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ValueError(f"Not a regular file: {self.path}")
+            # Never past the size fstat reports: a file reporting 0 (as /proc's do) yields
+            # nothing, and one growing while read does not overrun the batch it was sized for.
+            pieces: list[bytes] = []
+            left = info.st_size
+            while left > 0:
+                piece = os.read(fd, min(left, _READ_PIECE))
+                if not piece:
+                    break
+                pieces.append(piece)
+                left -= len(piece)
+            return b"".join(pieces)
+        finally:
+            os.close(fd)
+
+
+# Missing on some platforms (O_NOFOLLOW and O_NONBLOCK on Windows, O_BINARY off it): 0 adds none.
+_O_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+_O_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)
+_O_BINARY: int = getattr(os, "O_BINARY", 0)
+_READ_PIECE = 1024 * 1024
 
 
 def _directory_files(root: Path) -> list[PendingFile]:
-    files = []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        files.append(PendingFile(name=rel.as_posix(), path=path))
-    return files
+    """The regular files under ``root``, without following a symbolic link.
+
+    ``os.walk`` does not enter a linked directory (``followlinks=False``), and a link to a file
+    (or a FIFO, socket or device) fails the ``lstat`` regular-file check: a link to ``/etc`` or
+    to ``/proc/self/environ`` (which holds the API key) is not read out of the directory.
+    """
+    files: list[tuple[tuple[str, ...], PendingFile]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for fname in filenames:
+            if fname.startswith("."):
+                continue
+            path = here / fname
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:  # removed while the directory was walked
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            rel = path.relative_to(root)
+            pending = PendingFile(rel.as_posix(), path=path, size=info.st_size, follow=False)
+            files.append((rel.parts, pending))
+    files.sort(key=lambda item: item[0])
+    return [pending for _, pending in files]
+
+
+def local_files(path: str | os.PathLike[str], name: str | None = None) -> list[PendingFile]:
+    """The files to upload for a path the caller named: the file itself, or every regular file
+    under a directory.
+
+    A directory is read recursively, in name order, each file named by its path under it;
+    hidden files and directories (``.`` first) are skipped, and so are symbolic links (to files
+    or directories) and anything not a regular file (FIFOs, sockets, devices). The path named
+    itself may be a symbolic link (the caller chose it), but it must lead to a regular file or
+    a directory. The SDK's ``documents.upload`` and ``atr upload`` both collect through this.
+
+    Args:
+        path: a file or directory.
+        name: the name for a file (default: its file name); not used for a directory.
+
+    Returns:
+        The files (none for a directory without any).
+
+    Raises:
+        FileNotFoundError: nothing is at ``path``.
+        ValueError: ``path`` is neither a regular file nor a directory.
+    """
+    path = Path(os.fspath(path))
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No such file or directory: {path}") from None
+    if stat.S_ISDIR(info.st_mode):
+        return _directory_files(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"Not a regular file or a directory: {path}")
+    return [PendingFile(name or path.name, path=path, size=info.st_size, follow=True)]
 
 
 def _as_items(source: UploadSource) -> list[str | os.PathLike[str] | bytes]:
@@ -172,8 +336,8 @@ def _as_items(source: UploadSource) -> list[str | os.PathLike[str] | bytes]:
 
 
 def collect_files(source: UploadSource, filename: str | None) -> list[PendingFile]:
-    """The files ``source`` names: a path, every file under a directory (recursively, hidden
-    ones skipped, in name order), bytes (named ``filename``), or a sequence of those."""
+    """The files ``source`` names: a path, every file under a directory (see
+    :func:`local_files`), bytes (named ``filename``), or a sequence of those."""
     items = _as_items(source)
     files: list[PendingFile] = []
     for index, item in enumerate(items):
@@ -181,14 +345,7 @@ def collect_files(source: UploadSource, filename: str | None) -> list[PendingFil
             name = filename or (f"document-{index + 1}" if len(items) > 1 else "document")
             files.append(PendingFile(name=name, data=bytes(item)))
             continue
-        path = Path(os.fspath(item))
-        if path.is_dir():
-            files.extend(_directory_files(path))
-        elif path.is_file():
-            name = filename if len(items) == 1 and filename else path.name
-            files.append(PendingFile(name=name, path=path))
-        else:
-            raise FileNotFoundError(f"No such file or directory: {path}")
+        files.extend(local_files(item, filename if len(items) == 1 else None))
     if not files:
         raise ValueError(f"Nothing to upload: {source!r} holds no files")
     return files

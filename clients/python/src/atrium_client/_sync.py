@@ -22,11 +22,13 @@ from atrium_client._base import (
     auth_headers,
     batches,
     cache_headers,
+    check_path,
     collect_files,
     drop_none,
     multipart,
     normalise_base_url,
     retrieval_body,
+    segment,
     tenant_path,
     with_progress,
 )
@@ -138,6 +140,8 @@ class Atrium:
         stream: bool = False,
         on_progress: ProgressCallback | None = None,
     ) -> httpx.Response:
+        # Every request carries the credentials: only to base_url, never to a URL given whole.
+        check_path(path)
         attempt = 0
         while True:
             request = self._http.build_request(
@@ -177,17 +181,22 @@ class Atrium:
 
         Args:
             method: the HTTP method.
-            path: the path from the server root (``/v1/...``); ``{tenant_id}`` in it is
-                replaced by the client's tenant.
+            path: the path from the server root (``/v1/...``), starting with a single ``/``;
+                ``{tenant_id}`` in it is replaced by the client's tenant. Ids put into it
+                should be encoded (``urllib.parse.quote(id, safe="")``).
             params: query parameters.
             json: a JSON body.
             headers: extra headers for this request.
 
         Returns:
             The decoded JSON, or None for an empty body.
+
+        Raises:
+            ValueError: ``path`` is a whole URL (``https://...``, ``//host/...``) or does not
+                start with ``/``: the API key is only ever sent to the client's ``base_url``.
         """
         if "{tenant_id}" in path:
-            path = path.replace("{tenant_id}", str(self._tenant_id()))
+            path = path.replace("{tenant_id}", segment(self._tenant_id()))
         response = self._send(method, path, params=params, json=json, headers=headers)
         return response.json() if response.content else None
 
@@ -457,7 +466,7 @@ class Collections:
         Returns:
             The collection.
         """
-        return self._c._get(Collection, self._c._t(f"collections/{collection_id}"))
+        return self._c._get(Collection, self._c._t(f"collections/{segment(collection_id)}"))
 
     def update(
         self,
@@ -479,7 +488,7 @@ class Collections:
             The changed collection.
         """
         body = drop_none({"name": name, "description": description, "metadata": metadata})
-        path = self._c._t(f"collections/{collection_id}")
+        path = self._c._t(f"collections/{segment(collection_id)}")
         return self._c._call(Collection, "PATCH", path, json=body)
 
     def delete(self, collection_id: ID) -> Collection:
@@ -491,7 +500,9 @@ class Collections:
         Returns:
             The collection, with status ``deleting``.
         """
-        return self._c._call(Collection, "DELETE", self._c._t(f"collections/{collection_id}"))
+        return self._c._call(
+            Collection, "DELETE", self._c._t(f"collections/{segment(collection_id)}")
+        )
 
 
 class Documents:
@@ -501,7 +512,7 @@ class Documents:
         self._c = client
 
     def _path(self, collection_id: ID, suffix: str = "") -> str:
-        return self._c._t(f"collections/{collection_id}/documents{suffix}")
+        return self._c._t(f"collections/{segment(collection_id)}/documents{suffix}")
 
     def upload(
         self,
@@ -600,7 +611,7 @@ class Documents:
         Returns:
             The document.
         """
-        return self._c._get(Document, self._path(collection_id, f"/{document_id}"))
+        return self._c._get(Document, self._path(collection_id, f"/{segment(document_id)}"))
 
     def reindex(self, collection_id: ID, document_id: ID) -> Document:
         """Process a document again (extraction, chunking, embedding).
@@ -612,7 +623,7 @@ class Documents:
         Returns:
             The document, queued again.
         """
-        path = self._path(collection_id, f"/{document_id}/reindex")
+        path = self._path(collection_id, f"/{segment(document_id)}/reindex")
         return self._c._call(Document, "POST", path)
 
     def delete(self, collection_id: ID, document_id: ID) -> Document:
@@ -625,7 +636,9 @@ class Documents:
         Returns:
             The document, with status ``deleting``.
         """
-        return self._c._call(Document, "DELETE", self._path(collection_id, f"/{document_id}"))
+        return self._c._call(
+            Document, "DELETE", self._path(collection_id, f"/{segment(document_id)}")
+        )
 
     def _busy(self, collection_id: ID) -> set[str]:
         busy: set[str] = set()
@@ -739,7 +752,7 @@ class ApiKeys:
         Args:
             key_id: the key.
         """
-        self._c._send("DELETE", self._c._t(f"api-keys/{key_id}"))
+        self._c._send("DELETE", self._c._t(f"api-keys/{segment(key_id)}"))
 
     def rotate(self, key_id: ID, *, grace_period_seconds: int = 0) -> ApiKeyCreated:
         """Issue a new secret for a key and revoke the old one (after the grace period).
@@ -752,7 +765,7 @@ class ApiKeys:
             The new key with its secret.
         """
         body = {"grace_period_seconds": grace_period_seconds}
-        path = self._c._t(f"api-keys/{key_id}/rotate")
+        path = self._c._t(f"api-keys/{segment(key_id)}/rotate")
         return self._c._call(ApiKeyCreated, "POST", path, json=body)
 
 

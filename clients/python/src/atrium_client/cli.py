@@ -142,8 +142,8 @@ def upload(
         typer.Argument(
             exists=True,
             readable=True,
-            help="Files and directories (directories are read recursively; hidden files "
-            "are skipped).",
+            help="Files and directories (directories are read recursively; hidden files, "
+            "symbolic links and special files in them are skipped).",
             metavar="PATH",
             show_default=False,
         ),
@@ -189,9 +189,15 @@ def upload(
     """
     config = _config(ctx)
     config.check()
-    files = collect(paths)
+    try:
+        files = collect(paths)
+    except (OSError, ValueError) as exc:
+        raise CliError(str(exc), EXIT_USAGE) from exc
     if not files:
-        raise CliError("Nothing to upload: no files (hidden ones are skipped)", EXIT_USAGE)
+        raise CliError(
+            "Nothing to upload: no regular files (hidden files and symbolic links are skipped)",
+            EXIT_USAGE,
+        )
     err = _stderr()
     finished = True
     with config.client() as client, reported(config.url):

@@ -29,45 +29,29 @@ from rich.progress import (
 )
 
 from atrium_client import Atrium, AtriumError, NotFound, ProgressCallback, models
+from atrium_client._base import PendingFile, local_files
 
 
-@dataclass
-class LocalFile:
-    """A file to upload.
-
-    Attributes:
-        path: where it is.
-        name: the name sent with it (its path under the directory given, or its file name).
-        size: its size in bytes.
-    """
-
-    path: Path
-    name: str
-    size: int
-
-
-def collect(paths: Sequence[Path]) -> list[LocalFile]:
-    """The files to upload: each file given, and every file under each directory given
-    (recursively, in name order; hidden files and directories are skipped).
+def collect(paths: Sequence[Path]) -> list[PendingFile]:
+    """The files to upload: each file given, and every regular file under each directory
+    given, as the SDK's ``documents.upload`` collects them (recursively, in name order; hidden
+    files and directories, symbolic links and anything not a regular file are skipped).
 
     Args:
-        paths: files and directories.
+        paths: files and directories (a symbolic link given here is followed).
 
     Returns:
         The files, each once.
+
+    Raises:
+        ValueError: a path given is neither a regular file nor a directory.
+        FileNotFoundError: a path given does not exist.
     """
-    found: dict[Path, LocalFile] = {}
+    found: dict[Path, PendingFile] = {}
     for path in paths:
-        if path.is_dir():
-            for child in sorted(path.rglob("*")):
-                rel = child.relative_to(path)
-                if any(part.startswith(".") for part in rel.parts) or not child.is_file():
-                    continue
-                found.setdefault(
-                    child.resolve(), LocalFile(child, rel.as_posix(), child.stat().st_size)
-                )
-        elif path.is_file():
-            found.setdefault(path.resolve(), LocalFile(path, path.name, path.stat().st_size))
+        for file in local_files(path):
+            assert file.path is not None
+            found.setdefault(file.path.resolve(), file)
     return list(found.values())
 
 
@@ -83,7 +67,7 @@ class Outcome:
         deleted: the document was deleted while it was processed.
     """
 
-    file: LocalFile
+    file: PendingFile
     document: models.UploadedDocument | models.Document | None = None
     duplicate: bool = False
     error: str | None = None
@@ -142,7 +126,7 @@ class _ByteProgress:
             total = sum(self._sent.values())
         self._progress.update(self._task, completed=total)
 
-    def reporter(self, file: LocalFile) -> ProgressCallback:
+    def reporter(self, file: PendingFile) -> ProgressCallback:
         def report(sent: int, total: int) -> None:
             # The multipart body is a little longer than the file: scale it to the file.
             self.set(file.name, file.size * sent / total if total else 0.0)
@@ -153,7 +137,7 @@ class _ByteProgress:
 def upload_all(
     client: Atrium,
     collection_id: Any,
-    files: Sequence[LocalFile],
+    files: Sequence[PendingFile],
     *,
     parallel: int,
     console: Console,
@@ -187,12 +171,19 @@ def upload_all(
     )
     abort = threading.Event()
 
-    def send(file: LocalFile, bar: _ByteProgress) -> Outcome:
+    def send(file: PendingFile, bar: _ByteProgress) -> Outcome:
         if abort.is_set():
             return Outcome(file, error="not sent (an earlier error stopped the upload)")
         try:
+            # Read through the collected file (no link followed out of a directory, nothing
+            # past its size): the SDK given the path would take it as one the user named and
+            # follow a link put in its place since it was collected.
+            data = file.read()
+        except (OSError, ValueError) as exc:
+            return Outcome(file, error=f"not read: {exc}")
+        try:
             created = client.documents.upload(
-                collection_id, file.path, filename=file.name, on_progress=bar.reporter(file)
+                collection_id, data, filename=file.name, on_progress=bar.reporter(file)
             )
         except AtriumError as exc:
             if exc.status_code is None or exc.status_code in (401, 403):
