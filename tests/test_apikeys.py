@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -543,8 +544,6 @@ async def test_key_hashed_under_a_previous_secret_still_works(
     """After ATRIUM_SECRET_KEY rotates (old one in ATRIUM_PREVIOUS_SECRET_KEYS), keys issued
     before keep working; they are read from the database each time (never cached under the
     new digest, so their revocation is seen at once)."""
-    from types import SimpleNamespace
-
     from atrium.config import load_settings
 
     _, tenant, _ = await _owner_and_tenant(app)
@@ -570,3 +569,83 @@ async def test_key_hashed_under_a_previous_secret_still_works(
         await s.commit()
     with pytest.raises(Unauthorized, match="revoked"):
         await service.authenticate_api_key(request, None, secret, tenant.id)
+
+
+# --- A key created after someone tried it; the key-to-tenant map of /mcp ----------------------
+
+
+async def test_a_key_created_or_rotated_after_a_miss_on_its_secret_works_at_once(
+    app: Any, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A miss is remembered ("unknown", on the tenant's paths and for /mcp); creating or
+    rotating a key drops those markers of its HMAC once committed, so the new key is never
+    refused for ``NEGATIVE_TTL_SECONDS`` because its secret was tried before it existed."""
+    _, tenant, admin = await _owner_and_tenant(app)
+    url = _keys_url(tenant.id)
+    request: Any = SimpleNamespace(app=app)
+    created, rotated = keyfmt.generate_key(), keyfmt.generate_key()
+    for secret in (created, rotated):
+        assert (await client.get(url, headers=key_header(secret))).status_code == 401
+        with pytest.raises(Unauthorized, match="Invalid API key"):
+            await service.tenant_of_key(request, secret)
+        digest = keyfmt.key_digest(app.state.settings.secret_key.get_secret_value(), secret)
+        assert await app.state.redis.get(service.record_cache_key(tenant.id, digest)) == "unknown"
+        assert await app.state.redis.get(service.unknown_key_cache_key(digest)) == "unknown"
+
+    secrets = iter([created, rotated])
+    monkeypatch.setattr(service, "generate_key", lambda: next(secrets))
+    r = await client.post(url, json={"name": "late", "scopes": ["keys:manage"]}, headers=admin)
+    assert r.status_code == 201 and r.json()["key"] == created, r.text
+    assert (await client.get(url, headers=key_header(created))).status_code == 200
+    assert await service.tenant_of_key(request, created) == tenant.id
+
+    r = await client.post(f"{url}/{r.json()['id']}/rotate", json={}, headers=admin)
+    assert r.status_code == 201 and r.json()["key"] == rotated, r.text
+    assert (await client.get(url, headers=key_header(rotated))).status_code == 200
+    assert await service.tenant_of_key(request, rotated) == tenant.id
+
+
+async def test_an_unknown_key_is_read_once_then_remembered(
+    app: Any, client: httpx.AsyncClient
+) -> None:
+    """tenant_of_key (what /mcp calls) reads the database once for many concurrent callers of
+    one unknown key, then answers from the Redis marker."""
+    request: Any = SimpleNamespace(app=app)
+    unknown = keyfmt.generate_key()
+
+    async def refused() -> str:
+        try:
+            await service.tenant_of_key(request, unknown)
+        except Unauthorized as exc:
+            return exc.message
+        raise AssertionError("an unknown key was accepted")
+
+    with sql_log(app) as statements:
+        answers = await asyncio.gather(*(refused() for _ in range(50)))
+        assert await refused() == "Invalid API key"
+    assert set(answers) == {"Invalid API key"}
+    lookups = [s for s in statements if "key_hash IN" in s]
+    assert len(lookups) == 1, statements
+
+
+async def test_key_tenants_are_remembered_per_app(app: Any, client: httpx.AsyncClient) -> None:
+    """Two apps in one process keep their own key-to-tenant maps (on ``app.state``)."""
+    from asgi_lifespan import LifespanManager
+
+    from atrium.app import create_app
+
+    _, tenant, _ = await _owner_and_tenant(app)
+    _, secret = await create_api_key(app, tenant)
+    digest = keyfmt.key_digest(app.state.settings.secret_key.get_secret_value(), secret)
+    other = create_app(app.state.settings)
+    here: Any = SimpleNamespace(app=app)
+    there: Any = SimpleNamespace(app=other)
+    async with LifespanManager(other, startup_timeout=60):
+        assert await service.tenant_of_key(here, secret) == tenant.id
+        assert app.state.apikey_tenants[digest] == tenant.id
+        assert digest not in getattr(other.state, "apikey_tenants", {})
+        with sql_log(other) as statements:
+            for _ in range(3):
+                assert await service.tenant_of_key(there, secret) == tenant.id
+        assert len([s for s in statements if "key_hash IN" in s]) == 1, statements
+        assert other.state.apikey_tenants == {digest: tenant.id}

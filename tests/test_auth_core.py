@@ -118,3 +118,24 @@ def test_permission_table_is_monotonic() -> None:
     for lower, higher in itertools.pairwise(order):
         assert ROLE_PERMISSIONS[lower] < ROLE_PERMISSIONS[higher]
     assert permissions_for_scopes(["search", "bogus"]) == frozenset({Permission.search})
+
+
+async def test_more_than_one_authorization_header_is_refused(probe: Any) -> None:
+    """A proxy in front may check one copy while we would read another: two headers are 401,
+    even two copies of the same valid credential, on tenant routes and account routes."""
+    from tests.support.apikeys import create_api_key
+
+    app, c = probe
+    owner = await create_user(app)
+    tenant = await create_tenant(app, owner)
+    _, key = await create_api_key(app, tenant)
+    token = (await bearer(owner))["Authorization"]
+    url = f"/v1/tenants/{tenant.id}/probe"
+    assert (await c.post(url, headers={"Authorization": token})).status_code == 200
+    assert (await c.post(url, headers={"Authorization": f"Bearer {key}"})).status_code == 200
+    for pair in ((token, token), (f"Bearer {key}", token), (token, "Bearer not-a-jwt")):
+        headers = [("Authorization", pair[0]), ("Authorization", pair[1])]
+        for r in (await c.post(url, headers=headers), await c.get("/v1/me-probe", headers=headers)):
+            assert r.status_code == 401, r.text
+            assert "one Authorization header" in r.json()["detail"]
+            assert r.headers["www-authenticate"] == "Bearer"

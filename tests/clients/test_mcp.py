@@ -7,6 +7,7 @@ use their own tenant or key (quota, rate limit).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import uuid
@@ -23,6 +24,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import CallToolResult
 
+from atrium.apikeys import service as apikeys
+from atrium.apikeys.secrets import generate_key
 from atrium.auth.permissions import Scope
 from atrium.models import Base, Tenant, utcnow
 from atrium.retrieval import service as retrieval
@@ -31,6 +34,7 @@ from tests.support.factories import bearer, create_user
 from tests.support.llm_server import LLMServer
 from tests.support.retrieval import CORPUS, World, make_tenant, seed_corpus
 from tests.support.services import check_redis, mysql_connect
+from tests.test_apikeys import sql_log
 from tests.test_quota_helpers import set_plan
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -314,6 +318,67 @@ async def test_a_key_revoked_or_rotated_after_use_is_refused(app: Any, setup: Se
         assert await status(revoked_secret) == 401
         assert await status(rotated_secret) == 401
         assert await status(r.json()["key"]) == 200
+
+
+def _in_process(app: Any, port: int) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", port))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30)
+
+
+async def test_an_unknown_key_costs_one_database_read_however_many_ask(app: Any) -> None:
+    # Anyone can mint a well-formed key (the checksum is CRC32): 50 requests at once with one
+    # that does not exist share one database read, and the next ones read only Redis.
+    unknown = generate_key()
+    headers = {**MCP_HEADERS, "Authorization": f"Bearer {unknown}"}
+    tools_list = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    async with _in_process(app, 50014) as http:
+        with sql_log(app) as statements:
+            answers = await asyncio.gather(
+                *(http.post("/mcp", json=tools_list, headers=headers) for _ in range(50))
+            )
+            answers.append(await http.post("/mcp", json=tools_list, headers=headers))
+    for r in answers:
+        assert r.status_code == 401, r.text
+        assert r.json()["detail"] == "Invalid API key"
+    lookups = [s for s in statements if "key_hash IN" in s]
+    assert len(lookups) == 1, statements
+
+
+async def test_a_key_created_after_a_miss_on_its_secret_works_at_once(
+    app: Any, setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = generate_key()
+    headers = {**MCP_HEADERS, "Authorization": f"Bearer {secret}"}
+    tools_list = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    async with _in_process(app, 50015) as http:
+        r = await http.post("/mcp", json=tools_list, headers=headers)
+        assert r.status_code == 401, r.text  # and now remembered as unknown
+        monkeypatch.setattr(apikeys, "generate_key", lambda: secret)
+        r = await http.post(
+            f"/v1/tenants/{setup.a.tenant_id}/api-keys",
+            json={"name": "late", "scopes": ["search"]},
+            headers=setup.a.headers,
+        )
+        assert r.status_code == 201 and r.json()["key"] == secret, r.text
+        r = await http.post("/mcp", json=tools_list, headers=headers)
+        assert r.status_code == 200, r.text
+
+
+async def test_more_than_one_authorization_header_is_refused(setup: Setup) -> None:
+    tools_list = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+    one = {**MCP_HEADERS, "Authorization": f"Bearer {setup.key_a}"}
+    async with httpx.AsyncClient(timeout=30) as http:
+        assert (await http.post(setup.url, json=tools_list, headers=one)).status_code == 200
+        for other in (setup.key_a, setup.key_b):
+            headers = [
+                *MCP_HEADERS.items(),
+                ("Authorization", f"Bearer {setup.key_a}"),
+                ("Authorization", f"Bearer {other}"),
+            ]
+            r = await http.post(setup.url, json=tools_list, headers=headers)
+            assert r.status_code == 401, r.text
+            assert "one Authorization header" in r.json()["detail"]
+            assert r.headers["www-authenticate"] == "Bearer"
 
 
 async def test_rate_limit_refuses_as_the_routes_do(app: Any, setup: Setup) -> None:

@@ -7,12 +7,17 @@ on the very next request, and expiry is checked against the cached record on eve
 ``last_used_at`` is written by a Celery task at most once a minute per key (a Redis ``SET NX``
 debounce decides who sends it).
 
-Redis keys (every one carries the tenant id):
+Redis keys (every one carries the tenant id, but the last):
 
 - ``atrium:t:<tenant>:apikey:<hmac>``: the key record as JSON, or a marker for a key that does
   not exist (``unknown``) or belongs to another tenant (``foreign``);
 - ``atrium:t:<tenant>:status``: the tenant's status, for a few seconds;
-- ``atrium:t:<tenant>:apikey-used:<key id>``: the last-used debounce.
+- ``atrium:t:<tenant>:apikey-used:<key id>``: the last-used debounce;
+- ``atrium:apikey-unknown:<hmac>``: a key that does not exist, as :func:`tenant_of_key` (whose
+  caller names no tenant) found it; for ``NEGATIVE_TTL_SECONDS``.
+
+Creating or rotating a key drops both "does not exist" markers of the new key's HMAC once the
+key is committed, so a key is never refused because someone tried it before it existed.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from atrium.auth.subject import AuthSubject
 from atrium.billing.plans import Limit
 from atrium.billing.quota import limits_in_session
 from atrium.config import Settings
+from atrium.kit.db import after_commit
 from atrium.kit.enqueue import PUBLISH_RETRY_POLICY
 from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from atrium.models import ApiKey, Role, TenantStatus, utcnow
@@ -83,6 +89,12 @@ def status_cache_key(tenant_id: uuid.UUID | str) -> str:
 def touch_cache_key(tenant_id: uuid.UUID | str, key_id: uuid.UUID | str) -> str:
     """Redis key of a key's last-used debounce."""
     return f"atrium:t:{tenant_id}:apikey-used:{key_id}"
+
+
+def unknown_key_cache_key(digest: str) -> str:
+    """Redis key of :func:`tenant_of_key`'s "no such key" marker (no tenant: the caller names
+    none, and a key that does not exist has none)."""
+    return f"atrium:apikey-unknown:{digest}"
 
 
 # --- Authentication (the hot path) ------------------------------------------------------------
@@ -322,16 +334,34 @@ async def authenticate_api_key(
     )
 
 
-#: Which tenant each key belongs to, by the key's HMAC under the current secret (never the key
-#: itself), for :func:`tenant_of_key`. Bounded: emptied when full (a miss costs one indexed
-#: read).
-_key_tenants: dict[str, uuid.UUID] = {}
+#: At most this many key-to-tenant entries per app (:func:`tenant_of_key`); emptied when full (a
+#: miss costs one indexed read).
 _MAX_KEY_TENANTS = 100_000
 
 
-def forget_key_tenants() -> None:
-    """Forget this process's key-to-tenant map (tests)."""
-    _key_tenants.clear()
+def _key_tenants(state: Any) -> dict[str, uuid.UUID]:
+    """Which tenant each key belongs to, by the key's HMAC under the current secret (never the
+    key itself): one map per app, kept on its state (two apps in one process share nothing)."""
+    known: dict[str, uuid.UUID] | None = getattr(state, "apikey_tenants", None)
+    if known is None:
+        known = {}
+        state.apikey_tenants = known
+    return known
+
+
+async def _load_key_tenant(
+    sessionmaker: Any, redis: Redis, settings: Settings, token: str, digest: str
+) -> uuid.UUID | None:
+    """Read the key's tenant from the database; remember a key that does not exist."""
+    # One digest per secret of the key ring: keys issued under a previous secret still work.
+    digests = [digest] + [key_digest(s, token) for s in settings.secret_keys[1:]]
+    async with sessionmaker() as session:
+        key = await repository.find_by_digests(session, digests)
+    if key is None:
+        await redis.set(unknown_key_cache_key(digest), _UNKNOWN, ex=NEGATIVE_TTL_SECONDS)
+        return None
+    tenant_id: uuid.UUID = key.tenant_id
+    return tenant_id
 
 
 async def tenant_of_key(request: Request, token: str) -> uuid.UUID:
@@ -339,14 +369,21 @@ async def tenant_of_key(request: Request, token: str) -> uuid.UUID:
 
     For a caller whose path names no tenant (``/mcp``): it learns the tenant here, then passes
     it to :func:`authenticate_api_key`, which makes every other check. The answer is kept in a
-    per-process map: a key never changes tenant and its HMAC is never reused by another key,
-    so an entry is never wrong, and it grants nothing by itself. A key revoked, expired or
-    rotated past its grace period, or deleted with its tenant, still maps to that tenant here
-    and is refused by :func:`authenticate_api_key` on every request (401, or 404 for a tenant
-    that is gone). Unknown keys are not remembered.
+    map of the app's (``app.state``): a key never changes tenant and its HMAC is never reused
+    by another key, so an entry is never wrong, and it grants nothing by itself. A key
+    revoked, expired or rotated past its grace period, or deleted with its tenant, still maps
+    to that tenant here and is refused by :func:`authenticate_api_key` on every request (401,
+    or 404 for a tenant that is gone).
+
+    A key that does not exist costs what it costs on the routes: one (shared) Redis read of
+    its "unknown" marker, and on a miss one database read for all the requests that miss it
+    at the same time (:meth:`CoalescingReader.load_once`), which then marks it unknown for
+    ``NEGATIVE_TTL_SECONDS``. Creating a key drops the marker of its HMAC (:func:`create_key`,
+    :func:`rotate_key`).
 
     Args:
-        request: the HTTP request (``app.state`` gives settings and the account database).
+        request: the HTTP request (``app.state`` gives settings, Redis and the account
+            database).
         token: the bearer credential, starting with ``atr_``.
 
     Raises:
@@ -357,20 +394,26 @@ async def tenant_of_key(request: Request, token: str) -> uuid.UUID:
         raise Unauthorized("Malformed API key: check that it was copied whole")
     state = request.app.state
     settings: Settings = state.settings
+    redis: Redis = state.redis
     digest = key_digest(_current_secret(settings), token)
-    tenant_id = _key_tenants.get(digest)
+    known = _key_tenants(state)
+    tenant_id = known.get(digest)
     if tenant_id is not None:
         return tenant_id
-    # One digest per secret of the key ring: keys issued under a previous secret still work.
-    digests = [digest] + [key_digest(s, token) for s in settings.secret_keys[1:]]
-    async with state.sessionmaker() as session:
-        key = await repository.find_by_digests(session, digests)
-    if key is None:
+    marker = unknown_key_cache_key(digest)
+    reader = _reader(state)
+    (cached,) = await reader.mget(marker)
+    if cached == _UNKNOWN:
         raise Unauthorized("Invalid API key")
-    if len(_key_tenants) >= _MAX_KEY_TENANTS:
-        _key_tenants.clear()
-    _key_tenants[digest] = key.tenant_id
-    return key.tenant_id
+    tenant_id = await reader.load_once(
+        marker, lambda: _load_key_tenant(state.sessionmaker, redis, settings, token, digest)
+    )
+    if tenant_id is None:
+        raise Unauthorized("Invalid API key")
+    if len(known) >= _MAX_KEY_TENANTS:
+        known.clear()
+    known[digest] = tenant_id
+    return tenant_id
 
 
 # --- last_used_at: debounced, written by a task -----------------------------------------------
@@ -620,6 +663,7 @@ async def create_key(
         created_by_user_id=subject.user_id,
         created_by_api_key_id=subject.api_key_id,
     )
+    await _forget_misses(session, request.app.state.redis, key)
     record(
         session,
         "api_key.created",
@@ -631,6 +675,22 @@ async def create_key(
         **_actor(subject),
     )
     return key, secret
+
+
+async def _forget_misses(session: AsyncSession, redis: Redis, key: ApiKey) -> None:
+    """Drop the "does not exist" markers of a new key's HMAC (its tenant's paths and
+    :func:`tenant_of_key`'s) once ``session`` commits, so the key works at once even if
+    someone tried it before it existed. After the commit, never before: a request in between
+    would read no row and mark it unknown again. Nobody holds the secret before the response
+    that carries it, which goes out after this."""
+    names = (record_cache_key(key.tenant_id, key.key_hash), unknown_key_cache_key(key.key_hash))
+
+    async def hook(committed: bool) -> None:
+        if committed:
+            await redis.delete(*names)
+
+    if not after_commit(session, hook):
+        await redis.delete(*names)
 
 
 async def _get_or_404(session: AsyncSession, tenant_id: uuid.UUID, key_id: uuid.UUID) -> ApiKey:
@@ -721,6 +781,7 @@ async def rotate_key(
         created_by_api_key_id=subject.api_key_id,
         rotated_from_id=old.id,
     )
+    await _forget_misses(session, request.app.state.redis, new)
     old.revoked_at = now + dt.timedelta(seconds=data.grace_period_seconds)
     await session.flush()
     record(

@@ -25,8 +25,20 @@ API_KEY_PREFIX = "atr_"
 
 
 def bearer_token(request: Request) -> str | None:
-    """The credential of an ``Authorization: Bearer ...`` header, if any."""
-    header = request.headers.get("authorization")
+    """The credential of an ``Authorization: Bearer ...`` header, if any.
+
+    Raises:
+        Unauthorized: more than one ``Authorization`` header (a proxy in front may have
+            checked another one than the one we would read), or one that is not a bearer
+            credential.
+    """
+    headers = request.headers.getlist("authorization")
+    if len(headers) > 1:
+        raise Unauthorized(
+            f"Send one Authorization header: this request has {len(headers)}, "
+            "and which one counts would be ambiguous"
+        )
+    header = headers[0] if headers else None
     if not header:
         return None
     scheme, _, value = header.partition(" ")
