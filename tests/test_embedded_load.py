@@ -1,6 +1,6 @@
 """The load a person generates, on `atrium dev` as a new user runs it.
 
-6 clients upload 40 documents of real prose each, one per request, while 3 clients search, on
+6 clients upload 20 documents of real prose each, one per request, while 3 clients search, on
 the embedded default (SQLite account database, embedded PostgreSQL and Redis, the worker `atrium
 dev` starts) and with the account database on MariaDB: no response >= 500, no transport error,
 every document ``ready``, and the document and chunk counts exact (the collection's counters,
@@ -23,7 +23,9 @@ from tests.support import services
 from tests.support.load import DevServer, login, prose_documents, run_load, sign_up
 
 UPLOADERS = 6
-PER_UPLOADER = 40
+# 120 documents: twice the 60 that reproduced the 500s (docs/decisions/0008); the 1,000-document
+# figures come from bench/load.py, not from the suite, which must stay under 10 minutes.
+PER_UPLOADER = 20
 SEARCHERS = 3
 
 
