@@ -21,25 +21,6 @@ from tests.support import services
 from tests.support.llm_server import LLMServer
 from tests.support.smtp import Mailbox
 
-#: The longest tests (a minute or more each on 2 cores), run first: xdist hands tests out in
-#: collection order, and one of these started last keeps a worker busy alone at the end while
-#: the other sits idle. Longest first packs the two workers (the suite's 10-minute budget).
-LONGEST_FIRST = (
-    "tests/test_embedded_load.py",
-    "tests/test_dev_command.py",
-    "tests/test_outbox.py",
-    "tests/test_fuzz.py",
-    "tests/test_outages_db.py",
-    "tests/test_ingestion_recovery.py",
-    "tests/test_ingestion_litellm.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Move :data:`LONGEST_FIRST` modules to the front, in that order (stable otherwise)."""
-    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
-
 
 @pytest.fixture(scope="session")
 def test_env() -> Iterator[dict[str, Any]]:
