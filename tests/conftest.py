@@ -168,22 +168,11 @@ async def sqlite_app(settings: Any, tmp_path: Path, clean_state: None) -> AsyncI
         yield app
 
 
-def _table_names() -> list[str]:
-    from atrium.models import Base
-
-    return [t.name for t in reversed(Base.metadata.sorted_tables)]
-
-
 @pytest.fixture
 def clean_state(test_env: dict[str, Any]) -> Iterator[None]:
     """Empty every account table and the app's Redis db after the test."""
     yield
-    with services.mysql_connect(test_env["mysql_db"]) as conn, conn.cursor() as cur:
-        cur.execute("SET FOREIGN_KEY_CHECKS=0")
-        for name in _table_names():
-            cur.execute(f"DELETE FROM `{name}`")
-        cur.execute("SET FOREIGN_KEY_CHECKS=1")
-    services.check_redis(test_env["redis_db"]).flushdb()
+    services.reset_state(test_env["mysql_db"], test_env["redis_db"])
 
 
 @pytest.fixture

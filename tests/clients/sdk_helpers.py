@@ -56,16 +56,8 @@ async def new_account(app: Any, url: str) -> Account:
 
 
 def clean_state(test_env: dict[str, Any]) -> None:
-    """What the ``clean_state`` fixture does after a test (empty every account table and the
-    app's Redis db), for the SDK's module-scoped fixtures."""
-    from atrium.models import Base
-
-    with services.mysql_connect(test_env["mysql_db"]) as conn, conn.cursor() as cur:
-        cur.execute("SET FOREIGN_KEY_CHECKS=0")
-        for table in reversed(Base.metadata.sorted_tables):
-            cur.execute(f"DELETE FROM `{table.name}`")
-        cur.execute("SET FOREIGN_KEY_CHECKS=1")
-    services.check_redis(test_env["redis_db"]).flushdb()
+    """What the ``clean_state`` fixture does after a test, for the module-scoped fixtures."""
+    services.reset_state(test_env["mysql_db"], test_env["redis_db"])
 
 
 def uploaded_document(**fields: Any) -> dict[str, Any]:

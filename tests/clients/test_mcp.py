@@ -27,13 +27,13 @@ from mcp_types import CallToolResult
 from atrium.apikeys import service as apikeys
 from atrium.apikeys.secrets import generate_key
 from atrium.auth.permissions import Scope
-from atrium.models import Base, Tenant, utcnow
+from atrium.models import Tenant, utcnow
 from atrium.retrieval import service as retrieval
+from tests.clients.sdk_helpers import clean_state
 from tests.support.apikeys import create_api_key
 from tests.support.factories import bearer, create_user
 from tests.support.llm_server import LLMServer
 from tests.support.retrieval import CORPUS, World, make_tenant, seed_corpus
-from tests.support.services import check_redis, mysql_connect
 from tests.test_apikeys import sql_log
 from tests.test_quota_helpers import set_plan
 
@@ -68,16 +68,6 @@ class Setup:
     keys: dict[str, str] = field(default_factory=dict)
 
 
-def _cleanup(test_env: dict[str, Any]) -> None:
-    """What the clean_state fixture does after each test, once for the module."""
-    with mysql_connect(test_env["mysql_db"]) as conn, conn.cursor() as cur:
-        cur.execute("SET FOREIGN_KEY_CHECKS=0")
-        for table in reversed(Base.metadata.sorted_tables):
-            cur.execute(f"DELETE FROM `{table.name}`")
-        cur.execute("SET FOREIGN_KEY_CHECKS=1")
-    check_redis(test_env["redis_db"]).flushdb()
-
-
 async def _key(app: Any, tenant_id: uuid.UUID, scopes: list[str] | None = None, **kw: Any) -> str:
     """A new API key of the tenant (every scope unless given); its secret."""
     async with app.state.sessionmaker() as session:
@@ -109,7 +99,7 @@ async def setup(
             "expired": await _key(app, a.tenant_id, expires_at=utcnow() - dt.timedelta(minutes=1)),
         },
     )
-    _cleanup(test_env)
+    clean_state(test_env)
 
 
 @contextlib.asynccontextmanager

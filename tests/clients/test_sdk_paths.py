@@ -23,11 +23,6 @@ from tests.clients.sdk_helpers import uploaded_document
 ATR = Path(sys.executable).parent / "atr"
 SECRET = b"ATRIUM_API_KEY=atr_secret_never_uploaded"
 
-needs_posix = pytest.mark.skipif(
-    not hasattr(os, "mkfifo") or not Path("/proc/self/environ").exists(),
-    reason="needs FIFOs, symbolic links and /proc (Linux)",
-)
-
 
 def _layout(tmp_path: Path) -> Path:
     """A directory holding two regular files (one in a subdirectory) and everything that must
@@ -52,7 +47,6 @@ def _layout(tmp_path: Path) -> Path:
 # Collecting files ------------------------------------------------------------------------------
 
 
-@needs_posix
 def test_a_directory_yields_only_its_regular_files(tmp_path: Path) -> None:
     root = _layout(tmp_path)
     files = collect_files(root, None)
@@ -63,7 +57,6 @@ def test_a_directory_yields_only_its_regular_files(tmp_path: Path) -> None:
     assert [f.name for f in upload.collect([root])] == ["readme.md", "sub/guide.md"]
 
 
-@needs_posix
 def test_a_path_named_explicitly_may_be_a_link_but_must_be_a_regular_file(
     tmp_path: Path,
 ) -> None:
@@ -83,7 +76,6 @@ def test_a_path_named_explicitly_may_be_a_link_but_must_be_a_regular_file(
     assert environ.size == 0 and environ.read() == b""
 
 
-@needs_posix
 def test_a_file_swapped_for_a_link_after_the_walk_is_not_followed(tmp_path: Path) -> None:
     root = _layout(tmp_path)
     readme = next(f for f in collect_files(root, None) if f.name == "readme.md")
@@ -97,7 +89,6 @@ def test_a_file_swapped_for_a_link_after_the_walk_is_not_followed(tmp_path: Path
         readme.read()
 
 
-@needs_posix
 def test_uploading_the_directory_sends_no_secret(tmp_path: Path) -> None:
     root = _layout(tmp_path)
     bodies: list[bytes] = []
@@ -122,7 +113,6 @@ def test_uploading_the_directory_sends_no_secret(tmp_path: Path) -> None:
     assert b"notes.md" not in sent and b"env.txt" not in sent and b"pipe.txt" not in sent
 
 
-@needs_posix
 def test_atr_upload_refuses_a_fifo_and_a_directory_of_links(tmp_path: Path) -> None:
     root = _layout(tmp_path)
     only_links = tmp_path / "links"

@@ -86,6 +86,20 @@ def check_redis(db: int) -> redis.Redis:
     return client
 
 
+def reset_state(mysql_db: str, redis_db: int) -> None:
+    """Empty every account table of ``mysql_db`` and flush the app's Redis db ``redis_db``:
+    what the ``clean_state`` fixture does after each test, and what module-scoped fixtures
+    (one tenant for a whole module) do once at their end."""
+    from atrium.models import Base
+
+    with mysql_connect(mysql_db) as conn, conn.cursor() as cur:
+        cur.execute("SET FOREIGN_KEY_CHECKS=0")
+        for table in reversed(Base.metadata.sorted_tables):
+            cur.execute(f"DELETE FROM `{table.name}`")
+        cur.execute("SET FOREIGN_KEY_CHECKS=1")
+    check_redis(redis_db).flushdb()
+
+
 def start_pgserver() -> tuple[object, str, Path]:
     import pgserver
 
