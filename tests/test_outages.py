@@ -80,6 +80,16 @@ async def test_redis_outage_answers_503_then_recovers(
         headers = key_header(r.json()["key"])
         url = f"/v1/tenants/{tenant.id}/collections"
         assert (await client.get(url, headers=headers)).status_code == 200
+        # The MCP endpoint authenticates the same key the same way (one JSON-RPC call, no
+        # handshake: the server is stateless).
+        mcp_headers = {
+            **headers,
+            "Accept": "application/json, text/event-stream",
+            "MCP-Protocol-Version": "2025-06-18",
+        }
+        tools_list = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
+        r = await client.post("/mcp", json=tools_list, headers=mcp_headers)
+        assert r.status_code == 200, r.text
 
         private_redis.stop()
         for _ in range(3):
@@ -91,9 +101,14 @@ async def test_redis_outage_answers_503_then_recovers(
             assert r.headers["retry-after"] == "5"
             assert r.json()["error"] == "ServiceUnavailable" and "Redis" in r.json()["detail"]
             assert elapsed < 2.0, f"the 503 took {elapsed:.2f} s"
+        r = await client.post("/mcp", json=tools_list, headers=mcp_headers)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "5" and r.json()["error"] == "ServiceUnavailable"
 
         private_redis.start()  # back, empty (no persistence): caches and buckets rebuild
         r = await client.get(url, headers=headers)
+        assert r.status_code == 200, r.text
+        r = await client.post("/mcp", json=tools_list, headers=mcp_headers)
         assert r.status_code == 200, r.text
 
 
