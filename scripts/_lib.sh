@@ -14,6 +14,13 @@ sync_env() {
   uv sync --frozen --quiet
 }
 
+# The local embedder's int8 ONNX model is built from the installed weights package, once per
+# environment (cached in .venv/share/atrium/models; seconds, no-op when cached). Building it here
+# rather than on first use keeps the API, the worker's processes and the tests from waiting on it.
+ensure_embedding_model() {
+  uv run --frozen python -m atrium.embedding.model_build
+}
+
 wait_for() {  # wait_for <seconds> <command...>
   local limit=$1; shift
   for _ in $(seq 1 $((limit * 5))); do

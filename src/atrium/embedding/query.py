@@ -1,6 +1,7 @@
 """Query embeddings: the configured embedder, one per process, with a small LRU of recent queries.
 
-The model is the one ingestion used (same settings), so query and chunk vectors are comparable.
+The model is the one ingestion used (same settings, same factory: :mod:`atrium.embedding.factory`),
+so query and chunk vectors are comparable. Used by search and by answers.
 The LRU is keyed by tenant: a hit is visible to the caller (``embedding_ms`` in the search
 timings is near zero), so a cache shared by every tenant would tell tenant B that someone else
 recently searched the exact text B just sent.
@@ -19,39 +20,15 @@ import numpy as np
 import numpy.typing as npt
 
 from atrium.config import Settings
-from atrium.ingestion.embedding import Embedder, LiteLLMEmbedder, LocalOnnxEmbedder
+from atrium.embedding.base import Embedder
+from atrium.embedding.factory import get_embedder
 
 Vector = npt.NDArray[np.float32]
 
-_lock = threading.Lock()
-_embedders: dict[tuple[str, str, int], Embedder] = {}
 
-
-def get_embedder(settings: Settings) -> Embedder:
-    """The process-wide embedder for ``settings`` (loaded on first use)."""
-    key = (settings.embedding_provider, settings.embedding_model, settings.embedding_dimension)
-    embedder = _embedders.get(key)
-    if embedder is not None:
-        return embedder
-    with _lock:
-        embedder = _embedders.get(key)
-        if embedder is None:
-            if settings.embedding_provider == "local":
-                embedder = LocalOnnxEmbedder(
-                    max_tokens=min(settings.embedding_max_tokens, 512),
-                    threads=settings.embedding_threads or None,
-                )
-            else:
-                embedder = LiteLLMEmbedder(
-                    settings.embedding_model,
-                    settings.embedding_dimension,
-                    api_base=settings.embedding_api_base or None,
-                    api_key=settings.embedding_api_key.get_secret_value() or None,
-                    max_retries=1,
-                    timeout=min(settings.llm_timeout_seconds, 30.0),
-                )
-            _embedders[key] = embedder
-    return embedder
+def query_embedder(settings: Settings) -> Embedder:
+    """The process-wide embedder for queries (loaded on first use, its dimension checked)."""
+    return get_embedder(settings, "query")
 
 
 class QueryVectorCache:
@@ -97,9 +74,9 @@ async def embed_query(
         tenant's LRU entries.
 
     Raises:
-        atrium.ingestion.embedding.EmbeddingError: when a hosted embedder fails.
+        atrium.embedding.base.EmbeddingError: when a hosted embedder fails.
     """
-    embedder = get_embedder(settings)
+    embedder = query_embedder(settings)
     cached = _query_cache.get(tenant_id, embedder.model_name, text)
     if cached is not None:
         return cached, True
@@ -111,5 +88,5 @@ async def embed_query(
 
 async def embed_texts(settings: Settings, texts: list[str]) -> npt.NDArray[np.float32]:
     """Embed several texts (extractive answers embed candidate sentences)."""
-    embedder = get_embedder(settings)
+    embedder = query_embedder(settings)
     return await asyncio.to_thread(embedder.embed, texts)
