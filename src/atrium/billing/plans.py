@@ -13,6 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from atrium.config import get_settings
+
 #: The plans file shipped with the source tree (``config/plans.toml`` at the repository root).
 BUNDLED_PLANS_FILE = Path(__file__).resolve().parents[3] / "config" / "plans.toml"
 
@@ -150,8 +152,6 @@ def largest_upload(catalog: PlanCatalog) -> int:
 
 def get_catalog() -> PlanCatalog:
     """The process-wide plan catalog, from ``ATRIUM_PLANS_FILE`` or the bundled file."""
-    from atrium.config import get_settings
-
     configured = get_settings().plans_file
     return _cached(str(configured) if configured else "")
 

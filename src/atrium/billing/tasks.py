@@ -12,9 +12,9 @@ from sqlalchemy import func, select
 from atrium.billing.quota import (
     Metric,
     Quota,
-    _tag,
     alerts_key,
     ensure_account,
+    period_tag,
     reservations_key,
     roll_period,
     usage_key,
@@ -41,7 +41,7 @@ async def roll_periods(now: dt.datetime | None = None) -> dict[str, Any]:
         ``{"rolled": [tenant ids], "opened": n}``.
     """
     res = await runtime.resources()
-    quota = Quota.of(res)
+    quota = Quota.for_resources(res)
     now = now or utcnow()
     rolled: list[tuple[str, dt.datetime]] = []
     opened = 0
@@ -84,7 +84,7 @@ async def roll_periods(now: dt.datetime | None = None) -> dict[str, Any]:
                     ).scalar_one()
         # After commit: drop cached snapshots and the finished period's Redis state.
         for tenant_id, old_start in batch:
-            old = _tag(old_start)
+            old = period_tag(old_start)
             keys = [usage_key(tenant_id, old), alerts_key(tenant_id, old)]
             keys += [reservations_key(tenant_id, old, m) for m in Metric if not m.is_level]
             await res.redis.delete(*keys)
