@@ -1,14 +1,23 @@
-"""The Celery application. Tasks live in their domain's ``tasks.py`` and are listed here."""
+"""The Celery worker's entry point: the app of :mod:`atrium.kit.celery_app` with every domain's
+task modules, and the worker process's start and shutdown hooks.
+
+Tasks live in their domain's ``tasks.py`` and are listed here; nothing in ``atrium.kit`` imports
+this module, so the infrastructure never depends on the domains whose tasks it runs.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Any
 
-from celery import Celery
-from celery.signals import worker_process_shutdown
+from celery.signals import worker_init, worker_process_shutdown
 
+from atrium.auth.tokens import configure_jwt
 from atrium.config import get_settings
+from atrium.kit import runtime
+from atrium.kit.celery_app import create_celery, get_celery
+
+__all__ = ["TASK_MODULES", "celery_app", "create_celery"]
 
 TASK_MODULES = [
     "atrium.kit.tasks",
@@ -21,75 +30,19 @@ TASK_MODULES = [
     "atrium.kit.outbox",
 ]
 
-
-def create_celery() -> Celery:
-    """Build the Celery app from settings (Redis broker, JSON only, late acks)."""
-    settings = get_settings()
-    app = Celery("atrium", include=TASK_MODULES)
-    broker = settings.resolved_broker_url
-    app.conf.update(
-        broker_url=broker,
-        result_backend=broker,
-        broker_connection_retry_on_startup=True,
-        # A task is acknowledged only when done, and given back if its worker dies mid-way:
-        # nothing is lost to a crash (every task is idempotent for this reason).
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        task_time_limit=1800,
-        task_soft_time_limit=1700,
-        result_expires=3600,
-        task_always_eager=settings.celery_always_eager,
-        # Longer than the longest task, or Redis would hand an unacked task to a second worker.
-        # Socket time-outs: a broker that accepts connections and then hangs must not hang a
-        # publication (a request's, after its commit) forever; what is not published waits
-        # in the job outbox (atrium.kit.outbox). Kombu's BRPOP polls every second, well under.
-        broker_transport_options={
-            "visibility_timeout": settings.celery_visibility_timeout,
-            "socket_connect_timeout": 5,
-            "socket_timeout": 5,
-        },
-        # A child that a large document left large (peak resident memory, in KiB) is replaced
-        # after its task, before the next document meets an out-of-memory kill on top of it.
-        # A child killed mid-task (the kernel's OOM killer) is covered by the late acks above
-        # and the attempt limit of ``ingestion.pipeline``: docs/operations.md.
-        worker_max_memory_per_child=(settings.celery_max_memory_per_child_mb * 1024) or None,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        beat_schedule_filename=str((settings.data_dir / "celerybeat-schedule").resolve()),
-        beat_schedule={
-            "ingestion-sweep": {
-                "task": "atrium.ingestion.sweep",
-                "schedule": float(settings.ingestion_sweep_interval_seconds),
-            },
-            # Jobs committed but not published (the broker was unreachable): atrium.kit.outbox.
-            "outbox-relay": {
-                "task": "atrium.outbox.relay",
-                "schedule": float(settings.celery_relay_interval_seconds),
-                # Ticks queued while no worker ran are worth nothing once the next one is due.
-                "options": {"expires": float(settings.celery_relay_interval_seconds)},
-            },
-        },
-        timezone="UTC",
-    )
-    # Billing periods start on time: atrium.billing.tasks.roll_periods, every minute.
-    app.conf.beat_schedule["billing-roll-periods"] = {
-        "task": "atrium.billing.roll_periods",
-        "schedule": 60.0,
-    }
-    return app
+celery_app = get_celery()
+celery_app.conf.update(include=TASK_MODULES)
 
 
-celery_app = create_celery()
+@worker_init.connect
+def _configure(**_: Any) -> None:
+    # Before the pool starts, so prefork children inherit it: the JWT library keeps its
+    # configuration on a class, and a worker must read tokens as the API signs them.
+    configure_jwt(get_settings())
 
 
 @worker_process_shutdown.connect
 def _close(**_: Any) -> None:
-    from atrium.kit import runtime
-
     # Best effort at process exit: a failing close must not mask the shutdown reason.
     with contextlib.suppress(Exception):
         runtime.run(runtime.close_resources())

@@ -20,7 +20,7 @@ from atrium.models import Tenant, TenantStatus
 from atrium.models import User as UserModel
 from atrium.models.accounts import user_email_col, user_id_col
 from atrium.tenants.schemas import Tenant as TenantOut
-from atrium.tenants.service import forget_status
+from atrium.tenants.status import forget_status
 
 router = APIRouter(prefix="/admin", tags=["admin"], responses=SUPERUSER)
 PageParams = Annotated[Params, Depends()]

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Select, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from atrium.models import ApiKey, Membership, Role, Tenant, TenantStatus
+from atrium.models import ApiKey, Membership, Role
 
 
 async def find_by_digests(session: AsyncSession, digests: Sequence[str]) -> ApiKey | None:
@@ -22,13 +22,6 @@ async def find_by_digests(session: AsyncSession, digests: Sequence[str]) -> ApiK
     """
     result = await session.execute(select(ApiKey).where(ApiKey.key_hash.in_(list(digests))))
     return result.scalars().first()
-
-
-async def tenant_status(session: AsyncSession, tenant_id: uuid.UUID) -> TenantStatus | None:
-    """The tenant's status, or None when it does not exist."""
-    result = await session.execute(select(Tenant.status).where(Tenant.id == tenant_id))
-    status: TenantStatus | None = result.scalar_one_or_none()
-    return status
 
 
 def list_query(tenant_id: uuid.UUID, *, include_revoked: bool, now: dt.datetime) -> Select[Any]:

@@ -11,7 +11,8 @@ Redis keys (every one carries the tenant id, but the last):
 
 - ``atrium:t:<tenant>:apikey:<hmac>``: the key record as JSON, or a marker for a key that does
   not exist (``unknown``) or belongs to another tenant (``foreign``);
-- ``atrium:t:<tenant>:status``: the tenant's status, for a few seconds;
+- ``atrium:t:<tenant>:status``: the tenant's status, for a few seconds
+  (:mod:`atrium.tenants.status`, which also forgets it when the status changes);
 - ``atrium:t:<tenant>:apikey-used:<key id>``: the last-used debounce;
 - ``atrium:apikey-unknown:<hmac>``: a key that does not exist, as :func:`tenant_of_key` (whose
   caller names no tenant) found it; for ``NEGATIVE_TTL_SECONDS``.
@@ -41,7 +42,6 @@ from atrium.apikeys import repository
 from atrium.apikeys.schemas import ApiKeyCreate, ApiKeyRotate, ApiKeyStatus
 from atrium.apikeys.secrets import display_parts, generate_key, is_well_formed, key_digest
 from atrium.audit.service import record
-from atrium.auth.dependencies import ensure_tenant_usable
 from atrium.auth.permissions import (
     Permission,
     Scope,
@@ -53,9 +53,10 @@ from atrium.billing.plans import Limit
 from atrium.billing.quota import limits_in_session
 from atrium.config import Settings
 from atrium.kit.db import after_commit
-from atrium.kit.enqueue import PUBLISH_RETRY_POLICY
+from atrium.kit.enqueue import send_now
 from atrium.kit.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from atrium.models import ApiKey, Role, TenantStatus, utcnow
+from atrium.tenants.status import ensure_tenant_usable, load_status, status_cache_key
 
 log = structlog.get_logger("atrium.apikeys")
 T = TypeVar("T")
@@ -65,9 +66,6 @@ T = TypeVar("T")
 RECORD_TTL_SECONDS = 300
 #: How long a "no such key" / "another tenant's key" answer is remembered.
 NEGATIVE_TTL_SECONDS = 60
-#: How long a tenant's status is remembered: suspending a tenant reaches its keys within this
-#: many seconds, or at once when the tenants domain calls :func:`forget_tenant_status`.
-STATUS_TTL_SECONDS = 10
 #: ``last_used_at`` is written at most this often per key.
 TOUCH_INTERVAL_SECONDS = 60
 
@@ -79,11 +77,6 @@ _FOREIGN = "foreign"
 def record_cache_key(tenant_id: uuid.UUID | str, digest: str) -> str:
     """Redis key of a cached key record, as seen from ``tenant_id``'s paths."""
     return f"atrium:t:{tenant_id}:apikey:{digest}"
-
-
-def status_cache_key(tenant_id: uuid.UUID | str) -> str:
-    """Redis key of a tenant's cached status."""
-    return f"atrium:t:{tenant_id}:status"
 
 
 def touch_cache_key(tenant_id: uuid.UUID | str, key_id: uuid.UUID | str) -> str:
@@ -238,20 +231,6 @@ async def _load_record(
     return value
 
 
-async def _load_status(
-    session: AsyncSession | None, sessionmaker: Any, redis: Redis, tenant_id: uuid.UUID
-) -> str | None:
-    if session is not None:
-        status = await repository.tenant_status(session, tenant_id)
-    else:
-        async with sessionmaker() as own:
-            status = await repository.tenant_status(own, tenant_id)
-    if status is None:
-        return None
-    await redis.set(status_cache_key(tenant_id), status.value, ex=STATUS_TTL_SECONDS)
-    return status.value
-
-
 async def authenticate_api_key(
     request: Request, session: AsyncSession | None, token: str, tenant_id: uuid.UUID
 ) -> AuthSubject:
@@ -313,10 +292,10 @@ async def authenticate_api_key(
         if session is None:
             status = await _reader(state).load_once(
                 status_cache_key(tenant_id),
-                lambda: _load_status(None, state.sessionmaker, redis, tenant_id),
+                lambda: load_status(None, state.sessionmaker, redis, tenant_id),
             )
         else:
-            status = await _load_status(session, state.sessionmaker, redis, tenant_id)
+            status = await load_status(session, state.sessionmaker, redis, tenant_id)
         if status is None:
             raise NotFound("Tenant not found")
     if status != TenantStatus.active.value:
@@ -453,16 +432,13 @@ async def _note_use(redis: Redis, tenant_id: uuid.UUID, key_id: uuid.UUID) -> No
 
 
 def _send_touch(tenant_id: uuid.UUID, key_id: uuid.UUID, used_at: dt.datetime) -> None:
-    from atrium.worker import celery_app
-
-    celery_app.send_task(
+    # Best effort and nobody waits for it: published at once, not through the outbox (a lost
+    # mark costs nothing), with the outbox's short publish retries and no result subscription.
+    send_now(
         TOUCH_TASK,
-        kwargs={"tenant_id": str(tenant_id), "key_id": str(key_id), "used_at": used_at.isoformat()},
-        # Best effort and nobody waits for it: no result subscription (which retries an
-        # unreachable Redis for many seconds) and the outbox's short publish retries.
-        ignore_result=True,
-        retry=True,
-        retry_policy=PUBLISH_RETRY_POLICY,
+        tenant_id=str(tenant_id),
+        key_id=str(key_id),
+        used_at=used_at.isoformat(),
     )
 
 
@@ -872,12 +848,3 @@ async def revoke_keys_created_by(
             "api_keys_revoked_with_creator", user_id=str(user_id), count=len(keys), reason=reason
         )
     return keys
-
-
-async def forget_tenant_status(redis: Redis, tenant_id: uuid.UUID) -> None:
-    """Drop the cached status of a tenant, so a suspension reaches its keys at once.
-
-    The tenants domain calls this after changing a tenant's status (otherwise it takes effect
-    within ``STATUS_TTL_SECONDS``).
-    """
-    await redis.delete(status_cache_key(tenant_id))

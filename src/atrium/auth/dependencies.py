@@ -14,12 +14,15 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy import select
 
+from atrium.apikeys.service import authenticate_api_key
 from atrium.auth import tokens
 from atrium.auth.permissions import Permission, permissions_for_role
 from atrium.auth.subject import AuthSubject
+from atrium.billing.service import enforce_tenant_rate_limit
 from atrium.kit.db import DBSession
 from atrium.kit.errors import Forbidden, NotFound, Unauthorized
-from atrium.models import Membership, Tenant, TenantStatus, User
+from atrium.models import Membership, Tenant, User
+from atrium.tenants.status import ensure_tenant_usable
 
 API_KEY_PREFIX = "atr_"
 
@@ -111,15 +114,12 @@ class require:
         if token is None:
             raise Unauthorized()
         if token.startswith(API_KEY_PREFIX):
-            from atrium.apikeys.service import authenticate_api_key
-
             subject = await authenticate_api_key(request, None, token, tenant_id)
         else:
             async with request.app.state.sessionmaker() as session:
                 principal = await _authenticate_user(request, session, token)
                 subject = await _member_subject(session, principal, tenant_id)
         # Per API key / per user, with the plan's numbers (429 with Retry-After when over).
-        from atrium.billing.service import enforce_tenant_rate_limit
 
         await enforce_tenant_rate_limit(request, subject)
         if not subject.can(self.permission):
@@ -157,14 +157,6 @@ async def _member_subject(
         role=role,
         permissions=permissions_for_role(role),
     )
-
-
-def ensure_tenant_usable(status: TenantStatus) -> None:
-    """Refuse work in a suspended or departing tenant, saying why."""
-    if status is TenantStatus.suspended:
-        raise Forbidden("This tenant is suspended; contact support to restore access")
-    if status is TenantStatus.deleting:
-        raise NotFound("Tenant not found")
 
 
 def TenantSubject(permission: Permission) -> type[AuthSubject]:

@@ -17,17 +17,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
+from celery import Celery
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from atrium.kit.celery_app import get_celery
+from atrium.kit.engine import write_session
 from atrium.models.outbox import OutboxJob
-
-if TYPE_CHECKING:
-    from celery import Celery
 
 log = structlog.get_logger("atrium.kit.enqueue")
 
@@ -106,22 +106,43 @@ def publish(celery_app: Celery, jobs: Sequence[Job]) -> tuple[list[uuid.UUID], E
     sent: list[uuid.UUID] = []
     for job in jobs:
         try:
-            celery_app.send_task(
-                job.name,
-                kwargs=job.kwargs,
-                task_id=str(job.id),
-                # Nobody waits for these results; without this, each publication would also
-                # subscribe to its result channel on the result backend, which retries an
-                # unreachable Redis for many seconds.
-                ignore_result=True,
-                retry=True,
-                retry_policy=PUBLISH_RETRY_POLICY,
-                **job.options,
-            )
+            _send(celery_app, job)
         except Exception as exc:  # any failure: the job stays in the outbox, nothing is lost
             return sent, exc
         sent.append(job.id)
     return sent, None
+
+
+def _send(celery_app: Celery, job: Job) -> None:
+    celery_app.send_task(
+        job.name,
+        kwargs=job.kwargs,
+        task_id=str(job.id),
+        # Nobody waits for these results; without this, each publication would also
+        # subscribe to its result channel on the result backend, which retries an
+        # unreachable Redis for many seconds.
+        ignore_result=True,
+        retry=True,
+        retry_policy=PUBLISH_RETRY_POLICY,
+        **job.options,
+    )
+
+
+def send_now(name: str, /, **kwargs: Any) -> None:
+    """Publish ``name(**kwargs)`` right away, outside any transaction; blocking (broker socket).
+
+    For best-effort jobs that belong to no unit of work (a key's last-used mark): no outbox
+    row, so a job the broker does not take is lost, and the caller hears of it.
+
+    Args:
+        name: the task's registered name.
+        **kwargs: JSON-serialisable task arguments.
+
+    Raises:
+        Exception: whatever the broker's client raised after the short retries of
+            :data:`PUBLISH_RETRY_POLICY`.
+    """
+    _send(get_celery(), Job(name, kwargs))
 
 
 async def delete_sent(session: AsyncSession, ids: Sequence[uuid.UUID]) -> None:
@@ -150,11 +171,8 @@ async def send_jobs(
     jobs: list[Job] = session.info.pop(_KEY, [])
     if not jobs:
         return []
-    from atrium.kit.db import write_session
-    from atrium.worker import celery_app
-
     # Publishing talks to the broker over a blocking socket: keep it off the event loop.
-    sent, error = await run_in_threadpool(publish, celery_app, jobs)
+    sent, error = await run_in_threadpool(publish, get_celery(), jobs)
     if error is not None:
         log.warning(
             "jobs_not_sent",

@@ -50,6 +50,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
+from atrium.config import get_settings
+from atrium.kit.celery_app import get_celery
 from atrium.kit.errors import Unauthorized
 
 if TYPE_CHECKING:
@@ -62,7 +64,7 @@ STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 
 #: Stage names in use; ``time_stage`` accepts others, but dashboards are built on these.
 INGESTION_STAGES = ("extract", "chunk", "embed", "store")
-QUERY_STAGES = ("query_embed", "vector_search", "text_search", "fusion", "answer")
+QUERY_STAGES = ("query_embed", "vector_search", "text_search", "fusion", "rerank", "answer")
 
 documents_processed = Counter(
     "atrium_documents_processed",
@@ -161,10 +163,9 @@ def _broker_redis_url(broker_url: str) -> str | None:
 
 
 def _queue_names() -> list[str]:
-    from atrium.worker import celery_app
-
-    names = {str(celery_app.conf.task_default_queue)}
-    for queue in celery_app.conf.task_queues or []:
+    conf = get_celery().conf
+    names = {str(conf.task_default_queue)}
+    for queue in conf.task_queues or []:
         names.add(str(queue.name))
     return sorted(names)
 
@@ -329,13 +330,22 @@ INGESTION_TASK = "atrium.ingestion.process_document"
 
 
 def record_ingestion_outcome(outcome: dict[str, Any]) -> None:
-    """Count one finished ingestion run from the task's result.
+    """Count the documents of one finished ingestion task from its result.
 
-    ``{"status": "ready" | "failed" | "skipped" | "superseded", "chunks": n, "tokens": n,
-    "timings": {"extract_ms": ..., "chunk_ms": ..., "embed_ms": ..., "store_ms": ...}}``;
-    ``timings`` is optional. Recorded here, from the worker's task signal, so the pipeline
-    itself does not call these counters (it would count twice).
+    ``{"documents": [<document>, ...]}`` (a task may process several documents), each
+    ``{"status": "ready" | "failed" | "skipped" | "superseded" | "retry" | "requeued", "chunks": n,
+    "tokens": n, "timings": {"extract_ms": ..., "chunk_ms": ..., "embed_ms": ...,
+    "store_ms": ...}}``; a bare ``<document>`` counts as one. ``timings`` is optional.
+    Recorded here, from the worker's task signal on success (a task that retries its own
+    document calls it for the other documents of its run), so the pipeline itself does not
+    call these counters (it would count twice).
     """
+    documents = outcome.get("documents")
+    if isinstance(documents, list):
+        for document in documents:
+            if isinstance(document, dict):
+                record_ingestion_outcome(document)
+        return
     status = outcome.get("status")
     if status == "ready":
         documents_processed.inc()
@@ -344,8 +354,6 @@ def record_ingestion_outcome(outcome: dict[str, Any]) -> None:
             chunks_indexed.inc(chunks)
         tokens = int(outcome.get("tokens") or 0)
         if tokens:
-            from atrium.config import get_settings
-
             record_llm_tokens(get_settings().embedding_model, embedding=tokens)
     elif status == "failed":
         documents_failed.inc()

@@ -8,6 +8,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
+from atrium.kit import vectordb
+
 ROOT = Path(__file__).resolve().parents[3]
 
 
@@ -52,8 +54,6 @@ def downgrade_account_db(url: str, revision: str = "base") -> None:
 async def upgrade_vector_db(conninfo: str, dimension: int, target: int | None = None) -> int:
     """Apply the vector schema migrations (``target`` None: the newest)."""
     import psycopg
-
-    from atrium.kit import vectordb
 
     async with await psycopg.AsyncConnection.connect(conninfo) as conn:
         return await vectordb.migrate(conn, dimension, vectordb.HEAD if target is None else target)

@@ -25,11 +25,14 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from atrium.kit import runtime
+from atrium.kit.celery_app import get_celery
 from atrium.kit.db import unit_of_work
 from atrium.kit.enqueue import Job, delete_sent, publish
 from atrium.models.base import utcnow
 from atrium.models.outbox import OutboxJob
-from atrium.worker import celery_app
+
+# A task module: imported by the worker only (atrium.worker lists it).
+celery_app = get_celery()
 
 log = structlog.get_logger("atrium.kit.outbox")
 

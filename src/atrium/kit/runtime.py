@@ -7,6 +7,7 @@ pool and Redis client, created lazily on first use so nothing crosses a fork.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -48,8 +49,22 @@ def _loop() -> asyncio.AbstractEventLoop:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on this process's long-lived loop (pools stay bound to it)."""
-    return _loop().run_until_complete(coro)
+    """Run a coroutine on this process's long-lived loop (pools stay bound to it).
+
+    An exception raised into the loop itself rather than the coroutine (Celery's soft time
+    limit, a signal, while the loop waits for I/O) cancels the coroutine before it propagates:
+    left pending, it would resume during the process's next task.
+    """
+    loop = _loop()
+    task = loop.create_task(coro)
+    try:
+        return loop.run_until_complete(task)
+    except BaseException:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(task)
+        raise
 
 
 async def resources() -> Resources:
@@ -58,9 +73,6 @@ async def resources() -> Resources:
     res: Resources | None = _state.get("resources")
     if res is None:
         settings = get_settings()
-        from atrium.auth.tokens import configure_jwt
-
-        configure_jwt(settings)
         engine = create_engine(settings.resolved_database_url, pool_size=2)
         pool = create_pool(
             settings.vector_conninfo, max_size=4, timeout=settings.vector_pool_timeout_seconds

@@ -9,7 +9,10 @@ from celery import Task
 
 from atrium.config import get_settings
 from atrium.kit import email, outbox, runtime
-from atrium.worker import celery_app
+from atrium.kit.celery_app import get_celery
+
+# A task module: imported by the worker only (atrium.worker lists it).
+celery_app = get_celery()
 
 log = structlog.get_logger("atrium.email")
 

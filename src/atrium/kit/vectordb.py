@@ -61,7 +61,103 @@ MIGRATIONS: Sequence[Migration] = (
         """,
         "DROP TABLE IF EXISTS chunks CASCADE; DROP TABLE IF EXISTS tenant_partitions;",
     ),
+    Migration(
+        2,
+        "full text per collection language, and BM25 statistics (lexicon, text_stats)",
+        # ``atrium_tsv`` takes the configuration's name as text (a regconfig column cannot be
+        # written by binary COPY without looking up OIDs); it is declared immutable like
+        # to_tsvector(regconfig, text) itself: the built-in configurations never change.
+        # ``tsv_len`` (the chunk's length in words, stop words excluded) is BM25's document
+        # length; a generated column cannot read another one, hence the second atrium_tsv.
+        # ``lexicon`` holds each lexeme's document frequency (in chunks) per tenant and
+        # ``text_stats`` the tenant's chunk count and total length: both change in the same
+        # transaction as the chunks (ingestion.vectorstore), so IDF is always current.
+        """
+        CREATE FUNCTION atrium_tsv(cfg text, body text) RETURNS tsvector
+            LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT
+            AS $$ SELECT to_tsvector(cfg::regconfig, body) $$;
+        CREATE FUNCTION atrium_tsv_len(vec tsvector) RETURNS integer
+            LANGUAGE sql IMMUTABLE PARALLEL SAFE STRICT
+            AS $$ SELECT coalesce(sum(coalesce(cardinality(positions), 1)), 0)::integer
+                  FROM unnest(vec) $$;
+        ALTER TABLE chunks ADD COLUMN lang text NOT NULL DEFAULT 'english';
+        ALTER TABLE chunks DROP COLUMN tsv;
+        ALTER TABLE chunks ADD COLUMN tsv tsvector
+            GENERATED ALWAYS AS (atrium_tsv(lang, text)) STORED;
+        ALTER TABLE chunks ADD COLUMN tsv_len integer
+            GENERATED ALWAYS AS (atrium_tsv_len(atrium_tsv(lang, text))) STORED;
+        CREATE INDEX chunks_tsv_gin ON chunks USING gin (tsv);
+        CREATE TABLE lexicon (
+            tenant_id uuid    NOT NULL,
+            lexeme    text    NOT NULL,
+            df        integer NOT NULL,
+            PRIMARY KEY (tenant_id, lexeme)
+        );
+        CREATE TABLE text_stats (
+            tenant_id uuid   PRIMARY KEY,
+            chunks    bigint NOT NULL,
+            total_len bigint NOT NULL
+        );
+        INSERT INTO lexicon (tenant_id, lexeme, df)
+            SELECT c.tenant_id, u.lexeme, count(*) FROM chunks c, unnest(c.tsv) u GROUP BY 1, 2;
+        INSERT INTO text_stats (tenant_id, chunks, total_len)
+            SELECT tenant_id, count(*), sum(tsv_len) FROM chunks GROUP BY 1;
+        """,
+        """
+        DROP TABLE IF EXISTS lexicon; DROP TABLE IF EXISTS text_stats;
+        ALTER TABLE chunks DROP COLUMN tsv_len;
+        ALTER TABLE chunks DROP COLUMN tsv;
+        ALTER TABLE chunks DROP COLUMN lang;
+        ALTER TABLE chunks ADD COLUMN tsv tsvector
+            GENERATED ALWAYS AS (to_tsvector('english', text)) STORED;
+        CREATE INDEX chunks_tsv_gin ON chunks USING gin (tsv);
+        DROP FUNCTION atrium_tsv_len(tsvector); DROP FUNCTION atrium_tsv(text, text);
+        """,
+    ),
+    Migration(
+        3,
+        "embeddings stored inline (STORAGE MAIN) rather than out of line in TOAST",
+        # A chunk's row (a 384-dimension vector is 1.5 kB, its text about as much) is over
+        # PostgreSQL's 2 kB TOAST threshold, and pgvector's default storage (EXTERNAL) moves
+        # the vector out of line first: every distance of an exact scan, which the planner
+        # picks for a small partition, then reads three pages instead of one (3,000 chunks:
+        # 9.4 ms instead of 2.3 ms; docs/performance.md). MAIN keeps the vector in the row and
+        # compresses or moves the text, metadata and tsvector first; a vector too large for a
+        # page still goes out of line. Partitions inherit it; rows written before keep their
+        # layout until re-indexed (or VACUUM FULL).
+        "ALTER TABLE chunks ALTER COLUMN embedding SET STORAGE MAIN;",
+        "ALTER TABLE chunks ALTER COLUMN embedding SET STORAGE EXTERNAL;",
+    ),
 )
+
+#: The full-text configurations a collection may use (PostgreSQL's built-in ones, present in
+#: every supported version): the language its documents are stemmed and searched in.
+LANGUAGES: tuple[str, ...] = (
+    "simple",
+    "arabic",
+    "danish",
+    "dutch",
+    "english",
+    "finnish",
+    "french",
+    "german",
+    "greek",
+    "hungarian",
+    "indonesian",
+    "irish",
+    "italian",
+    "lithuanian",
+    "nepali",
+    "norwegian",
+    "portuguese",
+    "romanian",
+    "russian",
+    "spanish",
+    "swedish",
+    "tamil",
+    "turkish",
+)
+DEFAULT_LANGUAGE = "english"
 
 HEAD = MIGRATIONS[-1].version
 
@@ -225,6 +321,8 @@ async def drop_tenant_partition(conn: AsyncConnection, tenant_id: uuid.UUID) -> 
         existed = bool(row and row[0])
         await conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
         await conn.execute("DELETE FROM tenant_partitions WHERE tenant_id = %s", (tenant_id,))
+        await conn.execute("DELETE FROM lexicon WHERE tenant_id = %s", (tenant_id,))
+        await conn.execute("DELETE FROM text_stats WHERE tenant_id = %s", (tenant_id,))
     return existed
 
 

@@ -20,8 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.accounts.manager import link, send_mail
 from atrium.audit.service import record
-from atrium.auth.dependencies import ensure_tenant_usable
 from atrium.auth.subject import AuthSubject
+from atrium.billing.quota import Metric, reserve
 from atrium.config import Settings
 from atrium.kit import ratelimit
 from atrium.kit.email import display_name
@@ -29,6 +29,7 @@ from atrium.kit.errors import Conflict, Forbidden, Gone, NotFound
 from atrium.models import Invitation, Membership, Role, Tenant, User, utcnow
 from atrium.models.accounts import user_email_col, user_id_col
 from atrium.tenants import schemas
+from atrium.tenants.status import ensure_tenant_usable
 
 INVITATION_TTL = dt.timedelta(days=7)
 
@@ -321,7 +322,6 @@ async def accept(
     role = inv.role
     if existing is None:
         # A seat is a plan limit: held before joining (402 when the plan is full), then counted.
-        from atrium.billing.quota import Metric, reserve
 
         async with reserve(request, tenant.id, Metric.members, 1):
             session.add(Membership(tenant_id=tenant.id, user_id=user.id, role=role))

@@ -11,14 +11,17 @@ from redis.asyncio import Redis
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from atrium.apikeys.service import revoke_keys_created_by
 from atrium.audit.service import record
 from atrium.auth.permissions import Permission, permissions_for_role
 from atrium.auth.subject import AuthSubject
+from atrium.billing.quota import Metric, adjust
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
 from atrium.models import AuditEvent, Membership, Role, Tenant, TenantStatus, User
 from atrium.models.accounts import user_id_col
 from atrium.tenants import schemas
+from atrium.tenants.status import forget_status
 
 PURGE_TASK = "atrium.tenants.purge"
 
@@ -154,17 +157,6 @@ async def update_tenant(
         data={"name": {"from": old, "to": update.name}},
     )
     return tenant
-
-
-async def forget_status(redis: Redis, tenant_id: uuid.UUID) -> None:
-    """Make a status change reach the tenant's API keys at once.
-
-    API-key authentication caches each tenant's status for a few seconds; dropping the cached
-    value makes the next request read the new one (the request commits before it answers).
-    """
-    from atrium.apikeys.service import forget_tenant_status
-
-    await forget_tenant_status(redis, tenant_id)
 
 
 async def schedule_purge(
@@ -325,8 +317,6 @@ async def _revoke_their_keys(
 ) -> None:
     # A departing member's keys must not outlive their access, nor a demoted member's keys
     # grant more than their new role (``within``): revoked (and audited) at once.
-    from atrium.apikeys.service import revoke_keys_created_by
-
     await revoke_keys_created_by(
         session,
         request.app.state.redis,
@@ -341,8 +331,6 @@ async def _revoke_their_keys(
 
 async def _free_seat(request: Request, tenant_id: uuid.UUID) -> None:
     # Members are metered by billing (a plan limit); a departure gives the seat back.
-    from atrium.billing.quota import Metric, adjust
-
     await adjust(request, tenant_id, Metric.members, -1)
 
 
