@@ -233,7 +233,7 @@ async def _until(condition: Callable[[], bool], timeout: float = 30) -> None:
 
 async def client_warm_litellm() -> None:
     """Import litellm first (it takes seconds): the timeout is spent on the provider."""
-    from atrium.llm.client import litellm_module
+    from atrium.kit.litellm import litellm_module
 
     await litellm_module()
 

@@ -41,7 +41,9 @@ async def world(client: httpx.AsyncClient, app: Any, celery_worker: Any) -> Worl
 
 
 async def test_vector_search_ranks_by_meaning(client: httpx.AsyncClient, world: World) -> None:
-    body = await _search(client, world, query="How do plants make food from light?", top_k=3)
+    query = "How do plants make food from light?"
+    assert (await _search(client, world, query=query, top_k=1))["mode"] == "hybrid"  # default
+    body = await _search(client, world, query=query, top_k=3, mode="vector")
     assert body["mode"] == "vector"
     assert body["cache_hit"] is False
     first = body["results"][0]
@@ -171,7 +173,7 @@ async def test_hybrid_search_fuses_full_text_rank(client: httpx.AsyncClient, wor
     others = hybrid["results"][1:]
     assert all(r["text_score"] is None for r in others)
     assert hybrid["timings"]["fusion_ms"] >= 0
-    # Full-text syntax of websearch_to_tsquery: quoted phrases and exclusions.
+    # An excluded word ("-word") keeps its chunks out of the BM25 ranking.
     body = await _search(
         client, world, query='"filter cartridge" -kubernetes', mode="hybrid", top_k=1
     )
@@ -203,6 +205,8 @@ async def test_search_never_returns_another_tenants_chunks(
         {"filters": {"year": {"$gte": -1e300}}},
         {"mode": "hybrid"},
         {"mode": "hybrid", "filters": {"tags": {"$in": ["travel", "support", "biology"]}}},
+        {"mode": "lexical"},
+        {"mode": "lexical", "filters": {"tenant_id": str(other.tenant_id)}},
     ]
     for extra in attempts:
         body = await _search(client, world, query="Eiffel Tower E42 sourdough", top_k=100, **extra)
@@ -424,9 +428,9 @@ async def test_one_log_line_per_query_with_stage_timings(
 async def test_query_vector_cache_is_not_shared_between_tenants(
     client: httpx.AsyncClient, app: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from atrium.retrieval.embedding import get_embedder
+    from atrium.embedding.query import query_embedder
 
-    embedder = get_embedder(app.state.settings)
+    embedder = query_embedder(app.state.settings)
     embedded: list[list[str]] = []
     real_embed = embedder.embed
 

@@ -1,7 +1,7 @@
 """Chat completions through litellm, with hard time limits and errors a client can act on.
 
 litellm takes seconds to import, so it is imported on first use, in a worker thread (the event
-loop keeps serving). ``LITELLM_LOCAL_MODEL_COST_MAP`` stops it fetching a price list at import.
+loop keeps serving: :mod:`atrium.kit.litellm`).
 Retries are off (litellm's and the OpenAI client's): a slow provider must not turn into a hang.
 Every call runs under ``asyncio.timeout``; a stream also has a limit per chunk.
 """
@@ -10,44 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from types import ModuleType
 from typing import Any
 
 from atrium.kit.errors import AtriumError, BadGateway, GatewayTimeout
-
-_lock = threading.Lock()
-_module: ModuleType | None = None
-
-
-def _import() -> ModuleType:
-    global _module
-    with _lock:
-        if _module is None:
-            os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-            import litellm
-
-            # The OpenAI client loads its resource classes on the first request (over a
-            # second); load them now so that first request is not charged for it.
-            import openai.resources  # noqa: F401
-
-            # Cost accounting loads a tiktoken encoding (about a second) on the first answer.
-            from litellm.litellm_core_utils import default_encoding  # noqa: F401
-
-            litellm.telemetry = False
-            litellm.suppress_debug_info = True
-            _module = litellm
-    return _module
-
-
-async def litellm_module() -> ModuleType:
-    """The litellm module, imported on first use without blocking the event loop."""
-    if _module is not None:
-        return _module
-    return await asyncio.to_thread(_import)
+from atrium.kit.litellm import litellm_module
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from atrium.config import Settings
-from atrium.retrieval.embedding import Vector, embed_texts
+from atrium.embedding.query import Vector, embed_texts
 
 #: How many sentences an extractive answer quotes.
 MAX_SENTENCES = 3

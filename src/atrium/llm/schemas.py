@@ -77,6 +77,7 @@ class AnswerTimings(BaseModel):
     embedding_ms: float = 0.0
     search_ms: float = 0.0
     fusion_ms: float = 0.0
+    rerank_ms: float = 0.0
     cache_ms: float = 0.0
     llm_ms: float = 0.0
     total_ms: float = 0.0

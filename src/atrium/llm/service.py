@@ -19,6 +19,7 @@ import structlog
 from fastapi import BackgroundTasks
 
 from atrium.config import Settings
+from atrium.embedding.query import Vector, embed_query
 from atrium.kit.errors import AtriumError, Unprocessable
 from atrium.llm import client, extractive, prompts
 from atrium.llm.schemas import (
@@ -31,12 +32,11 @@ from atrium.llm.schemas import (
     TokenUsage,
 )
 from atrium.retrieval import metering
-from atrium.retrieval.embedding import Vector, embed_query
 from atrium.retrieval.metering import Metric
 from atrium.retrieval.schemas import SearchResponse, SearchResult
 from atrium.retrieval.service import Resources, log_fields, search
 
-log = structlog.get_logger("atrium.retrieval")
+log = structlog.get_logger("atrium.llm")
 
 _CITATION = re.compile(r"\[(\d{1,3}(?:\s*,\s*\d{1,3})*)\]")
 
@@ -159,8 +159,9 @@ class _Run:
             embedding_ms=t.embedding_ms,
             search_ms=t.search_ms,
             fusion_ms=t.fusion_ms,
+            rerank_ms=t.rerank_ms,
             llm_ms=self.llm_ms,
-            hybrid=self.retrieval.mode.value == "hybrid",
+            hybrid=self.retrieval.mode.value != "vector",
             model=self.cfg.model if self.cfg else None,
             prompt_tokens=self.usage.prompt_tokens,
             completion_tokens=self.usage.completion_tokens,
@@ -181,6 +182,7 @@ class _Run:
             embedding_ms=t.embedding_ms,
             search_ms=t.search_ms,
             fusion_ms=t.fusion_ms,
+            rerank_ms=t.rerank_ms,
             cache_ms=t.cache_ms,
             llm_ms=self.llm_ms,
             total_ms=_ms(self.start),

@@ -73,7 +73,9 @@ class Chunk(BaseModel):
     collection_id: uuid.UUID
     title: str | None = Field(None, description="The document's title, when it has one.")
     ordinal: int = Field(..., description="Position of the chunk within its document.")
-    score: float = Field(..., description="Cosine similarity (vector) or fused score (hybrid).")
+    score: float = Field(
+        ..., description="Cosine similarity (vector), 0-1 BM25 (lexical) or fused score (hybrid)."
+    )
     text: str
     metadata: dict[str, Any] = Field(..., description="The document's metadata.")
 
@@ -224,7 +226,12 @@ Filters = Annotated[
 ]
 Mode = Annotated[
     SearchMode,
-    Field(description="'vector' (semantic) or 'hybrid' (semantic and full-text keywords)."),
+    Field(
+        description=(
+            "'vector' (semantic), 'lexical' (BM25 keywords: names, codes, rare terms) or "
+            "'hybrid' (both, fused)."
+        )
+    ),
 ]
 
 
@@ -329,7 +336,7 @@ def register_tools(server: MCPServer[Any]) -> None:
         collection_ids: CollectionIds = None,
         top_k: Annotated[int, Field(ge=1, le=100, description="Chunks to return (1-100).")] = 5,
         filters: Filters = None,
-        mode: Mode = SearchMode.vector,
+        mode: Mode = SearchMode.hybrid,
         min_score: Annotated[
             float | None, Field(ge=-1, le=1, description="Drop chunks scoring below this.")
         ] = None,
@@ -360,7 +367,7 @@ def register_tools(server: MCPServer[Any]) -> None:
         collection_ids: CollectionIds = None,
         top_k: Annotated[int, Field(ge=1, le=50, description="Chunks to answer from (1-50).")] = 5,
         filters: Filters = None,
-        mode: Mode = SearchMode.vector,
+        mode: Mode = SearchMode.hybrid,
     ) -> Annotated[CallToolResult, AnswerResponse]:
         """Answer a question from this tenant's documents, with numbered citations.
 

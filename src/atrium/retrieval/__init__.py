@@ -1,1 +1,2 @@
-"""Search: per-tenant vector and hybrid retrieval, metadata filters, result cache."""
+"""Search: per-tenant vector, lexical (BM25) and hybrid retrieval, reranking, metadata filters,
+result cache."""

@@ -21,7 +21,7 @@ from atrium.models.ingestion import Collection, CollectionStatus, Document, Docu
 # Built once (bound parameter for the tenant): constructing it costs more than running it.
 _TENANT: BindParameter[uuid.UUID] = bindparam("tenant_id")
 _STATEMENT = (
-    select(Collection.id, Collection.status, Document.id)
+    select(Collection.id, Collection.status, Document.id, Collection.language)
     .outerjoin(
         Document,
         and_(
@@ -43,14 +43,16 @@ class Wanted:
         restrict: the collection ids to put in the SQL, or None when the search covers every
             chunk of the tenant's partition (no collection condition needed).
         exclude_documents: documents being deleted in those collections (sorted).
+        languages: the full-text languages of those collections (sorted, distinct).
     """
 
     ids: list[uuid.UUID]
     restrict: list[uuid.UUID] | None
     exclude_documents: list[uuid.UUID]
+    languages: list[str]
 
 
-Row = tuple[uuid.UUID, CollectionStatus, uuid.UUID | None]
+Row = tuple[uuid.UUID, CollectionStatus, uuid.UUID | None, str]
 
 #: Each search process keeps every tenant's catalog rows under the tenant's catalog token
 #: (:mod:`atrium.kit.cache_versions`): a search reads the token with the collection versions
@@ -69,7 +71,7 @@ async def _catalog(engine: AsyncEngine, tenant_id: uuid.UUID, token: str | None)
     # database, so it skips the request's unit of work (session, commit) altogether.
     async with engine.connect() as conn:
         result = await conn.execute(_STATEMENT, {"tenant_id": tenant_id})
-        rows: list[Row] = [(r[0], r[1], r[2]) for r in result.all()]
+        rows: list[Row] = [(r[0], r[1], r[2], r[3]) for r in result.all()]
     if token is not None:
         if len(_CATALOGS) >= _CATALOGS_MAX:
             _CATALOGS.clear()
@@ -97,7 +99,7 @@ async def resolve(
             tenant's collection is reported exactly like one that does not exist).
     """
     rows = await _catalog(engine, tenant_id, catalog_token)
-    statuses = {cid: status for cid, status, _ in rows}
+    statuses = {cid: status for cid, status, _, _ in rows}
     active = sorted(cid for cid, status in statuses.items() if status is CollectionStatus.active)
     if requested is None:
         wanted = active
@@ -118,5 +120,6 @@ async def resolve(
             )
         restrict = None if len(wanted) == len(statuses) else wanted
     wanted_set = set(wanted)
-    exclude = sorted({doc for cid, _, doc in rows if doc is not None and cid in wanted_set})
-    return Wanted(ids=wanted, restrict=restrict, exclude_documents=exclude)
+    exclude = sorted({doc for cid, _, doc, _ in rows if doc is not None and cid in wanted_set})
+    languages = sorted({lang for cid, _, _, lang in rows if cid in wanted_set})
+    return Wanted(ids=wanted, restrict=restrict, exclude_documents=exclude, languages=languages)

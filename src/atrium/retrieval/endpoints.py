@@ -1,18 +1,15 @@
-"""Search and answer routes: ``/v1/tenants/{tenant_id}/search`` and ``.../answer``."""
+"""The search route: ``/v1/tenants/{tenant_id}/search`` (answers: :mod:`atrium.llm.endpoints`)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, Response
-from sse_starlette import EventSourceResponse
 
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
 from atrium.kit.responses import TENANT, errors
-from atrium.llm import service as answers
-from atrium.llm.schemas import AnswerRequest, AnswerResponse
 from atrium.retrieval.schemas import SearchRequest, SearchResponse
 from atrium.retrieval.service import Resources, metered_search
 
@@ -50,8 +47,10 @@ async def search_route(
 ) -> Response:
     """Find the chunks most relevant to `query` in the tenant's collections.
 
-    `mode=vector` ranks by cosine similarity of embeddings on the tenant's own HNSW index;
-    `mode=hybrid` fuses that ranking with PostgreSQL full-text rank by reciprocal rank fusion.
+    `mode=hybrid` (the default) combines the min-max normalised scores of the vector and the
+    BM25 ranking; `mode=vector` ranks by cosine similarity of embeddings on the tenant's own
+    HNSW index; `mode=lexical` by BM25 over the words (any may match, `-word` excludes), in
+    each collection's language. `rerank` rescores the candidates with the rerank model.
     `filters` restrict results by document metadata (equals, `$in`, ranges, `$exists`); with
     filters or a collection subset, iterative index scans still return `top_k` results.
     Results are cached until a collection involved changes; send `Cache-Control: no-cache`
@@ -79,37 +78,3 @@ async def search_route(
         media_type="application/json",
         background=background,
     )
-
-
-@router.post(
-    "/tenants/{tenant_id}/answer",
-    response_model=AnswerResponse,
-    summary="Answer a question from the tenant's documents, with citations",
-    responses={
-        **errors(402, 502, 504),
-        200: {
-            "description": "The answer, or with `stream: true` a `text/event-stream`.",
-            "content": {"text/event-stream": {}},
-        },
-    },
-)
-async def answer_route(
-    body: AnswerRequest,
-    request: Request,
-    background: BackgroundTasks,
-    subject: Annotated[AuthSubject, Depends(require(Permission.answer))],
-    res: Annotated[Resources, Depends(resources)],
-) -> Any:
-    """Retrieve the chunks relevant to `query`, then answer from them with numbered citations.
-
-    With an LLM configured the answer is written by it (`mode: generative`), following the
-    versioned prompt `answer_v1`; every `[n]` in the answer points to `sources[n-1]`. Without
-    one the answer quotes the retrieved sentences most similar to the question
-    (`mode: extractive`). With `stream: true` the reply is Server-Sent Events: `retrieval`
-    (the sources), `delta` (text pieces), then `done` (answer, citations, token usage) or
-    `error`. A provider that fails or times out gives 502 or 504.
-    """
-    if body.stream:
-        events = await answers.answer_events(res, request, subject.tenant_id, body)
-        return EventSourceResponse(events, ping=15)
-    return await answers.answer(res, request, subject.tenant_id, body, background)

@@ -3,7 +3,7 @@
 Work is reserved against the tenant's quota before it starts (a tenant over its plan gets a
 402 before anything is spent) and settled with what was really used once it is done; failed
 work gives its reservation back. Settled work is written to the billing database in batches
-(:meth:`atrium.billing.quota.Quota.record_later`), so a search costs one Redis script, not a
+(:meth:`atrium.billing.quota.Reservation.record_later`), so a search costs one Redis script, not a
 MySQL transaction.
 
 Stage latencies and token counts also go to the Prometheus metrics here.
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection
 
 from atrium.billing.quota import Metric, Quota, Reservation
 from atrium.kit import metrics
@@ -22,7 +24,7 @@ __all__ = ["Metric", "Reservation", "observe", "release", "reserve", "settle"]
 
 
 async def reserve(
-    ctx: Any,
+    ctx: HTTPConnection | Starlette,
     tenant_id: uuid.UUID,
     metric: Metric,
     amount: int = 1,
@@ -66,19 +68,25 @@ def observe(
     embedding_ms: float = 0.0,
     search_ms: float = 0.0,
     fusion_ms: float = 0.0,
+    rerank_ms: float = 0.0,
     llm_ms: float = 0.0,
     hybrid: bool = False,
     model: str | None = None,
     prompt_tokens: int = 0,
     completion_tokens: int = 0,
 ) -> None:
-    """Stage latencies and LLM tokens of one query, for the Prometheus metrics."""
+    """Stage latencies and LLM tokens of one query, for the Prometheus metrics.
+
+    ``hybrid``: the search stage read the full-text index (lexical or hybrid mode).
+    """
     if embedding_ms:
         metrics.observe_stage("query_embed", embedding_ms / 1000)
     if search_ms:
         metrics.observe_stage("text_search" if hybrid else "vector_search", search_ms / 1000)
     if fusion_ms:
         metrics.observe_stage("fusion", fusion_ms / 1000)
+    if rerank_ms:
+        metrics.observe_stage("rerank", rerank_ms / 1000)
     if llm_ms:
         metrics.observe_stage("answer", llm_ms / 1000)
     if model and (prompt_tokens or completion_tokens):

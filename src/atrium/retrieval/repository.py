@@ -15,6 +15,7 @@ pgvector's binary form.
 
 from __future__ import annotations
 
+import re
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from psycopg import AsyncConnection, errors, sql
 from atrium.kit.vectordb import partition_name
 from atrium.retrieval.filters import Condition, compile_filters
 
-#: Candidates taken from each ranking before reciprocal rank fusion (hybrid mode).
+#: Candidates taken from each ranking before fusion (hybrid mode).
 HYBRID_CANDIDATES_MIN = 40
 HYBRID_CANDIDATES_MAX = 200
 
@@ -109,7 +110,8 @@ class ChunkRow:
     ordinal: int
     text: str
     metadata: dict[str, Any]
-    distance: float
+    #: Cosine distance to the query vector (None in lexical search, which embeds nothing).
+    distance: float | None
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def _rows(raw: Sequence[tuple[Any, ...]]) -> list[ChunkRow]:
             ordinal=r[3],
             text=r[4],
             metadata=r[5] or {},
-            distance=float(r[6]),
+            distance=None if r[6] is None else float(r[6]),
         )
         for r in raw
     ]
@@ -195,23 +197,168 @@ async def vector_search(
     return _rows(raw)
 
 
+#: BM25's term-frequency saturation and length normalisation (the usual values).
+BM25_K1 = 1.2
+BM25_B = 0.75
+#: How many chunks lexical search scores at most, roughly: the query's words are taken rarest
+#: first while the chunks holding the rarer ones number fewer than this; the commoner words
+#: left over still score, but do not make a chunk a candidate by themselves. Exact BM25 while
+#: the query's words are rare enough (always on small tenants); on 100,000 chunks a title's
+#: common words otherwise made 20,000+ candidates and a 150 ms search, for chunks that rank
+#: below those holding a rarer word (MaxScore's "non-essential" terms).
+CANDIDATE_BUDGET = 1000
+#: ... and when even the rarest word of the query is that common, the chunks scored are cut at
+#: this many (in the index's order): a query of common words only costs a bounded time, at
+#: the price of exactness where no word of it singles anything out.
+CANDIDATE_CAP = 4 * CANDIDATE_BUDGET
+
+# A lexeme as a tsquery operand: quoted, with quotes doubled and backslashes escaped.
+_TSQUERY_OPERAND = r"'''' || replace(replace(w.lexeme, '\', '\\'), '''', '''''') || ''''"
+
+
+def _lexical_ctes(part: sql.Identifier, where: sql.Composable) -> sql.Composed:
+    """The CTEs of a BM25 ranking, ending in ``lx(id, score, top)`` best first.
+
+    Parameters, in order: :func:`_query_params` (the query, the languages), the tenant id
+    (twice), the scope's parameters, how many rows.
+
+    * ``qs``: the query's lexemes in each language of the searched collections (the same
+      analysis as the chunks: ``atrium_tsv``);
+    * ``st``/``w``: the tenant's chunk count and mean length, and each query lexeme's IDF
+      (``ln(1 + (N - df + 0.5) / (df + 0.5))``) from the lexicon;
+    * ``qs.must``: the words the query excludes (``-word``), which no candidate may hold (NULL
+      when it excludes none). Quotes are not a requirement: text pasted as a query often
+      quotes, and a phrase that must appear would leave it with nothing;
+    * ``qm``: an OR of the query's lexemes for the GIN index (any of them may match), leaving
+      out the commonest once the rarer ones cover :data:`CANDIDATE_BUDGET` chunks;
+    * ``lx``: BM25 of each candidate. ``setweight`` + ``ts_filter`` cut the chunk's tsvector
+      down to the query's lexemes in C before it is unnested, so a candidate costs a few rows,
+      not one per word of the chunk. ``top`` is the largest score any chunk could reach (every
+      term, high frequency): the 0-1 ``score`` of lexical mode is ``score / top``.
+    """
+    k1, b = sql.Literal(BM25_K1), sql.Literal(BM25_B)
+    return sql.SQL(
+        "qs AS MATERIALIZED ("
+        " SELECT l.cfg, tsvector_to_array(atrium_tsv(l.cfg, %s)) AS lexemes,"
+        " (SELECT CASE WHEN numnode(x) > 0 THEN x END"
+        "  FROM websearch_to_tsquery(l.cfg::regconfig, %s) x) AS must"
+        " FROM unnest(%s::text[]) AS l(cfg)"
+        "), st AS MATERIALIZED ("
+        " SELECT greatest(s.chunks, 1)::float8 AS n,"
+        " greatest(s.total_len, 1)::float8 / greatest(s.chunks, 1) AS avgdl"
+        " FROM text_stats s WHERE s.tenant_id = %s"
+        "), w AS MATERIALIZED ("
+        " SELECT x.lexeme, x.df, ln(1 + (st.n - x.df + 0.5) / (x.df + 0.5)) AS idf,"
+        " row_number() OVER (ORDER BY x.df, x.lexeme) > 1"
+        " AND sum(x.df) OVER (ORDER BY x.df, x.lexeme) > {budget} AS common"
+        " FROM st, lexicon x WHERE x.tenant_id = %s AND x.df > 0"
+        " AND x.lexeme IN (SELECT unnest(qs.lexemes) FROM qs)"
+        "), qm AS MATERIALIZED ("
+        " SELECT qs.cfg, qs.lexemes, qs.must, ("
+        "  SELECT string_agg({operand}, ' | ')::tsquery FROM w WHERE w.lexeme = ANY(qs.lexemes)"
+        "  AND NOT w.common"
+        " ) AS orq FROM qs"
+        "), cand AS MATERIALIZED ("
+        " SELECT c.id, c.tsv, c.tsv_len, qm.lexemes"
+        " FROM qm JOIN {part} c ON c.lang = qm.cfg AND c.tsv @@ qm.orq"
+        " WHERE (qm.must IS NULL OR c.tsv @@ qm.must) AND {where} LIMIT {cap}"
+        "), lx AS MATERIALIZED ("
+        " SELECT c.id, sum(w.idf * u.tf * ({k1} + 1)"
+        "  / (u.tf + {k1} * (1 - {b} + {b} * c.tsv_len / st.avgdl))) AS score,"
+        " (SELECT sum(w.idf) * ({k1} + 1) FROM w) AS top"
+        " FROM cand c CROSS JOIN st CROSS JOIN LATERAL ("
+        "  SELECT t.lexeme, coalesce(cardinality(t.positions), 1) AS tf"
+        "  FROM unnest(ts_filter(setweight(c.tsv, 'A', c.lexemes), '{{a}}')) t) u"
+        " JOIN w ON w.lexeme = u.lexeme"
+        " GROUP BY c.id ORDER BY score DESC, c.id LIMIT %s"
+        ")"
+    ).format(
+        budget=sql.Literal(CANDIDATE_BUDGET),
+        cap=sql.Literal(CANDIDATE_CAP),
+        operand=sql.SQL(_TSQUERY_OPERAND),
+        k1=k1,
+        b=b,
+        part=part,
+        where=where,
+    )
+
+
+#: A word the query excludes: "-word" at the start or after a space (not "well-known").
+_EXCLUDED = re.compile(r"(?:^|(?<=\s))-(\w[\w'.]*)")
+
+
+def _query_params(text_query: str, languages: Sequence[str]) -> list[Any]:
+    """The query's words to score, the ones it excludes (as ``-a -b``), its languages."""
+    excluded = _EXCLUDED.findall(text_query)
+    wanted = _EXCLUDED.sub(" ", text_query)
+    return [wanted, " ".join(f"-{w}" for w in excluded), list(languages)]
+
+
+@dataclass(frozen=True)
+class LexicalHit:
+    """A chunk as lexical search returns it: BM25 and its 0-1 share of the best possible."""
+
+    row: ChunkRow
+    bm25: float
+    score: float
+
+
+async def lexical_search(
+    conn: AsyncConnection,
+    tenant_id: uuid.UUID,
+    text_query: str,
+    languages: Sequence[str],
+    *,
+    top_k: int,
+    scope: Scope,
+) -> list[LexicalHit]:
+    """The ``top_k`` chunks that best match ``text_query`` by BM25, best first.
+
+    Any term of the query may match; rare terms (in the tenant's statistics) weigh more, and
+    long chunks are normalised to the tenant's mean length.
+
+    Args:
+        conn: a pooled connection (not in autocommit).
+        tenant_id: whose partition to search.
+        text_query: the user's query, analysed like the chunks in each of ``languages``.
+        languages: the full-text languages of the searched collections.
+        top_k: how many chunks.
+        scope: collections, excluded documents and metadata filters.
+    """
+    if not languages:
+        return []
+    where, params = _where(tenant_id, scope)
+    part = sql.Identifier(partition_name(tenant_id))
+    query = sql.SQL(
+        "WITH {ctes} SELECT {cols}, NULL, lx.score, lx.top FROM lx JOIN {part} c"
+        " ON c.tenant_id = %s AND c.id = lx.id ORDER BY lx.score DESC, lx.id"
+    ).format(ctes=_lexical_ctes(part, where), cols=_COLUMNS, part=part)
+    args = [*_query_params(text_query, languages), tenant_id, tenant_id, *params, top_k, tenant_id]
+    try:
+        raw = await _fetch(conn, query, args)
+    except errors.UndefinedTable:
+        return []
+    return [
+        LexicalHit(row, float(r[7] or 0.0), float(r[7] or 0.0) / float(r[8]) if r[8] else 0.0)
+        for row, r in zip(_rows(raw), raw, strict=True)
+    ]
+
+
 async def hybrid_candidates(
     conn: AsyncConnection,
     tenant_id: uuid.UUID,
     vector: Vector,
     text_query: str,
+    languages: Sequence[str],
     *,
     candidates: int,
     scope: Scope,
 ) -> tuple[list[tuple[uuid.UUID, float]], list[tuple[uuid.UUID, float]]]:
-    """Two rankings for fusion: nearest vectors and best full-text matches.
-
-    Full text uses ``websearch_to_tsquery('english', ...)`` (quotes, ``or``, ``-word``) on the
-    stored ``tsv`` column and ranks with ``ts_rank_cd`` (cover density).
+    """Two rankings for fusion, in one statement: nearest vectors and best BM25 matches.
 
     Returns:
         ``(vector_ranking, text_ranking)``: ``(chunk id, distance)`` nearest first, and
-        ``(chunk id, rank)`` best first.
+        ``(chunk id, BM25)`` best first.
     """
     where, params = _where(tenant_id, scope)
     part = sql.Identifier(partition_name(tenant_id))
@@ -219,23 +366,17 @@ async def hybrid_candidates(
         "WITH v AS MATERIALIZED ("
         " SELECT c.id, c.embedding <=> %s::vector AS score FROM {part} c"
         " WHERE {where} ORDER BY score LIMIT %s"
-        "), t AS MATERIALIZED ("
-        " SELECT c.id, ts_rank_cd(c.tsv, q) AS score"
-        " FROM {part} c, websearch_to_tsquery('english', %s) q"
-        " WHERE c.tsv @@ q AND {where} ORDER BY score DESC LIMIT %s"
-        ") SELECT true, id, score FROM v UNION ALL SELECT false, id, score FROM t"
-    ).format(part=part, where=where)
+        "), {ctes}"
+        " SELECT true, id, score FROM v UNION ALL SELECT false, id, score FROM lx"
+    ).format(part=part, where=where, ctes=_lexical_ctes(part, where))
+    args = [vector, *params, candidates]
+    args += [*_query_params(text_query, languages), tenant_id, tenant_id, *params, candidates]
     try:
-        raw = await _fetch(
-            conn,
-            query,
-            [vector, *params, candidates, text_query, *params, candidates],
-            ef_search_for(candidates),
-        )
+        raw = await _fetch(conn, query, args, ef_search_for(candidates))
     except errors.UndefinedTable:
         return [], []
     vec = sorted(((r[1], float(r[2])) for r in raw if r[0]), key=lambda x: x[1])
-    txt = sorted(((r[1], float(r[2])) for r in raw if not r[0]), key=lambda x: -x[1])
+    txt = sorted(((r[1], float(r[2] or 0.0)) for r in raw if not r[0]), key=lambda x: -x[1])
     return vec, txt
 
 

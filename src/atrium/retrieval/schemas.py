@@ -18,6 +18,7 @@ class SearchMode(enum.StrEnum):
     """How chunks are ranked."""
 
     vector = "vector"
+    lexical = "lexical"
     hybrid = "hybrid"
 
 
@@ -50,8 +51,13 @@ class SearchParams(BaseModel):
         examples=[{"lang": "en", "year": {"$gte": 2020}}],
     )
     mode: SearchMode = Field(
-        SearchMode.vector,
-        description="`vector` (semantic) or `hybrid` (semantic and full-text, fused by RRF).",
+        SearchMode.hybrid,
+        description=(
+            "`vector` (semantic, by embedding), `lexical` (BM25 over the words: any term may "
+            "match, rare terms weigh more; stemmed in each collection's language) or `hybrid` "
+            "(both, their scores normalised and combined: the default, as it ranked best on "
+            "every labelled set measured, see docs/performance.md)."
+        ),
     )
     min_score: float | None = Field(
         None,
@@ -59,7 +65,26 @@ class SearchParams(BaseModel):
         le=1,
         description=(
             "Drop results whose `score` is below this: cosine similarity in vector mode, "
-            "fused score (0-1) in hybrid mode."
+            "BM25 as a share of the best possible (0-1) in lexical mode, fused score (0-1) in "
+            "hybrid mode, the rerank model's relevance score with `rerank`."
+        ),
+    )
+
+    rerank: bool = Field(
+        False,
+        description=(
+            "Rescore the best `rerank_top_n` candidates of the chosen mode with the server's "
+            "rerank model (a cross-encoder), then keep the best `top_k`. 400 when the server "
+            "has no rerank model (ATRIUM_RERANK_MODEL). A reranked search counts as one search."
+        ),
+    )
+    rerank_top_n: int = Field(
+        30,
+        ge=1,
+        le=1000,
+        description=(
+            "How many candidates are reranked (at least `top_k` are; the server caps it with "
+            "ATRIUM_RERANK_MAX_CANDIDATES, 100 by default)."
         ),
     )
 
@@ -93,10 +118,21 @@ class SearchResult(BaseModel):
     collection_id: uuid.UUID
     title: str | None = Field(None, description="The document's title, when it has one.")
     ordinal: int = Field(..., description="Position of the chunk within its document.")
-    score: float = Field(..., description="Cosine similarity (vector) or fused score (hybrid).")
-    vector_score: float = Field(..., description="Cosine similarity to the query.")
+    score: float = Field(
+        ...,
+        description=(
+            "Cosine similarity (vector), BM25 as a share of the best possible score (lexical), "
+            "fused score (hybrid), or the rerank model's relevance score (with `rerank`)."
+        ),
+    )
+    vector_score: float | None = Field(
+        None, description="Cosine similarity to the query (not computed in lexical mode)."
+    )
     text_score: float | None = Field(
-        None, description="Full-text rank (ts_rank_cd) in hybrid mode, when the text matched."
+        None, description="BM25 score in lexical and hybrid mode, when the text matched."
+    )
+    rerank_score: float | None = Field(
+        None, description="The rerank model's relevance score, when the search was reranked."
     )
     text: str
     metadata: dict[str, Any] = Field(..., description="The document's metadata.")
@@ -108,6 +144,7 @@ class SearchTimings(BaseModel):
     embedding_ms: float = 0.0
     search_ms: float = 0.0
     fusion_ms: float = 0.0
+    rerank_ms: float = 0.0
     cache_ms: float = 0.0
     total_ms: float = 0.0
 
