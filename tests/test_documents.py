@@ -296,16 +296,17 @@ async def test_every_format_becomes_ready_in_the_tenants_partition_only(
     other_doc = r.json()["documents"][0]
 
     finals: dict[str, dict[str, Any]] = {}
-    for done, doc in enumerate(uploaded, 1):
+    for doc in uploaded:
         final = await wait_document(client, ctx, doc["id"])
         finals[doc["filename"]] = final
         assert final["status"] == "ready", final
         # A document seen ready has already moved the collection's cache version (bumped
-        # right after its chunks commit), so no search can be answered from a stale entry.
+        # right after its chunks commit; once per collection for the documents a task
+        # processed together), so no search can be answered from a stale entry.
         now = await collection_versions(
             app.state.redis, ctx.tenant.id, [uuid.UUID(ctx.collection_id)]
         )
-        assert now[0] >= before + done
+        assert now[0] > before
         assert final["progress"] == 100 and final["stage"] is None
         assert final["chunk_count"] >= 1 and final["token_count"] > 0
         assert {"extract_ms", "chunk_ms", "embed_ms", "store_ms", "total_ms"} <= set(
@@ -334,11 +335,11 @@ async def test_every_format_becomes_ready_in_the_tenants_partition_only(
         assert [r[0] for r in await cur.fetchall()] == [
             {"source": "tests", "year": 2024, "title": "Guide"}
         ]
-    # Every completed upload moved the collection's cache version.
+    # The completed uploads moved the collection's cache version (once per task at least).
     after = (
         await collection_versions(app.state.redis, ctx.tenant.id, [uuid.UUID(ctx.collection_id)])
     )[0]
-    assert after >= before + len(FORMATS)
+    assert after > before
     # The collection adds it all up.
     r = await client.get(ctx.base, headers=ctx.headers)
     body = r.json()
@@ -558,7 +559,7 @@ async def test_delete_while_processing_leaves_no_chunk(
         hold_collection_lock(settings, ctx.collection_id) as lock,
         hold_collection_lock(settings, other.collection_id) as next_lock,
     ):
-        # Large enough (over pipeline.LARGE_TEXT_CHARS) that the run records every stage.
+        # Large enough (over stages.LARGE_TEXT_CHARS) that the run records every stage.
         r = await client.post(ctx.docs, json={"text": prose(3500)}, headers=ctx.headers)
         assert r.status_code == 202, r.text
         doc = r.json()["documents"][0]

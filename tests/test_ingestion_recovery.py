@@ -15,9 +15,9 @@ import httpx
 import pytest
 from sqlalchemy import update
 
+from atrium.embedding.hosted import LiteLLMEmbedder
 from atrium.ingestion.chunking import Chunker
-from atrium.ingestion.embedding import LiteLLMEmbedder
-from atrium.ingestion.pipeline import LARGE_TEXT_CHARS
+from atrium.ingestion.stages import LARGE_TEXT_CHARS
 from atrium.kit.vectordb import partition_name
 from atrium.models import Document
 from atrium.models.base import utcnow

@@ -6,9 +6,10 @@ import datetime as dt
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from atrium.collections.metadata import Metadata
+from atrium.kit.vectordb import DEFAULT_LANGUAGE, LANGUAGES
 from atrium.models.ingestion import CollectionStatus
 
 CollectionName = Annotated[
@@ -19,6 +20,30 @@ CollectionName = Annotated[
 Description = Annotated[str, Field(max_length=2000, description="Free text for people.")]
 
 
+def _known_language(value: str) -> str:
+    value = value.strip().lower()
+    if value not in LANGUAGES:
+        raise ValueError(
+            f"unknown language {value!r}: use one of {', '.join(LANGUAGES)} "
+            "('simple' lowercases without stemming, for codes, names or other languages)"
+        )
+    return value
+
+
+Language = Annotated[
+    str,
+    AfterValidator(_known_language),
+    Field(
+        description=(
+            "The language its documents are stemmed and matched in by lexical and hybrid search: "
+            "a PostgreSQL text search configuration (english, german, french, ..., or simple). "
+            "Fixed at creation."
+        ),
+        examples=["english"],
+    ),
+]
+
+
 class CollectionCreate(BaseModel):
     """A new collection."""
 
@@ -27,6 +52,7 @@ class CollectionCreate(BaseModel):
     name: CollectionName
     description: Description = ""
     metadata: Metadata = Field(default_factory=dict)
+    language: Language = DEFAULT_LANGUAGE
 
 
 class CollectionUpdate(BaseModel):
@@ -37,6 +63,9 @@ class CollectionUpdate(BaseModel):
     name: CollectionName | None = None
     description: Description | None = None
     metadata: Metadata | None = None
+    language: Language | None = Field(
+        None, description="Accepted only when unchanged: a collection's language is fixed."
+    )
 
 
 class Collection(BaseModel):
@@ -46,6 +75,7 @@ class Collection(BaseModel):
     name: str
     description: str
     metadata: dict[str, Any]
+    language: str = Field(..., description="Its full-text language (text search configuration).")
     status: CollectionStatus = Field(
         ..., description="active, or deleting while its documents and chunks are being removed."
     )

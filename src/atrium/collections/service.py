@@ -19,6 +19,7 @@ from atrium.kit.cache_versions import catalog_changed
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import Conflict, NotFound
 from atrium.kit.pagination import Page, Params, paginate_query
+from atrium.kit.vectordb import DEFAULT_LANGUAGE
 from atrium.models.ingestion import Collection, CollectionStatus
 
 #: The Celery task that removes a collection's documents, chunks and files.
@@ -33,6 +34,7 @@ def to_schema(collection: Collection, totals: CollectionTotals | None = None) ->
         name=collection.name,
         description=collection.description,
         metadata=collection.metadata_ or {},
+        language=collection.language or DEFAULT_LANGUAGE,
         status=collection.status,
         document_count=totals.documents,
         chunk_count=totals.chunks,
@@ -132,6 +134,7 @@ async def create(
         name_key=name_key(data.name),
         description=data.description,
         metadata_=data.metadata,
+        language=data.language,
         status=CollectionStatus.active,
     )
     # Plan limits (billing): a collection is held before it is created (402 when full).
@@ -157,6 +160,13 @@ async def update(
     """
     collection = await get_writable(session, subject.tenant_id, collection_id)
     changes = data.model_dump(exclude_unset=True, exclude_none=True)
+    if changes.pop("language", collection.language) != collection.language:
+        # Its chunks were stemmed in the old language: changing it would need every document
+        # processed again, which is what a new collection does, visibly.
+        raise Conflict(
+            f"A collection's language is fixed at creation (this one is {collection.language!r}): "
+            "create a new collection with the language you want and upload the documents there"
+        )
     if "name" in changes and name_key(changes["name"]) != collection.name_key:
         other = await CollectionRepository(session, subject.tenant_id).by_name(changes["name"])
         if other is not None and other.id != collection.id:

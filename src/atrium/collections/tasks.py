@@ -11,10 +11,10 @@ from sqlalchemy import func, select
 from atrium.billing.quota import Metric, adjust
 from atrium.collections.repository import CollectionRepository
 from atrium.collections.service import DELETE_TASK
-from atrium.ingestion.pipeline import is_transient
+from atrium.ingestion.faults import is_transient
+from atrium.ingestion.pipeline import backoff
 from atrium.ingestion.repository import DocumentRepository
 from atrium.ingestion.service import collection_prefix
-from atrium.ingestion.tasks import backoff
 from atrium.ingestion.vectorstore import delete_collection_chunks
 from atrium.kit import runtime
 from atrium.kit.blobstore import get_blobstore

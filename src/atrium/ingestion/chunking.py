@@ -52,7 +52,7 @@ from semantic_text_splitter import MarkdownSplitter, TextSplitter
 from tokenizers import Tokenizer
 
 if TYPE_CHECKING:
-    from atrium.ingestion.embedding import Embedder
+    from atrium.embedding.base import Embedder
 
 __all__ = ["Chunk", "Chunker", "TokenCounter"]
 

@@ -23,3 +23,8 @@ class BadDocument(Exception):
 
 class Superseded(Exception):
     """This processing run no longer owns the document (a newer run, a deletion)."""
+
+
+class RunAlone(Exception):
+    """A document taken into a batch is too large to share it: it goes back to the queue and
+    runs alone (its text and vectors would sit in memory beside every other document's)."""

@@ -10,6 +10,8 @@ import uuid
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from atrium.billing.plans import Limit, get_catalog, largest_upload
+from atrium.billing.quota import limits_in_session
 from atrium.config import Settings
 
 #: Files accepted in one multipart request.
@@ -54,9 +56,6 @@ async def max_upload_bytes(session: AsyncSession, tenant_id: uuid.UUID, settings
         tenant_id: the uploading tenant.
         settings: the application settings (unused: the plan decides, config/plans.toml).
     """
-    from atrium.billing.plans import Limit, get_catalog, largest_upload
-    from atrium.billing.quota import limits_in_session
-
     plan_limit = (await limits_in_session(session, tenant_id))[Limit.max_upload_bytes]
     # An override can no longer be "unlimited"; one written before that rule gets the most
     # any plan allows (the request limit in front of the route is sized from it).

@@ -3,11 +3,17 @@
 The worker's writes are *fenced*: each processing run stamps the row with its own ``run_id``
 when it claims the document, and every later write of that run matches on it. A run that lost
 the document (a re-delivered task claimed it again, or it is being deleted) changes nothing.
+
+A run may hold several documents (its task's own and queued ones it adopted, see
+``ingestion.pipeline``); they all carry the same ``run_id``. A run id starts with its *job*, the
+Celery message it runs for (see :func:`new_run_id`), so a message delivered again after its
+worker died recognises the documents its dead run held.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -17,12 +23,53 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.models.base import utcnow
 from atrium.models.ingestion import Collection, CollectionStatus, Document, DocumentStatus
+from atrium.models.tenancy import Tenant, TenantStatus
+
+#: Hex digits of the job in a run id (64 random bits of a Celery task id).
+JOB_CHARS = 17
+
+
+def requeued(note: str | None) -> dict[str, Any]:
+    """The columns of a document handed back to the queue, with ``note`` as its message."""
+    return {
+        "status": DocumentStatus.queued,
+        "stage": None,
+        "progress": 0,
+        "error": note,
+        "run_id": None,
+        "heartbeat_at": utcnow(),
+    }
+
+
+def job_key(task_id: str | None) -> str:
+    """The job part of a run id for a Celery task id (a random one without a task)."""
+    digits = (task_id or "").replace("-", "").lower()
+    if len(digits) < JOB_CHARS or any(c not in "0123456789abcdef" for c in digits):
+        digits = uuid.uuid4().hex
+    return digits[:JOB_CHARS]
+
+
+def new_run_id(job: str) -> str:
+    """A fresh run id of ``job``: ``<job, 17 hex>-<18 random hex>`` (36 characters, the
+    column's size). Fresh per run, so a run that was thought dead but still writes is fenced
+    off by its successor of the same job."""
+    return f"{job}-{secrets.token_hex(9)}"
+
+
+def job_of(run_id: str | None) -> str | None:
+    """The job a run id belongs to (None for ids of another form)."""
+    if run_id is None or len(run_id) != 36 or run_id[JOB_CHARS] != "-":
+        return None
+    return run_id[:JOB_CHARS]
 
 
 @dataclass(frozen=True)
 class Claimed:
     """What a processing run needs of the document it claimed (see ``claim``)."""
 
+    document_id: uuid.UUID
+    tenant_id: uuid.UUID
+    size_bytes: int
     attempts: int
     collection_id: uuid.UUID
     chunk_count: int
@@ -35,6 +82,8 @@ class Claimed:
     filename: str | None
     #: When it was queued (its previous heartbeat).
     queued_since: dt.datetime | None
+    #: The collection's full-text language (the chunks' text search configuration).
+    language: str
 
 
 class DocumentRepository:
@@ -102,28 +151,24 @@ class DocumentRepository:
             Document.status == DocumentStatus.processing,
         )
 
-    async def claim(self, document_id: uuid.UUID, run_id: str) -> Claimed | None:
+    async def claim(
+        self, document_id: uuid.UUID, run_id: str, *, live_after: dt.datetime | None = None
+    ) -> Claimed | None:
         """Start a processing run: the document becomes ``processing`` and owned by ``run_id``.
 
+        A document already ``processing`` is taken over when its run belongs to the same job
+        (the message came back because its worker died), has no job, or has shown no sign of
+        life since ``live_after``; a live run of another job keeps it (it adopted the document
+        and the message that wins it back after a crash is that job's own).
+
         Returns what the run needs of the document, or None when there is nothing to do (gone,
-        being deleted, already ready or failed, or its collection is being deleted). Plain
-        columns and one UPDATE, not an ORM object and its flush: this runs once per document.
+        being deleted, already ready or failed, held by another live run, or its collection or
+        tenant is being deleted). Plain columns and one UPDATE, not an ORM object and its
+        flush: this runs once per document.
         """
         row = (
             await self.session.execute(
-                select(
-                    Document.status,
-                    Document.attempts,
-                    Document.collection_id,
-                    Document.chunk_count,
-                    Document.blob_key,
-                    Document.content_type,
-                    Document.metadata_,
-                    Document.title,
-                    Document.heartbeat_at,
-                    Collection.status,
-                    Document.filename,
-                )
+                select(*_CLAIM_COLUMNS, Document.run_id)
                 .join(Collection, Collection.id == Document.collection_id)
                 .where(Document.id == document_id, Document.tenant_id == self.tenant_id)
                 .with_for_update()
@@ -131,39 +176,13 @@ class DocumentRepository:
         ).one_or_none()
         if row is None:
             return None
-        status, attempts, collection_id, chunk_count, blob_key, content_type = row[:6]
-        metadata, title, queued_since, collection_status, filename = row[6:]
-        if collection_status is not CollectionStatus.active or status not in (
-            DocumentStatus.queued,
-            DocumentStatus.processing,
-        ):
-            return None
-        now = utcnow()
-        await self.session.execute(
-            update(Document)
-            .where(Document.id == document_id, Document.tenant_id == self.tenant_id)
-            .values(
-                status=DocumentStatus.processing,
-                stage="extract",
-                progress=0,
-                run_id=run_id,
-                attempts=attempts + 1,
-                started_at=now,
-                heartbeat_at=now,
-            )
-        )
-        return Claimed(
-            attempts=attempts + 1,
-            collection_id=collection_id,
-            chunk_count=chunk_count or 0,
-            blob_key=blob_key,
-            content_type=content_type,
-            metadata=dict(metadata or {}),
-            title=title,
-            started_at=now,
-            filename=filename,
-            queued_since=queued_since,
-        )
+        held_by = row[-1]
+        if row.status is DocumentStatus.processing and held_by is not None:
+            mine = job_of(held_by) == job_of(run_id)
+            alive = live_after is not None and (row.heartbeat_at or live_after) > live_after
+            if not mine and alive and job_of(held_by) is not None:
+                return None
+        return await _start(self.session, row, run_id)
 
     async def progress(self, document_id: uuid.UUID, run_id: str, stage: str, percent: int) -> bool:
         """Record the run's stage and percent; False when the run no longer owns the document."""
@@ -175,13 +194,18 @@ class DocumentRepository:
         return bool(getattr(result, "rowcount", 0))
 
     async def owned(self, document_id: uuid.UUID, run_id: str) -> bool:
-        """Whether the run still owns the document and its collection is not being deleted."""
+        """Whether the run still owns the document and neither its collection nor its tenant
+        is being deleted."""
         row = (
             await self.session.execute(
                 select(Document.id)
                 .join(Collection, Collection.id == Document.collection_id)
+                .join(Tenant, Tenant.id == Document.tenant_id)
                 .where(*self._mine(document_id, run_id))
-                .where(Collection.status == CollectionStatus.active)
+                .where(
+                    Collection.status == CollectionStatus.active,
+                    Tenant.status != TenantStatus.deleting,
+                )
             )
         ).first()
         return row is not None
@@ -243,8 +267,23 @@ class DocumentRepository:
         )
         return bool(getattr(result, "rowcount", 0))
 
-    async def requeue(self, document_id: uuid.UUID, run_id: str | None, note: str | None) -> bool:
-        """Put the document back in ``queued`` (a retry is coming), with a note why."""
+    async def requeue(
+        self,
+        document_id: uuid.UUID,
+        run_id: str | None,
+        note: str | None,
+        *,
+        unstarted: bool = False,
+    ) -> bool:
+        """Put the document back in ``queued`` (a retry is coming), with a note why.
+
+        Args:
+            document_id: the document.
+            run_id: the run that must still hold it (any queued or processing row when None).
+            note: shown as the document's ``error`` until it runs.
+            unstarted: the run gave the document back before reading it: its claim does not
+                count as an attempt (it may be taken into a batch again).
+        """
         where: Any = (
             self._mine(document_id, run_id)
             if run_id is not None
@@ -258,12 +297,8 @@ class DocumentRepository:
             update(Document)
             .where(*where)
             .values(
-                status=DocumentStatus.queued,
-                stage=None,
-                progress=0,
-                error=note,
-                run_id=None,
-                heartbeat_at=utcnow(),
+                **requeued(note),
+                **({"attempts": Document.attempts - 1} if unstarted else {}),
             )
         )
         return bool(getattr(result, "rowcount", 0))
@@ -298,3 +333,167 @@ async def stuck_collections(
         .limit(limit)
     )
     return list((await session.execute(query)).scalars())
+
+
+_CLAIM_COLUMNS = (
+    Document.id,
+    Document.tenant_id,
+    Document.size_bytes,
+    Document.status,
+    Document.attempts,
+    Document.collection_id,
+    Document.chunk_count,
+    Document.blob_key,
+    Document.content_type,
+    Document.metadata_,
+    Document.title,
+    Document.heartbeat_at,
+    Collection.status.label("collection_status"),
+    Document.filename,
+    Collection.language,
+    # A subquery, not a join: the claim's lock must not take the tenant's row (every claim of
+    # the tenant would wait on it).
+    select(Tenant.status)
+    .where(Tenant.id == Document.tenant_id)
+    .scalar_subquery()
+    .label("tenant_status"),
+)
+
+
+async def _start(session: AsyncSession, row: Any, run_id: str) -> Claimed | None:
+    """Make the document of ``row`` (``_CLAIM_COLUMNS``, locked) ``processing`` under
+    ``run_id``; None when it has nothing to do."""
+    if (
+        row.collection_status is not CollectionStatus.active
+        or row.tenant_status is TenantStatus.deleting
+        or row.status not in (DocumentStatus.queued, DocumentStatus.processing)
+    ):
+        return None
+    now = utcnow()
+    await session.execute(
+        update(Document)
+        .where(Document.id == row.id, Document.tenant_id == row.tenant_id)
+        .values(
+            status=DocumentStatus.processing,
+            stage="extract",
+            progress=0,
+            run_id=run_id,
+            attempts=row.attempts + 1,
+            started_at=now,
+            heartbeat_at=now,
+        )
+    )
+    return Claimed(
+        document_id=row.id,
+        tenant_id=row.tenant_id,
+        size_bytes=row.size_bytes or 0,
+        attempts=row.attempts + 1,
+        collection_id=row.collection_id,
+        chunk_count=row.chunk_count or 0,
+        blob_key=row.blob_key,
+        content_type=row.content_type,
+        metadata=dict(row.metadata_ or {}),
+        title=row.title,
+        started_at=now,
+        filename=row.filename,
+        queued_since=row.heartbeat_at,
+        language=row.language,
+    )
+
+
+async def adopt_queued(
+    session: AsyncSession,
+    run_id: str,
+    *,
+    limit: int,
+    queued_before: dt.datetime,
+    max_bytes: int,
+) -> list[Claimed]:
+    """Claim up to ``limit`` more queued documents (any tenant) for the run ``run_id``.
+
+    Only documents never started (``attempts`` 0: one that stopped a worker before runs alone
+    from then on), no larger than ``max_bytes`` and queued since before ``queued_before`` (a
+    backlog: a document that waited is one no idle worker took), oldest first. Rows another
+    transaction holds (a worker claiming that very document) are skipped, not waited for.
+    For the worker only; each document stays fenced by its own row.
+    """
+    if limit <= 0:
+        return []
+    ids = (
+        (
+            await session.execute(
+                select(Document.id)
+                .where(
+                    Document.status == DocumentStatus.queued,
+                    Document.heartbeat_at < queued_before,
+                    Document.attempts == 0,
+                    Document.size_bytes <= max_bytes,
+                    Document.tenant_id.not_in(
+                        select(Tenant.id).where(Tenant.status == TenantStatus.deleting)
+                    ),
+                )
+                .order_by(Document.heartbeat_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    if not ids:
+        return []
+    rows = (
+        await session.execute(
+            select(*_CLAIM_COLUMNS)
+            .join(Collection, Collection.id == Document.collection_id)
+            .where(Document.id.in_(ids))
+            .order_by(Document.heartbeat_at)
+        )
+    ).all()
+    claimed = [await _start(session, row, run_id) for row in rows]
+    return [c for c in claimed if c is not None]
+
+
+async def release_job(
+    session: AsyncSession, job: str, keep: uuid.UUID, note: str
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    """Put back in the queue the documents that earlier runs of ``job`` still hold, except
+    ``keep``; returns their ``(tenant_id, document_id)`` (each needs a job of its own again).
+
+    A job's message is delivered again only when the worker running it died, so such rows
+    belong to a dead run: whatever became of the job's own document (failed early, deleted),
+    the documents that run adopted would otherwise wait for the sweeper. For the worker only.
+    """
+    held = (
+        Document.status == DocumentStatus.processing,
+        Document.run_id.like(f"{job}-%"),
+        Document.id != keep,
+    )
+    # Every delivery asks, and almost always finds nothing: a plain read first, since a
+    # locking one would lock every ``processing`` row it scans (other runs' too) until commit.
+    ids = (await session.execute(select(Document.id).where(*held))).scalars().all()
+    if not ids:
+        return []
+    rows = (
+        await session.execute(
+            select(Document.tenant_id, Document.id)
+            .where(Document.id.in_(ids), *held)
+            .with_for_update()
+        )
+    ).all()
+    if rows:
+        await session.execute(
+            update(Document)
+            .where(Document.id.in_([row[1] for row in rows]), *held)
+            .values(**requeued(note))
+        )
+    return [(row[0], row[1]) for row in rows]
+
+
+async def heartbeat_run(session: AsyncSession, run_id: str) -> None:
+    """Show that the run is alive on every document it holds (one statement)."""
+    await session.execute(
+        update(Document)
+        .where(Document.run_id == run_id, Document.status == DocumentStatus.processing)
+        .values(heartbeat_at=utcnow())
+    )

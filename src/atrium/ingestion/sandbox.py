@@ -115,9 +115,27 @@ def _max_fd() -> int:
     return limit if limit != resource.RLIM_INFINITY else 1 << 20
 
 
+def _fresh_stdio() -> None:
+    """Give the child standard streams of its own.
+
+    The fork copies the worker's ``sys.stdout``/``sys.stderr`` with their buffer locks, and a
+    lock held by another worker thread at the fork is held forever here. Python's fatal-error
+    path (out of memory while raising ``MemoryError``, the very case the memory limit provokes)
+    flushes both streams before it aborts: with an inherited lock the child would hang to its
+    deadline instead of dying at once.
+    """
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        try:
+            stream: Any = os.fdopen(fd, "w", closefd=False)
+        except OSError:  # a worker started without the descriptor: nothing to print to
+            stream = None
+        setattr(sys, name, stream)
+
+
 def _run_child(fd: int, data: bytes, content_type: str, label: str, limits: SandboxLimits) -> None:
     code = 1
     try:
+        _fresh_stdio()
         _close_inherited_fds(fd)
         # Objects inherited from the worker are never collected here: their finalizers (open
         # connections, pools) belong to the parent.

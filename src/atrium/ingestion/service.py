@@ -156,7 +156,7 @@ async def _check(item: Incoming, limit: int) -> _Checked:
     except BadDocument as exc:
         raise _to_http(exc) from None
     # The document's own title (PDF/DOCX properties, first heading...) is only known once the
-    # worker has read it; it then replaces this placeholder (see ``pipeline.final_title``).
+    # worker has read it; it then replaces this placeholder (see ``stages.final_title``).
     title = item.title or item.filename or item.fallback_title or "Untitled"
     return _Checked(item, hashlib.sha256(data).hexdigest(), content_type, title[:500], len(data))
 

@@ -21,20 +21,29 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import random
 import uuid
 from typing import Any
 
 import structlog
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init
 
+from atrium.collections.service import DELETE_TASK as DELETE_COLLECTION
+from atrium.embedding.factory import PROCESSES_ENV
 from atrium.ingestion import pipeline
-from atrium.ingestion.embedders import PROCESSES_ENV, worker_tools
-from atrium.ingestion.repository import DocumentRepository, stuck_collections, stuck_documents
+from atrium.ingestion.faults import is_transient
+from atrium.ingestion.pipeline import MAX_RETRIES, backoff
+from atrium.ingestion.repository import (
+    DocumentRepository,
+    job_key,
+    stuck_collections,
+    stuck_documents,
+)
 from atrium.ingestion.service import DELETE_TASK, PROCESS_TASK
+from atrium.ingestion.tools import worker_tools
 from atrium.ingestion.vectorstore import delete_document_chunks
-from atrium.kit import runtime
+from atrium.kit import metrics, runtime
 from atrium.kit.blobstore import get_blobstore
 from atrium.kit.cache_versions import bump_collection_version
 from atrium.kit.db import unit_of_work
@@ -45,37 +54,33 @@ from atrium.worker import celery_app
 
 log = structlog.get_logger("atrium.ingestion")
 
-#: Retries of a document after transient faults, and the longest wait between two.
-MAX_RETRIES = 5
-MAX_BACKOFF_SECONDS = 300
-
 
 @worker_init.connect
 def _export_process_count(sender: Any = None, **_: Any) -> None:
     # Runs in the worker's main process before the pool forks: children size their ONNX thread
-    # pools from it (see ``embedders.onnx_threads``).
+    # pools from it (see ``atrium.embedding.factory.onnx_threads``).
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int) and concurrency > 0:
         os.environ[PROCESSES_ENV] = str(concurrency)
 
 
-def backoff(retries: int) -> float:
-    """Seconds before retry number ``retries + 1``: exponential, with jitter, capped."""
-    base = min(MAX_BACKOFF_SECONDS, 5 * 2**retries)
-    return float(base * (0.5 + random.random() / 2))  # noqa: S311  # nosec B311
-
-
-# Results are not kept: the document row is the outcome (saves a broker write per document).
 @celery_app.task(name=PROCESS_TASK, bind=True, max_retries=MAX_RETRIES, ignore_result=True)
-def process_document(self: Task, *, tenant_id: str, document_id: str) -> dict[str, Any]:
-    """Extract, chunk, embed and store one document (see ``ingestion.pipeline``).
+def process_document(
+    self: Task, *, tenant_id: str, document_id: str, retried: int = 0
+) -> dict[str, Any]:
+    """Extract, chunk, embed and store a document, and, when a backlog waits, queued
+    documents it takes along (see ``ingestion.pipeline``).
 
     Transient faults (databases, broker, embedding provider) retry with backoff; a bad document
-    fails at once with a reason a person can act on.
+    fails at once with a reason a person can act on. The result lists every document's outcome
+    (``kit.metrics`` counts each). ``retried``: retries the document had before this job (a
+    batch that took it along met a transient fault and gave it a job of its own).
     """
     tenant, document = uuid.UUID(tenant_id), uuid.UUID(document_id)
+    job = job_key(self.request.id)
+    retries = int(self.request.retries or 0) + retried
 
-    async def _run() -> pipeline.Outcome:
+    async def _run() -> list[pipeline.Outcome]:
         res = await runtime.resources()
         tools = worker_tools(res.settings)
         return await pipeline.process(
@@ -84,43 +89,51 @@ def process_document(self: Task, *, tenant_id: str, document_id: str) -> dict[st
             tenant,
             document,
             max_attempts=res.settings.ingestion_max_attempts,
-            retried=int(self.request.retries or 0),
+            retried=retries,
+            job=job,
         )
 
     try:
-        outcome = runtime.run(_run())
+        outcomes = runtime.run(_run())
+    except SoftTimeLimitExceeded:
+        # Raised outside the documents' steps (the run was waiting on a database): the run
+        # was cancelled; its documents must not wait for the sweeper.
+        _best_effort(pipeline.out_of_time, tenant, document, job)
+        raise
     except pipeline.TransientFailure as exc:
-        retries = int(self.request.retries or 0)
         if retries >= MAX_RETRIES:
             reason = (
                 f"A temporary problem persisted after {retries + 1} attempts ({exc}); "
                 "re-index the document later to try again"
             )
             _best_effort(pipeline.give_up, tenant, document, reason)
-            return {"status": "failed", "error": reason}
+            own = pipeline.Outcome("failed", error=reason, document_id=document_id)
+            return _report(tenant_id, document_id, [own, *exc.outcomes])
         delay = backoff(retries)
-        note = (
-            f"Retrying in {delay:.0f} s after a temporary problem ({exc}); "
-            f"attempt {retries + 2} of {MAX_RETRIES + 1}"
-        )
+        note = pipeline.retry_note(str(exc), retries, delay)
         _best_effort(pipeline.note_retry, tenant, document, exc.run_id, note)
+        # A retried task's result is not counted (``kit.metrics`` counts successes): the
+        # other documents of its run are counted here, once.
+        metrics.record_ingestion_outcome(_report(tenant_id, document_id, exc.outcomes))
         raise self.retry(countdown=delay, exc=exc) from None
-    log.info(
-        "ingestion_done",
-        tenant_id=tenant_id,
-        document_id=document_id,
-        status=outcome.status,
-        chunks=outcome.chunks,
-        tokens=outcome.tokens,
-        **outcome.timings,
-    )
-    # The result feeds the worker's metrics (kit.metrics.record_ingestion_outcome).
-    return {
-        "status": outcome.status,
-        "chunks": outcome.chunks,
-        "tokens": outcome.tokens,
-        "timings": outcome.timings,
-    }
+    return _report(tenant_id, document_id, outcomes)
+
+
+def _report(tenant_id: str, document_id: str, outcomes: list[pipeline.Outcome]) -> dict[str, Any]:
+    """Log every document's outcome; the task result's ``documents`` (they feed the worker's
+    metrics: kit.metrics.record_ingestion_outcome)."""
+    for outcome in outcomes:
+        log.info(
+            "ingestion_done",
+            tenant_id=outcome.tenant_id or tenant_id,
+            document_id=outcome.document_id or document_id,
+            status=outcome.status,
+            chunks=outcome.chunks,
+            tokens=outcome.tokens,
+            batch=len(outcomes),
+            **outcome.timings,
+        )
+    return {"documents": [outcome.as_result() for outcome in outcomes]}
 
 
 def _best_effort(fn: Any, *args: Any) -> None:
@@ -133,10 +146,6 @@ def _best_effort(fn: Any, *args: Any) -> None:
         runtime.run(_call())
     except Exception as exc:
         log.warning("ingestion_state_write_failed", error=f"{type(exc).__name__}: {exc}")
-
-
-def _is_transient(exc: BaseException) -> bool:
-    return pipeline.is_transient(exc)
 
 
 @celery_app.task(
@@ -171,7 +180,7 @@ def delete_document(self: Task, *, tenant_id: str, document_id: str) -> dict[str
     try:
         return runtime.run(_run())
     except Exception as exc:
-        if _is_transient(exc):
+        if is_transient(exc):
             raise self.retry(countdown=backoff(int(self.request.retries or 0)), exc=exc) from exc
         raise
 
@@ -212,8 +221,6 @@ def sweep() -> dict[str, int]:
                     document.error = f"Requeued: it was {was} with no progress for a while"
                     enqueue(session, PROCESS_TASK, tenant_id=tenant_id, document_id=document_id)
                     counts["requeued"] += 1
-            from atrium.collections.service import DELETE_TASK as DELETE_COLLECTION
-
             for collection in await stuck_collections(session, older_than):
                 collection.updated_at = now
                 enqueue(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,10 +28,16 @@ from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection, errors, sql
 from psycopg.types.json import Jsonb
 
-from atrium.kit.vectordb import ensure_tenant_partition, partition_exists, partition_name
+from atrium.kit.vectordb import (
+    DEFAULT_LANGUAGE,
+    ensure_tenant_partition,
+    partition_exists,
+    partition_name,
+)
 
 _COLUMNS = (
     "tenant_id",
+    "lang",
     "id",
     "collection_id",
     "document_id",
@@ -40,7 +47,7 @@ _COLUMNS = (
     "metadata",
     "embedding",
 )
-_COPY_TYPES = ["uuid", "uuid", "uuid", "uuid", "int4", "text", "int4", "jsonb", "vector"]
+_COPY_TYPES = ["uuid", "text", "uuid", "uuid", "uuid", "int4", "text", "int4", "jsonb", "vector"]
 
 
 def lock_key(value: uuid.UUID) -> int:
@@ -84,8 +91,9 @@ async def replace_document_chunks(
     embeddings: npt.NDArray[np.float32],
     metadata: dict[str, Any],
     still_owned: Callable[[], Awaitable[bool]],
+    language: str = DEFAULT_LANGUAGE,
 ) -> bool:
-    """Replace the document's chunks with these, atomically.
+    """Replace the document's chunks with these, atomically (BM25 statistics included).
 
     Args:
         conn: a pooled connection, idle.
@@ -97,6 +105,7 @@ async def replace_document_chunks(
         embeddings: one row per chunk.
         metadata: stored on every chunk (search filters read it).
         still_owned: asked under the locks; False aborts without writing.
+        language: the collection's full-text configuration (``kit.vectordb.LANGUAGES``).
 
     Returns:
         Whether the chunks were written.
@@ -116,11 +125,15 @@ async def replace_document_chunks(
             embeddings,
             metadata,
             still_owned,
+            language,
         )
     except errors.UndefinedTable:
-        # The partition went away since this process last saw it (a purge and a re-creation):
-        # check again once.
+        # The partition went away since this process last saw it: a purge of the tenant (the
+        # run no longer owns the document: re-creating the partition would leave an orphan
+        # behind the purge) or a purge and a re-creation (check again once).
         _known_partitions.discard(tenant_id)
+        if not await still_owned():
+            return False
         part = await _prepare(conn, tenant_id)
         return await _replace(
             conn,
@@ -133,6 +146,7 @@ async def replace_document_chunks(
             embeddings,
             metadata,
             still_owned,
+            language,
         )
 
 
@@ -147,6 +161,7 @@ async def _replace(
     embeddings: npt.NDArray[np.float32],
     metadata: dict[str, Any],
     still_owned: Callable[[], Awaitable[bool]],
+    language: str,
 ) -> bool:
     meta = Jsonb(metadata)
     async with conn.transaction():
@@ -156,8 +171,9 @@ async def _replace(
         )
         if not await still_owned():
             return False
-        await conn.execute(
-            sql.SQL("DELETE FROM {} WHERE tenant_id = %s AND document_id = %s").format(part),
+        old = await _summarise(
+            conn,
+            _delete(sql.SQL("{} WHERE tenant_id = %s AND document_id = %s").format(part)),
             (tenant_id, document_id),
         )
         copy_sql = sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT BINARY)").format(
@@ -169,6 +185,7 @@ async def _replace(
                 await copy.write_row(
                     (
                         tenant_id,
+                        language,
                         uuid.uuid4(),
                         collection_id,
                         document_id,
@@ -179,7 +196,101 @@ async def _replace(
                         embeddings[ordinal],
                     )
                 )
+        new = await _summarise(
+            conn,
+            sql.SQL("SELECT tsv, tsv_len FROM {} WHERE tenant_id = %s AND document_id = %s").format(
+                part
+            ),
+            (tenant_id, document_id),
+        )
+        await _apply_text_delta(conn, tenant_id, new.minus(old))
     return True
+
+
+@dataclass
+class TextDelta:
+    """A change to a tenant's BM25 statistics.
+
+    Attributes:
+        df: chunks gained (or, negative, lost) per lexeme.
+        chunks: chunks gained or lost.
+        length: words (``tsv_len``) gained or lost.
+    """
+
+    df: dict[str, int]
+    chunks: int
+    length: int
+
+    def minus(self, other: TextDelta) -> TextDelta:
+        """This change less ``other`` (new chunks less the ones they replace)."""
+        df = dict(self.df)
+        for lexeme, n in other.df.items():
+            df[lexeme] = df.get(lexeme, 0) - n
+        return TextDelta(
+            {k: v for k, v in df.items() if v},
+            self.chunks - other.chunks,
+            self.length - other.length,
+        )
+
+    def negated(self) -> TextDelta:
+        """The opposite change (chunks removed)."""
+        return TextDelta({k: -v for k, v in self.df.items()}, -self.chunks, -self.length)
+
+
+async def _summarise(
+    conn: AsyncConnection[Any], source: sql.Composable, params: Sequence[Any]
+) -> TextDelta:
+    """What the chunks ``source`` yields (``tsv, tsv_len`` rows) hold, as a TextDelta.
+
+    ``source`` may be a ``DELETE ... RETURNING tsv, tsv_len``: one round trip removes the
+    chunks and tells what they took from the statistics.
+    """
+    query = sql.SQL(
+        "WITH rows AS ({}),"
+        " lex AS (SELECT u.lexeme, count(*)::int AS n FROM rows, unnest(rows.tsv) u"
+        " GROUP BY u.lexeme)"
+        " SELECT (SELECT count(*) FROM rows), (SELECT coalesce(sum(tsv_len), 0) FROM rows),"
+        " (SELECT coalesce(array_agg(lexeme), '{{}}') FROM lex),"
+        " (SELECT coalesce(array_agg(n), '{{}}') FROM lex)"
+    ).format(source)
+    cur = await conn.execute(query, params)
+    row = await cur.fetchone()
+    if row is None:
+        return TextDelta({}, 0, 0)
+    return TextDelta(dict(zip(row[2], row[3], strict=True)), int(row[0]), int(row[1]))
+
+
+def _delete(target: str | sql.Composable) -> sql.Composable:
+    """``DELETE FROM <target> RETURNING tsv, tsv_len``, a source for :func:`_summarise`."""
+    return sql.SQL("DELETE FROM {} RETURNING tsv, tsv_len").format(
+        sql.SQL(target) if isinstance(target, str) else target
+    )
+
+
+async def _apply_text_delta(
+    conn: AsyncConnection[Any], tenant_id: uuid.UUID, delta: TextDelta
+) -> None:
+    """Add ``delta`` to the tenant's lexicon and totals, inside the caller's transaction.
+
+    Lexemes are upserted in sorted order and before the totals row, in every writer: two
+    transactions of the same tenant lock the rows they share in the same order (they wait for
+    each other, never deadlock).
+    """
+    if delta.df:
+        lexemes = sorted(delta.df)
+        await conn.execute(
+            "INSERT INTO lexicon (tenant_id, lexeme, df)"
+            " SELECT %s, l, d FROM unnest(%s::text[], %s::int[]) AS x(l, d) ORDER BY l"
+            " ON CONFLICT (tenant_id, lexeme) DO UPDATE SET df = lexicon.df + excluded.df",
+            (tenant_id, lexemes, [delta.df[k] for k in lexemes]),
+        )
+    if delta.chunks or delta.length:
+        await conn.execute(
+            "INSERT INTO text_stats (tenant_id, chunks, total_len) VALUES (%s, %s, %s)"
+            " ON CONFLICT (tenant_id) DO UPDATE SET chunks = text_stats.chunks + excluded.chunks,"
+            " total_len = text_stats.total_len + excluded.total_len",
+            (tenant_id, delta.chunks, delta.length),
+        )
 
 
 async def delete_document_chunks(
@@ -188,11 +299,13 @@ async def delete_document_chunks(
     """Remove a document's chunks; returns how many."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(document_id),))
-        cur = await conn.execute(
-            "DELETE FROM chunks WHERE tenant_id = %s AND document_id = %s",
+        gone = await _summarise(
+            conn,
+            _delete("chunks WHERE tenant_id = %s AND document_id = %s"),
             (tenant_id, document_id),
         )
-        return cur.rowcount
+        await _apply_text_delta(conn, tenant_id, gone.negated())
+        return gone.chunks
 
 
 async def delete_collection_chunks(
@@ -201,8 +314,33 @@ async def delete_collection_chunks(
     """Remove every chunk of a collection; returns how many."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key(collection_id),))
-        cur = await conn.execute(
-            "DELETE FROM chunks WHERE tenant_id = %s AND collection_id = %s",
+        gone = await _summarise(
+            conn,
+            _delete("chunks WHERE tenant_id = %s AND collection_id = %s"),
             (tenant_id, collection_id),
         )
-        return cur.rowcount
+        await _apply_text_delta(conn, tenant_id, gone.negated())
+        return gone.chunks
+
+
+async def recount_text_stats(conn: AsyncConnection[Any], tenant_id: uuid.UUID) -> None:
+    """Recompute the tenant's BM25 statistics from its chunks (after a bulk load that wrote
+    rows without going through :func:`replace_document_chunks`), in one transaction."""
+    part = sql.Identifier(partition_name(tenant_id))
+    async with conn.transaction():
+        await conn.execute("DELETE FROM lexicon WHERE tenant_id = %s", (tenant_id,))
+        await conn.execute("DELETE FROM text_stats WHERE tenant_id = %s", (tenant_id,))
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO lexicon (tenant_id, lexeme, df)"
+                " SELECT %s, u.lexeme, count(*) FROM {} c, unnest(c.tsv) u GROUP BY u.lexeme"
+            ).format(part),
+            (tenant_id,),
+        )
+        await conn.execute(
+            sql.SQL(
+                "INSERT INTO text_stats (tenant_id, chunks, total_len)"
+                " SELECT %s, count(*), coalesce(sum(tsv_len), 0) FROM {}"
+            ).format(part),
+            (tenant_id,),
+        )

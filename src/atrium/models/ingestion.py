@@ -62,6 +62,9 @@ class Collection(IDMixin, TimestampMixin, Base):
         Enum(CollectionStatus, native_enum=False, length=20, validate_strings=True),
         default=CollectionStatus.active,
     )
+    #: The PostgreSQL text search configuration of its chunks (``kit.vectordb.LANGUAGES``):
+    #: how lexical and hybrid search stem and match its text. Fixed at creation.
+    language: Mapped[str] = mapped_column(String(32), default="english", server_default="english")
 
 
 class Document(IDMixin, TimestampMixin, Base):
