@@ -85,10 +85,9 @@ def test_dockerfile_is_multi_stage_non_root_and_ships_the_model() -> None:
     assert "build-essential" not in runtime and "uv" not in re.findall(r"\b\w+\b", runtime)
     assert re.search(r"^USER atrium", runtime, re.M)
     assert "uv sync --frozen --no-dev" in text
-    assert "src/atrium/ingestion/model/model.onnx" in text
-    model = ROOT / "src" / "atrium" / "ingestion" / "model"
-    assert (model / "model.onnx").stat().st_size > 1_000_000
-    assert (model / "tokenizer.json").is_file()
+    # The embedding model is built (and checksum-verified) in the build stage, not taken from git.
+    build = text.split("AS runtime", 1)[0]
+    assert "python -m atrium.embedding.model_build" in build
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert "src" not in ignored and ".env" in ignored and ".git" in ignored
 
@@ -98,15 +97,43 @@ def test_proxies_stream_sse_and_limit_uploads_to_the_largest_plan() -> None:
 
     plans = tomllib.loads((ROOT / "config" / "plans.toml").read_text())["plans"]
     largest = max(int(p["max_upload_bytes"]) for p in plans.values())
-    nginx = (DEPLOY / "nginx" / "atrium.conf").read_text()
+    nginx = (DEPLOY / "nginx" / "atrium.conf.template").read_text()
     caddy = (DEPLOY / "caddy" / "Caddyfile").read_text()
     assert "proxy_buffering off;" in nginx
     assert "flush_interval -1" in caddy
     nginx_limit = int(re.search(r"client_max_body_size (\d+)m;", nginx)[1]) * 1024 * 1024  # type: ignore[index]
-    caddy_limit = int(re.search(r"max_size (\d+)MB", caddy)[1]) * 1000 * 1000  # type: ignore[index]
+    # Caddy: one placeholder default for both the up-front check and request_body.
+    caddy_limits = set(re.findall(r"\{\$MAX_BODY_BYTES:(\d+)\}", caddy))
+    assert len(caddy_limits) == 1 and "max_size {$MAX_BODY_BYTES:" in caddy
+    caddy_limit = int(caddy_limits.pop())
     for limit in (nginx_limit, caddy_limit):
         # Room for the largest plan's file plus multipart framing, and not unbounded.
         assert largest < limit <= largest * 1.2
+
+
+def test_nginx_template_names_what_envsubst_fills_in() -> None:
+    """Every ${NAME} outside the comments is in the header's list for envsubst (a name missing
+    there would reach nginx as an unknown variable), and the header's example servers carry the
+    failure parameters tests/test_replicas.py runs with."""
+    text = (DEPLOY / "nginx" / "atrium.conf.template").read_text()
+    listed = re.search(r"^#\s+names='([^']+)'$", text, re.M)
+    assert listed is not None
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert set(re.findall(r"\$\{(\w+)\}", body)) == set(listed[1].split())
+    assert "server 10.0.0.11:8000 max_fails=2 fail_timeout=10s;" in text
+
+
+def test_proxies_go_on_to_the_next_replica_only_when_one_is_down() -> None:
+    """nginx retries on connection errors and time-outs only, never on the app's own
+    502/503/504 (provider or database failures that every replica shares); Caddy checks
+    /healthz and has no passive checks (see the Caddyfile for the Caddy 2.6 bug)."""
+    nginx = (DEPLOY / "nginx" / "atrium.conf.template").read_text()
+    assert re.search(r"^\s*proxy_next_upstream error timeout;$", nginx, re.M)
+    assert "non_idempotent" not in nginx
+    caddy = (DEPLOY / "caddy" / "Caddyfile").read_text()
+    directives = {line.split()[0] for line in caddy.splitlines() if line.strip()}
+    assert {"health_uri", "lb_try_duration"} <= directives
+    assert not {"fail_duration", "unhealthy_status", "max_fails"} & directives
 
 
 def test_systemd_units_run_as_the_service_user_with_settings_from_one_file() -> None:
