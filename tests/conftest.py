@@ -7,7 +7,9 @@ demand, a real Celery worker subprocess. Each test gets a flushed Redis db and e
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,12 +24,40 @@ from tests.support.llm_server import LLMServer
 from tests.support.smtp import Mailbox
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Let ``scripts/test``'s watchdog ask this process for its threads' stacks.
+
+    A run that outlives its limit gets SIGUSR1 in every pytest process before it is stopped:
+    faulthandler then writes each thread's stack to the run's stderr (captured output dies with
+    a killed process). The pid goes to ``$ATRIUM_TEST_PIDS_DIR`` for the watchdog to find.
+    """
+    # Capture is suspended during pytest_configure: fd 2 is still the run's stderr.
+    stderr = os.dup(2)
+    timeout = float(config.getini("faulthandler_timeout") or 0)
+    if timeout > 0:
+        # pytest arms faulthandler.dump_traceback_later for each test. A child forked while it
+        # is armed (the extraction sandbox forks) inherits faulthandler's "watchdog running"
+        # lock without the watchdog thread: if the child then dies of a fatal error (out of
+        # memory, as the sandbox's limit provokes), faulthandler's clean-up waits on that lock
+        # forever. So it is disarmed around each fork, and re-armed in the parent (the clock
+        # restarts there: it is a diagnostic, not a limit).
+        os.register_at_fork(
+            before=faulthandler.cancel_dump_traceback_later,
+            after_in_parent=lambda: faulthandler.dump_traceback_later(timeout, file=stderr),
+        )
+    pids_dir = os.environ.get("ATRIUM_TEST_PIDS_DIR")
+    if pids_dir:
+        faulthandler.register(signal.SIGUSR1, file=stderr, all_threads=True)
+        Path(pids_dir, str(os.getpid())).touch()
+
+
 @pytest.fixture(scope="session")
 def test_env() -> Iterator[dict[str, Any]]:
     """Start or check every service and export the ATRIUM_* settings that point at them."""
     app_db, broker_db = services.redis_dbs()
     for db in (app_db, broker_db):
         services.check_redis(db).flushdb()
+    services.stop_stale_workers(f"redis://{services.REDIS_HOST}:{services.REDIS_PORT}/{broker_db}")
     mysql_db = services.create_mysql_database()
     pg, pg_uri, _pg_root = services.start_pgserver()
     mailbox = Mailbox()
@@ -115,7 +145,8 @@ def celery_worker(test_env: dict[str, Any]) -> Iterator[services.WorkerProcess]:
     """
     metrics_dir = test_env["data_dir"] / "worker-metrics"
     metrics_dir.mkdir(exist_ok=True)
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    # INFO: its log (read by tests that fail waiting on it) says which job ran when.
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "ATRIUM_LOG_LEVEL": "INFO"}
     worker = services.WorkerProcess(env, test_env["data_dir"] / "worker.log")
     worker.start()
     yield worker

@@ -14,6 +14,7 @@ committing, and their jobs were gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import email
 import email.policy
@@ -22,6 +23,7 @@ import sqlite3
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +266,17 @@ async def _upload(client: httpx.AsyncClient, tenant: Any, name: str) -> str:
     return str(r.json()["documents"][0]["id"])
 
 
+@contextlib.asynccontextmanager
+async def _reporting(server: DevServer) -> AsyncIterator[None]:
+    """A connection error means ``atrium dev`` went away: fail with its log, which says why."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        code = server.proc.poll() if server.proc is not None else None
+        message = f"atrium dev unreachable (exit code {code}):\n{server.tail()}"
+        raise AssertionError(message) from exc
+
+
 @pytest.mark.xdist_group("embedded-load")
 async def test_no_job_is_lost_while_the_broker_is_down(tmp_path: Path) -> None:
     broker = Broker(free_port(), tmp_path / "broker")
@@ -276,7 +289,8 @@ async def test_no_job_is_lost_while_the_broker_is_down(tmp_path: Path) -> None:
     broker.start()
     try:
         server.start()
-        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        client = httpx.AsyncClient(base_url=server.url, timeout=120)
+        async with _reporting(server), client:
             tenant = await sign_up(client, outbox)
             first = await _upload(client, tenant, "before")
             await _wait_ready(client, tenant, first)
