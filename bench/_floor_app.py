@@ -17,9 +17,9 @@ from fastapi import FastAPI, Response
 from pydantic import BaseModel
 
 from atrium.config import get_settings
+from atrium.embedding.query import embed_query
 from atrium.kit.vectordb import create_pool
 from atrium.retrieval import repository
-from atrium.retrieval.embedding import embed_query
 from atrium.retrieval.schemas import SearchMode, SearchResponse, SearchTimings
 from atrium.retrieval.service import _result
 

@@ -20,6 +20,7 @@ from atrium.apikeys import service
 from atrium.auth.permissions import Permission
 from atrium.kit.errors import Unauthorized
 from atrium.models import ApiKey, AuditEvent, Role, Tenant, TenantStatus, utcnow
+from atrium.tenants.status import forget_status
 from tests.support.apikeys import ALL_SCOPES, create_api_key, key_header
 from tests.support.factories import add_member, bearer, create_tenant, create_user
 
@@ -294,13 +295,13 @@ async def test_unknown_foreign_and_suspended(app: Any, client: httpx.AsyncClient
         assert r.status_code == 404, r.text
     assert (await client.get(_keys_url(tenant.id), headers=key_header(secret))).status_code == 200
 
-    # Suspending the tenant reaches its keys (the tenants domain calls forget_tenant_status).
+    # Suspending the tenant reaches its keys (the tenants domain calls forget_status).
     async with app.state.sessionmaker() as s:
         await s.execute(
             update(Tenant).where(Tenant.id == tenant.id).values(status=TenantStatus.suspended)
         )
         await s.commit()
-    await service.forget_tenant_status(app.state.redis, tenant.id)
+    await forget_status(app.state.redis, tenant.id)
     r = await client.get(_keys_url(tenant.id), headers=key_header(secret))
     assert r.status_code == 403 and "suspended" in r.json()["detail"]
 
@@ -309,7 +310,7 @@ async def test_unknown_foreign_and_suspended(app: Any, client: httpx.AsyncClient
             update(Tenant).where(Tenant.id == tenant.id).values(status=TenantStatus.deleting)
         )
         await s.commit()
-    await service.forget_tenant_status(app.state.redis, tenant.id)
+    await forget_status(app.state.redis, tenant.id)
     assert (await client.get(_keys_url(tenant.id), headers=key_header(secret))).status_code == 404
 
 

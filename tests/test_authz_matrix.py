@@ -25,7 +25,6 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import iter_route_contexts
 from sqlalchemy import update
 
-from atrium.apikeys.service import forget_tenant_status
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import (
     PERMISSION_HELP,
@@ -39,6 +38,7 @@ from atrium.auth.subject import AuthSubject
 from atrium.mcp_server import MCP_PATH
 from atrium.mcp_server.tools import TOOL_PERMISSIONS
 from atrium.models import Role, Tenant, TenantStatus, User, utcnow
+from atrium.tenants.status import forget_status
 from tests.support.apikeys import ALL_SCOPES, create_api_key, key_header
 from tests.support.factories import add_member, bearer, create_tenant, create_user
 
@@ -472,7 +472,7 @@ async def test_mcp_tools_are_authorized_like_the_routes(app: Any, spy_client: An
             update(Tenant).where(Tenant.id == cast.victim.id).values(status=TenantStatus.suspended)
         )
         await s.commit()
-    await forget_tenant_status(app.state.redis, cast.victim.id)
+    await forget_status(app.state.redis, cast.victim.id)
     r = await call("search", key_header(lister))
     refused("search", "a suspended tenant's key", r, 403)
     assert "suspended" in r.json()["detail"]

@@ -301,7 +301,8 @@ async def test_real_requests_move_the_http_quota_rate_limit_and_stage_metrics(
     assert delta("atrium_rate_limit_rejections_total", limit="api_key") == 1
     # The one search that ran embedded the query and searched the tenant's partition.
     assert delta("atrium_stage_duration_seconds_count", stage="query_embed") == 1
-    assert delta("atrium_stage_duration_seconds_count", stage="vector_search") == 1
+    # (hybrid, the default mode: the vector and the BM25 ranking in one statement)
+    assert delta("atrium_stage_duration_seconds_count", stage="text_search") == 1
 
 
 async def test_a_real_ingestion_moves_the_worker_metrics(

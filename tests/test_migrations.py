@@ -83,3 +83,49 @@ async def test_tenant_partition_gets_hnsw_and_fulltext_indexes(settings: Any) ->
         assert await vectordb.drop_tenant_partition(conn, tenant) is True
         assert not await vectordb.partition_exists(conn, tenant)
         assert await vectordb.drop_tenant_partition(conn, tenant) is False
+
+
+async def test_embeddings_stay_in_the_row_from_version_3(settings: Any) -> None:
+    """A chunk's vector is stored inline (STORAGE MAIN), not out of line in TOAST, where an
+    exact scan of a small partition would read it from other pages for every distance."""
+    import numpy as np
+    from pgvector.psycopg import register_vector_async
+
+    rng = np.random.default_rng(3)
+    text = " ".join("".join(rng.choice(list("abcdefghijklmnop"), 7)) for _ in range(150))
+
+    async def toasted(conn: psycopg.AsyncConnection[Any]) -> bool:
+        tenant = uuid.uuid4()
+        name = await vectordb.ensure_tenant_partition(conn, tenant)
+        await conn.execute(
+            "INSERT INTO chunks (tenant_id, id, collection_id, document_id, ordinal, text,"
+            " embedding) VALUES (%s, %s, %s, %s, 0, %s, %s)",
+            (tenant, uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), text, rng.random(384)),
+        )
+        cur = await conn.execute(
+            f"SELECT pg_column_toast_chunk_id(embedding) IS NOT NULL FROM {name}"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return bool(row[0])
+
+    async with await psycopg.AsyncConnection.connect(settings.vector_conninfo) as conn:
+        await register_vector_async(conn)
+        await conn.execute("CREATE SCHEMA mig_storage")
+        await conn.execute("SET search_path = mig_storage, public")
+        await conn.commit()
+        try:
+            await vectordb.migrate(conn, 384, target=2)
+            assert await toasted(conn)  # pgvector's default: out of line
+            await vectordb.migrate(conn, 384)
+            assert not await toasted(conn)  # a partition created after: in the row
+            cur = await conn.execute(
+                "SELECT DISTINCT attstorage FROM pg_attribute a JOIN pg_class c"
+                " ON c.oid = a.attrelid WHERE a.attname = 'embedding'"
+                " AND c.relnamespace = 'mig_storage'::regnamespace AND c.relkind IN ('r', 'p')"
+            )
+            assert [r[0] for r in await cur.fetchall()] == ["m"]  # the older partition too
+        finally:
+            await conn.rollback()
+            await conn.execute("DROP SCHEMA mig_storage CASCADE")
+            await conn.commit()

@@ -252,7 +252,7 @@ async def test_the_workers_database_session_recovers_by_itself(
     the whole session on that server): down, the run fails as a *transient* fault, which the
     Celery task retries with backoff; back, the next run of the same engine finishes."""
     from atrium.ingestion import pipeline
-    from atrium.ingestion.embedders import worker_tools
+    from atrium.ingestion.tools import worker_tools
     from atrium.kit.db import create_engine, create_sessionmaker
     from atrium.kit.runtime import Resources
     from tests.test_documents import prose, setup_tenant
@@ -283,7 +283,7 @@ async def test_the_workers_database_session_recovers_by_itself(
             with pytest.raises(pipeline.TransientFailure):
                 await pipeline.process(res, tools, ctx.tenant.id, doc, max_attempts=5)
             mariadb.start()
-            outcome = await pipeline.process(res, tools, ctx.tenant.id, doc, max_attempts=5)
+            outcome = (await pipeline.process(res, tools, ctx.tenant.id, doc, max_attempts=5))[0]
             assert outcome.status == "ready" and outcome.chunks > 0
         finally:
             await engine.dispose()

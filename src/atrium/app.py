@@ -12,14 +12,23 @@ from fastapi_cache import FastAPICache
 from fastapi_cache.backends.redis import RedisBackend
 
 from atrium.auth.tokens import configure_jwt
-from atrium.billing.quota import close_quota
+from atrium.billing.plans import get_catalog, largest_upload
+from atrium.billing.quota import close_quota, open_quota
 from atrium.config import Settings, get_settings
+from atrium.console import install as install_console
+from atrium.health.endpoints import router as health_router
+from atrium.ingestion.limits import human_bytes, max_request_bytes, upload_too_large_message
+from atrium.kit.bodylimit import BodyLimitMiddleware, BodyLimitRule
 from atrium.kit.db import create_engine, create_sessionmaker
 from atrium.kit.errors import install_error_handlers
 from atrium.kit.logging import RequestContextMiddleware, configure_logging
 from atrium.kit.metrics import install_metrics
+from atrium.kit.ratelimit import RateLimitHeadersMiddleware
 from atrium.kit.redis import create_redis
+from atrium.kit.responses import ANY_ROUTE
 from atrium.kit.vectordb import create_pool
+from atrium.mcp_server import install as install_mcp
+from atrium.mcp_server import running as mcp_running
 
 log = structlog.get_logger("atrium.app")
 
@@ -52,13 +61,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.vector_pool = pool
         app.state.redis = redis
         app.state.redis_bytes = redis_bytes
+        # The quota engine, on its own small pool; routes and services reach it as Quota.of.
+        open_quota(app)
         FastAPICache.reset()  # a class-level singleton: point it at this app's Redis
         FastAPICache.init(RedisBackend(redis_bytes), prefix="atrium-cache")
         log.info("startup", environment=settings.environment.value)
         try:
-            # Imported here, like the routers (_v1_routers): the app module stays import-cheap.
-            from atrium.mcp_server import running as mcp_running
-
             # The MCP endpoint's session manager; stopped before the pools its tools use.
             async with mcp_running(app):
                 yield
@@ -97,24 +105,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "X-RateLimit-Reset",
             ],
         )
-    from atrium.kit.ratelimit import RateLimitHeadersMiddleware
-
     app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, hsts=settings.is_production)
-
-    from atrium.health.endpoints import router as health_router
-    from atrium.kit.responses import ANY_ROUTE
 
     app.include_router(health_router)
     for router in _v1_routers():
         # What every route may answer besides its own statuses (kit/responses.py).
         app.include_router(router, prefix="/v1", responses=ANY_ROUTE)
-    # Imported here, like the routers (_v1_routers): the app module stays import-cheap.
-    from atrium.console import install as install_console
-
     install_console(app)  # the web console at / (not under /v1)
-    from atrium.mcp_server import install as install_mcp
-
     install_mcp(app)  # the MCP server at /mcp (API keys)
     return app
 
@@ -124,10 +122,6 @@ def _install_body_limits(app: FastAPI, settings: Settings) -> None:
     a 413 carries their headers): uploads to the largest request any plan allows (the route
     then applies the tenant's own plan), everything else to ``max_request_body_bytes``."""
     import re
-
-    from atrium.billing.plans import get_catalog, largest_upload
-    from atrium.ingestion.limits import human_bytes, max_request_bytes, upload_too_large_message
-    from atrium.kit.bodylimit import BodyLimitMiddleware, BodyLimitRule
 
     # The largest plan's document size bounds every tenant's upload request (overrides above
     # it are refused, billing.service.change_plan).
@@ -170,4 +164,5 @@ V1_ROUTER_MODULES: list[str] = [
     "atrium.ingestion.endpoints",
     "atrium.billing.endpoints",
     "atrium.retrieval.endpoints",
+    "atrium.llm.endpoints",
 ]

@@ -194,6 +194,32 @@ class Settings(BaseSettings):
     ingestion_sweep_interval_seconds: int = Field(
         300, ge=5, description="How often beat looks for stuck documents and deletions."
     )
+    ingestion_batch_documents: int = Field(
+        8,
+        ge=1,
+        description="Documents one worker task may process together when a backlog waits: its "
+        "own and up to this many minus one queued ones, embedded in shared model batches "
+        "(1: one document per task).",
+    )
+    ingestion_batch_wait_ms: int = Field(
+        500,
+        ge=0,
+        description="A queued document is taken into another task's batch only once it has "
+        "waited this long (a backlog); a short queue keeps one document per task, in parallel.",
+    )
+    ingestion_batch_max_kb: int = Field(
+        64,
+        ge=1,
+        description="Documents larger than this (KiB as uploaded, or in text once read, 1,024 "
+        "characters a KiB) are never batched: they run alone, with their stages shown as they go.",
+    )
+    ingestion_batch_budget_seconds: int = Field(
+        300,
+        ge=0,
+        description="A task stops taking up its batch's documents once it has spent this long: "
+        "the ones not read yet go back to the queue with a job each (the worker's time limit, "
+        "1,700 s, covers the whole batch).",
+    )
     ingestion_extract_timeout_seconds: int = Field(
         300,
         ge=5,
@@ -230,6 +256,27 @@ class Settings(BaseSettings):
     )
     search_cache_ttl_seconds: int = Field(
         300, ge=0, description="How long search results stay cached (0: no cache)."
+    )
+
+    rerank_model: str = Field(
+        "",
+        description="litellm rerank model (e.g. cohere/rerank-english-v3.0, "
+        "jina_ai/jina-reranker-v2-base-multilingual, voyage/rerank-2). Empty: a search asking "
+        "for reranking is refused (400).",
+    )
+    rerank_api_base: str = Field(
+        "",
+        description="API base of the rerank provider. Empty: the provider's own. For cohere/ "
+        "models a base ending in /v1/rerank selects Cohere's v1 API; otherwise /v2/rerank "
+        "is appended.",
+    )
+    rerank_api_key: SecretStr = Field(SecretStr(""), description="API key of the rerank provider.")
+    rerank_timeout_seconds: float = Field(10.0, gt=0, description="Rerank request time-out.")
+    rerank_max_candidates: int = Field(
+        100,
+        ge=1,
+        le=1000,
+        description="Most search candidates one request may send to the reranker (rerank_top_n).",
     )
 
     blob_url: str = Field(

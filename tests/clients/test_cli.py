@@ -63,15 +63,23 @@ class Cli:
     upload: subprocess.CompletedProcess[str]
 
     def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-        """``atr ARGS`` with the module's configuration (``env`` overrides it)."""
-        return subprocess.run(
-            [str(ATR), *args],
-            env={**self.env, **env},
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        """``atr ARGS`` with the module's configuration (``env`` overrides it); one that is
+        still running after 180 s is killed and reported as exit -9 with what it printed."""
+        try:
+            return subprocess.run(
+                [str(ATR), *args],
+                env={**self.env, **env},
+                capture_output=True,
+                text=True,
+                timeout=180,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            out, err = (
+                (b or b"").decode(errors="replace") if isinstance(b, bytes) else (b or "")
+                for b in (exc.stdout, exc.stderr)
+            )
+            return subprocess.CompletedProcess(exc.cmd, -9, out, err + "\n(killed after 180 s)")
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +110,19 @@ async def cli(
     (root / ".hidden.md").write_text("never uploaded")
     collection = f"handbook-{uuid.uuid4().hex[:6]}"
     cli = Cli(env, str(tenant.id), collection, root, None)  # type: ignore[arg-type]
-    cli.upload = cli.run("upload", str(root), "--collection", collection, "--parallel", "3")
+    # The CLI's own deadline comes before run()'s: a stuck document is then named in its table.
+    cli.upload = cli.run(
+        "upload", str(root), "--collection", collection, "--parallel", "3", "--wait-timeout", "150"
+    )
+    if cli.upload.returncode != 0:
+        # What the worker and the server were doing: a failed upload is otherwise opaque here.
+        logs = {name: test_env["data_dir"] / name for name in ("worker.log", "live-server.log")}
+        tails = "".join(
+            f"\n--- {name} ---\n{path.read_text(errors='replace')[-6000:]}"
+            for name, path in logs.items()
+            if path.exists()
+        )
+        cli.upload.stderr += tails
     yield cli
     clean_state(test_env)
 

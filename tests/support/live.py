@@ -13,11 +13,37 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
 from tests.support.load import free_port
+
+
+def wait_ready(
+    proc: subprocess.Popen[bytes],
+    url: str,
+    name: str,
+    tail: Callable[[], str],
+    timeout: float,
+) -> None:
+    """Wait until the server ``proc`` at ``url`` answers ``/readyz`` with 200.
+
+    Raises:
+        RuntimeError: it exited, or was not ready in ``timeout`` seconds (with ``tail()``).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{name} never became ready:\n{tail()}")
 
 
 class LiveServer:
@@ -39,19 +65,11 @@ class LiveServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                raise RuntimeError(f"atrium serve exited with {code}:\n{self.tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"atrium serve never became ready:\n{self.tail()}")
+        try:
+            wait_ready(self.proc, self.url, "atrium serve", self.tail, timeout)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

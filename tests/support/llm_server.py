@@ -3,7 +3,10 @@
 Deterministic: chat answers quote the first source they were given and cite it as [1];
 embeddings are derived from a hash of the text. ``behaviour`` switches on failure modes; its
 ``hold`` (a ``threading.Event``) keeps every reply waiting until the test sets it, so a test can
-hold a caller at that point for as long as it needs (a provider that does not answer).
+hold a caller at that point for as long as it needs (a provider that does not answer); ``gate``
+(another ``threading.Event``) lets a streamed reply send its first word and then waits for it,
+so a test can see what reached the client while the model is still mid-answer. ``stream_ends``
+records when each streamed reply was finished (``time.monotonic()``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class LLMServer:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.behaviour: dict[str, Any] = {}
+        self.stream_ends: list[float] = []
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -133,7 +137,12 @@ class LLMServer:
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Connection", "close")
                 self.end_headers()
+                gate = owner.behaviour.get("gate")
                 for i, w in enumerate(words):
+                    if i == 1 and gate is not None:
+                        # Bounded: a test that failed before opening the gate must not leave
+                        # this thread (and its caller) waiting for ever.
+                        gate.wait(60)
                     chunk = {
                         "id": "chatcmpl-test",
                         "object": "chat.completion.chunk",
@@ -159,6 +168,7 @@ class LLMServer:
                 }
                 self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
                 self.wfile.flush()
+                owner.stream_ends.append(time.monotonic())
                 self.close_connection = True
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

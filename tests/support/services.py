@@ -86,6 +86,39 @@ def check_redis(db: int) -> redis.Redis:
     return client
 
 
+def stop_stale_workers(broker_url: str, timeout: float = 30.0) -> list[str]:
+    """Shut down Celery workers that already consume ``broker_url`` (none should).
+
+    A test run killed from outside (a ``timeout``, Ctrl-C twice) leaves its workers running:
+    they are started in their own sessions. One left on this session's broker db takes this
+    session's jobs and runs them against the databases of the run that died, so documents stay
+    queued for minutes and tests fail far from the cause. Each is told to shut down; one that
+    does not within ``timeout`` fails the session with its name.
+
+    Returns:
+        The names of the workers that were stopped (empty when none answered).
+    """
+    from celery import Celery
+
+    probe = Celery("atrium-test-probe", broker=broker_url)
+    try:
+        names = sorted({name for reply in probe.control.ping(timeout=1.0) or [] for name in reply})
+        if not names:
+            return []
+        print(f"stopping stale Celery workers on {broker_url}: {names}", file=sys.stderr)
+        probe.control.shutdown(destination=names)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not probe.control.ping(timeout=1.0):
+                return names
+        raise ServiceMissing(
+            f"Celery workers {names} of an earlier run consume {broker_url} and did not stop "
+            "when told to; kill them (pkill -f tests.support.worker) and run the tests again"
+        )
+    finally:
+        probe.close()
+
+
 def reset_state(mysql_db: str, redis_db: int) -> None:
     """Empty every account table of ``mysql_db`` and flush the app's Redis db ``redis_db``:
     what the ``clean_state`` fixture does after each test, and what module-scoped fixtures

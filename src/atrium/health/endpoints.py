@@ -30,6 +30,7 @@ from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from atrium.config import Settings
+from atrium.kit.celery_app import get_celery
 
 router = APIRouter(tags=["health"])
 log = structlog.get_logger("atrium.health")
@@ -109,9 +110,7 @@ async def _check(request: Request, cache: _Readiness) -> dict[str, dict[str, Any
         return "PONG"
 
     async def worker() -> str:
-        from atrium.worker import celery_app
-
-        replies = await run_in_threadpool(celery_app.control.ping, timeout=1.0)
+        replies = await run_in_threadpool(get_celery().control.ping, timeout=1.0)
         if not replies:
             raise RuntimeError("no Celery worker answered a ping")
         return f"{len(replies)} worker(s)"

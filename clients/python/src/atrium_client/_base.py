@@ -23,7 +23,7 @@ from atrium_client.models import SearchMode
 #: An id as the API returns it (a UUID) or as a string.
 ID: TypeAlias = uuid.UUID | str
 #: ``"vector"`` (semantic) or ``"hybrid"`` (semantic and full-text, fused by RRF).
-SearchModeLike: TypeAlias = Literal["vector", "hybrid"] | SearchMode
+SearchModeLike: TypeAlias = Literal["vector", "lexical", "hybrid"] | SearchMode
 #: What ``documents.upload`` takes: a file or directory path, raw bytes, or several of them.
 UploadSource: TypeAlias = str | os.PathLike[str] | bytes | Sequence[str | os.PathLike[str] | bytes]
 
@@ -167,6 +167,8 @@ def retrieval_body(
     filters: Mapping[str, Any] | None,
     collection_ids: Sequence[ID] | None,
     min_score: float | None,
+    rerank: bool = False,
+    rerank_top_n: int | None = None,
 ) -> dict[str, Any]:
     """The JSON body fields shared by search and answer."""
     return drop_none(
@@ -179,8 +181,38 @@ def retrieval_body(
             if collection_ids is not None
             else None,
             "min_score": min_score,
+            "rerank": True if rerank else None,
+            "rerank_top_n": rerank_top_n,
         }
     )
+
+
+def answer_body(
+    query: str,
+    mode: SearchModeLike | None,
+    top_k: int,
+    filters: Mapping[str, Any] | None,
+    collection_ids: Sequence[ID] | None,
+    min_score: float | None,
+    model: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    rerank: bool = False,
+    rerank_top_n: int | None = None,
+) -> dict[str, Any]:
+    """The JSON body of an answer request: the retrieval fields and the LLM's."""
+    body = retrieval_body(
+        query,
+        mode=mode,
+        top_k=top_k,
+        filters=filters,
+        collection_ids=collection_ids,
+        min_score=min_score,
+        rerank=rerank,
+        rerank_top_n=rerank_top_n,
+    )
+    body.update(drop_none({"model": model, "temperature": temperature, "max_tokens": max_tokens}))
+    return body
 
 
 def cache_headers(cache: bool) -> dict[str, str]:

@@ -19,6 +19,7 @@ from atrium_client._base import (
     RetryPolicy,
     SearchModeLike,
     UploadSource,
+    answer_body,
     auth_headers,
     batches,
     cache_headers,
@@ -253,24 +254,30 @@ class Atrium:
         self,
         query: str,
         *,
-        mode: SearchModeLike = "vector",
+        mode: SearchModeLike | None = None,
         top_k: int = 10,
         filters: Mapping[str, Any] | None = None,
         collection_ids: Sequence[ID] | None = None,
         min_score: float | None = None,
+        rerank: bool = False,
+        rerank_top_n: int | None = None,
         cache: bool = True,
     ) -> SearchResponse:
         """Find the chunks most relevant to ``query`` in the tenant's collections.
 
         Args:
             query: the question or search text.
-            mode: ``"vector"`` (semantic) or ``"hybrid"`` (semantic and full-text, RRF).
+            mode: ``"hybrid"`` (semantic and BM25, fused; the server's default),
+                ``"vector"`` (semantic) or ``"lexical"`` (BM25).
             top_k: how many chunks to return (1-100).
             filters: conditions on document metadata, e.g. ``{"lang": "en"}``,
                 ``{"tags": {"$in": ["a", "b"]}}``, ``{"year": {"$gte": 2020}}``,
                 ``{"draft": {"$exists": False}}``.
             collection_ids: only these collections (default: all of the tenant's).
             min_score: drop results scoring below this.
+            rerank: rescore the best ``rerank_top_n`` candidates with the server's rerank
+                model and keep the best ``top_k`` (the server must have one configured).
+            rerank_top_n: how many candidates to rerank (server default 30).
             cache: False bypasses the server's result cache (``Cache-Control: no-cache``).
 
         Returns:
@@ -284,6 +291,8 @@ class Atrium:
             filters=filters,
             collection_ids=collection_ids,
             min_score=min_score,
+            rerank=rerank,
+            rerank_top_n=rerank_top_n,
         )
         return self._call(
             SearchResponse, "POST", self._t("search"), json=body, headers=cache_headers(cache)
@@ -293,11 +302,13 @@ class Atrium:
         self,
         query: str,
         *,
-        mode: SearchModeLike = "vector",
+        mode: SearchModeLike | None = None,
         top_k: int = 5,
         filters: Mapping[str, Any] | None = None,
         collection_ids: Sequence[ID] | None = None,
         min_score: float | None = None,
+        rerank: bool = False,
+        rerank_top_n: int | None = None,
         model: str | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
@@ -306,11 +317,13 @@ class Atrium:
 
         Args:
             query: the question.
-            mode: how sources are retrieved (``"vector"`` or ``"hybrid"``).
+            mode: how sources are retrieved (``"vector"``, ``"lexical"`` or ``"hybrid"``).
             top_k: how many chunks to give the model as sources (1-50).
             filters: conditions on document metadata (as for :meth:`search`).
             collection_ids: only these collections.
             min_score: drop sources scoring below this.
+            rerank: rerank the candidate sources first (as for :meth:`search`).
+            rerank_top_n: how many candidates to rerank.
             model: another allowed LLM for this request.
             temperature: sampling temperature.
             max_tokens: answer length limit.
@@ -318,8 +331,18 @@ class Atrium:
         Returns:
             The answer with ``citations``, ``sources``, ``usage`` and ``timings``.
         """
-        body = _answer_body(
-            query, mode, top_k, filters, collection_ids, min_score, model, temperature, max_tokens
+        body = answer_body(
+            query,
+            mode,
+            top_k,
+            filters,
+            collection_ids,
+            min_score,
+            model,
+            temperature,
+            max_tokens,
+            rerank,
+            rerank_top_n,
         )
         return self._call(AnswerResponse, "POST", self._t("answer"), json=body)
 
@@ -327,11 +350,13 @@ class Atrium:
         self,
         query: str,
         *,
-        mode: SearchModeLike = "vector",
+        mode: SearchModeLike | None = None,
         top_k: int = 5,
         filters: Mapping[str, Any] | None = None,
         collection_ids: Sequence[ID] | None = None,
         min_score: float | None = None,
+        rerank: bool = False,
+        rerank_top_n: int | None = None,
         model: str | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
@@ -347,8 +372,18 @@ class Atrium:
             :class:`~atrium_client.DoneEvent` (answer, citations, usage) or
             :class:`~atrium_client.ErrorEvent`.
         """
-        body = _answer_body(
-            query, mode, top_k, filters, collection_ids, min_score, model, temperature, max_tokens
+        body = answer_body(
+            query,
+            mode,
+            top_k,
+            filters,
+            collection_ids,
+            min_score,
+            model,
+            temperature,
+            max_tokens,
+            rerank,
+            rerank_top_n,
         )
         body["stream"] = True
         response = self._send(
@@ -395,29 +430,6 @@ class Atrium:
             One entry per day.
         """
         return self._get(UsageHistory, self._t("usage/history"), params={"days": days})
-
-
-def _answer_body(
-    query: str,
-    mode: SearchModeLike,
-    top_k: int,
-    filters: Mapping[str, Any] | None,
-    collection_ids: Sequence[ID] | None,
-    min_score: float | None,
-    model: str | None,
-    temperature: float | None,
-    max_tokens: int | None,
-) -> dict[str, Any]:
-    body = retrieval_body(
-        query,
-        mode=mode,
-        top_k=top_k,
-        filters=filters,
-        collection_ids=collection_ids,
-        min_score=min_score,
-    )
-    body.update(drop_none({"model": model, "temperature": temperature, "max_tokens": max_tokens}))
-    return body
 
 
 class Collections:

@@ -61,7 +61,13 @@ CollectionsOption = Annotated[
 ]
 ModeOption = Annotated[
     models.SearchMode,
-    typer.Option("--mode", "-m", help="vector (semantic) or hybrid (semantic and full-text)."),
+    typer.Option("--mode", "-m", help="hybrid (semantic and BM25 keywords), vector or lexical."),
+]
+RerankFlag = Annotated[
+    bool,
+    typer.Option(
+        "--rerank", help="Rerank the candidates with the server's rerank model (if it has one)."
+    ),
 ]
 
 
@@ -234,7 +240,8 @@ def search(
     top_k: Annotated[
         int, typer.Option("--top-k", "-k", min=1, max=100, help="How many results.")
     ] = 10,
-    mode: ModeOption = models.SearchMode.vector,
+    mode: ModeOption = models.SearchMode.hybrid,
+    rerank: RerankFlag = False,
     min_score: Annotated[
         float | None, typer.Option("--min-score", help="Drop results scoring below this.")
     ] = None,
@@ -248,7 +255,8 @@ def search(
         query: what to look for.
         collection: only these collections.
         top_k: how many results.
-        mode: vector or hybrid.
+        mode: vector, lexical or hybrid.
+        rerank: rerank the candidates.
         min_score: the lowest score shown.
         json_out: print the API's JSON.
     """
@@ -256,7 +264,7 @@ def search(
     with config.client() as client, reported(config.url):
         ids = _collection_ids(client, collection)
         response = client.search(
-            query, mode=mode, top_k=top_k, collection_ids=ids, min_score=min_score
+            query, mode=mode, top_k=top_k, collection_ids=ids, min_score=min_score, rerank=rerank
         )
     if json_out:
         render.print_json(response)
@@ -274,7 +282,8 @@ def ask(
     top_k: Annotated[
         int, typer.Option("--top-k", "-k", min=1, max=100, help="Passages given to the model.")
     ] = 5,
-    mode: ModeOption = models.SearchMode.vector,
+    mode: ModeOption = models.SearchMode.hybrid,
+    rerank: RerankFlag = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Wait for the whole answer and print it as JSON.")
     ] = False,
@@ -287,7 +296,8 @@ def ask(
         question: the question.
         collection: only these collections.
         top_k: passages given to the model.
-        mode: vector or hybrid retrieval.
+        mode: vector, lexical or hybrid retrieval.
+        rerank: rerank the candidate passages.
         json_out: print the whole answer as JSON instead of streaming it.
 
     Raises:
@@ -298,12 +308,17 @@ def ask(
     with config.client() as client, reported(config.url):
         ids = _collection_ids(client, collection)
         if json_out:
-            render.print_json(client.answer(question, mode=mode, top_k=top_k, collection_ids=ids))
+            render.print_json(
+                client.answer(question, mode=mode, top_k=top_k, collection_ids=ids, rerank=rerank)
+            )
             return
         done: DoneEvent | None = None
         titles: dict[int, str] = {}
         wrote = False
-        for event in client.answer_stream(question, mode=mode, top_k=top_k, collection_ids=ids):
+        stream = client.answer_stream(
+            question, mode=mode, top_k=top_k, collection_ids=ids, rerank=rerank
+        )
+        for event in stream:
             if isinstance(event, RetrievalEvent):
                 titles = {s.number: s.title or "untitled" for s in event.sources}
             elif isinstance(event, DeltaEvent):

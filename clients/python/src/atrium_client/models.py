@@ -46,7 +46,7 @@ class MaxTokens(RootModel[int]):
 class MinScore(RootModel[float]):
     root: float = Field(..., ge=-1.0, le=1.0, title="Min Score")
     """
-    Drop results whose `score` is below this: cosine similarity in vector mode, fused score (0-1) in hybrid mode.
+    Drop results whose `score` is below this: cosine similarity in vector mode, BM25 as a share of the best possible (0-1) in lexical mode, fused score (0-1) in hybrid mode, the rerank model's relevance score with `rerank`.
     """
 
 
@@ -73,6 +73,7 @@ class AnswerTimings(BaseModel):
     embedding_ms: float | None = Field(0.0, title="Embedding Ms")
     fusion_ms: float | None = Field(0.0, title="Fusion Ms")
     llm_ms: float | None = Field(0.0, title="Llm Ms")
+    rerank_ms: float | None = Field(0.0, title="Rerank Ms")
     search_ms: float | None = Field(0.0, title="Search Ms")
     total_ms: float | None = Field(0.0, title="Total Ms")
 
@@ -174,6 +175,10 @@ class CollectionCreate(BaseModel):
     """
     Free text for people.
     """
+    language: str | None = Field("english", examples=["english"], title="Language")
+    """
+    The language its documents are stemmed and matched in by lexical and hybrid search: a PostgreSQL text search configuration (english, german, french, ..., or simple). Fixed at creation.
+    """
     metadata: dict[str, Any] | None = Field(
         None,
         examples=[{"source": "handbook", "tags": ["hr", "policy"], "year": 2024}],
@@ -220,6 +225,10 @@ class CollectionUpdate(BaseModel):
         extra="forbid",
     )
     description: Description | None = Field(None, title="Description")
+    language: str | None = Field(None, title="Language")
+    """
+    Accepted only when unchanged: a collection's language is fixed.
+    """
     metadata: dict[str, Any] | None = Field(None, title="Metadata")
     name: Name | None = Field(None, title="Name")
 
@@ -574,6 +583,7 @@ class SearchMode(StrEnum):
     """
 
     vector = "vector"
+    lexical = "lexical"
     hybrid = "hybrid"
 
 
@@ -597,17 +607,25 @@ class SearchRequest(BaseModel):
     """
     min_score: MinScore | None = Field(None, title="Min Score")
     """
-    Drop results whose `score` is below this: cosine similarity in vector mode, fused score (0-1) in hybrid mode.
+    Drop results whose `score` is below this: cosine similarity in vector mode, BM25 as a share of the best possible (0-1) in lexical mode, fused score (0-1) in hybrid mode, the rerank model's relevance score with `rerank`.
     """
-    mode: SearchMode | None = SearchMode.vector
+    mode: SearchMode | None = SearchMode.hybrid
     """
-    `vector` (semantic) or `hybrid` (semantic and full-text, fused by RRF).
+    `vector` (semantic, by embedding), `lexical` (BM25 over the words: any term may match, rare terms weigh more; stemmed in each collection's language) or `hybrid` (both, their scores normalised and combined: the default, as it ranked best on every labelled set measured, see docs/performance.md).
     """
     query: str = Field(
         ..., examples=["How do I rotate an API key?"], max_length=2000, min_length=1, title="Query"
     )
     """
     The question or search text.
+    """
+    rerank: bool | None = Field(False, title="Rerank")
+    """
+    Rescore the best `rerank_top_n` candidates of the chosen mode with the server's rerank model (a cross-encoder), then keep the best `top_k`. 400 when the server has no rerank model (ATRIUM_RERANK_MODEL). A reranked search counts as one search.
+    """
+    rerank_top_n: int | None = Field(30, ge=1, le=1000, title="Rerank Top N")
+    """
+    How many candidates are reranked (at least `top_k` are; the server caps it with ATRIUM_RERANK_MAX_CANDIDATES, 100 by default).
     """
     top_k: int | None = Field(10, ge=1, le=100, title="Top K")
     """
@@ -631,22 +649,26 @@ class SearchResult(BaseModel):
     """
     Position of the chunk within its document.
     """
+    rerank_score: float | None = Field(None, title="Rerank Score")
+    """
+    The rerank model's relevance score, when the search was reranked.
+    """
     score: float = Field(..., title="Score")
     """
-    Cosine similarity (vector) or fused score (hybrid).
+    Cosine similarity (vector), BM25 as a share of the best possible score (lexical), fused score (hybrid), or the rerank model's relevance score (with `rerank`).
     """
     text: str = Field(..., title="Text")
     text_score: float | None = Field(None, title="Text Score")
     """
-    Full-text rank (ts_rank_cd) in hybrid mode, when the text matched.
+    BM25 score in lexical and hybrid mode, when the text matched.
     """
     title: str | None = Field(None, title="Title")
     """
     The document's title, when it has one.
     """
-    vector_score: float = Field(..., title="Vector Score")
+    vector_score: float | None = Field(None, title="Vector Score")
     """
-    Cosine similarity to the query.
+    Cosine similarity to the query (not computed in lexical mode).
     """
 
 
@@ -658,6 +680,7 @@ class SearchTimings(BaseModel):
     cache_ms: float | None = Field(0.0, title="Cache Ms")
     embedding_ms: float | None = Field(0.0, title="Embedding Ms")
     fusion_ms: float | None = Field(0.0, title="Fusion Ms")
+    rerank_ms: float | None = Field(0.0, title="Rerank Ms")
     search_ms: float | None = Field(0.0, title="Search Ms")
     total_ms: float | None = Field(0.0, title="Total Ms")
 
@@ -992,11 +1015,11 @@ class AnswerRequest(BaseModel):
     """
     min_score: MinScore | None = Field(None, title="Min Score")
     """
-    Drop results whose `score` is below this: cosine similarity in vector mode, fused score (0-1) in hybrid mode.
+    Drop results whose `score` is below this: cosine similarity in vector mode, BM25 as a share of the best possible (0-1) in lexical mode, fused score (0-1) in hybrid mode, the rerank model's relevance score with `rerank`.
     """
-    mode: SearchMode | None = SearchMode.vector
+    mode: SearchMode | None = SearchMode.hybrid
     """
-    `vector` (semantic) or `hybrid` (semantic and full-text, fused by RRF).
+    `vector` (semantic, by embedding), `lexical` (BM25 over the words: any term may match, rare terms weigh more; stemmed in each collection's language) or `hybrid` (both, their scores normalised and combined: the default, as it ranked best on every labelled set measured, see docs/performance.md).
     """
     model: Model | None = Field(None, title="Model")
     """
@@ -1007,6 +1030,14 @@ class AnswerRequest(BaseModel):
     )
     """
     The question or search text.
+    """
+    rerank: bool | None = Field(False, title="Rerank")
+    """
+    Rescore the best `rerank_top_n` candidates of the chosen mode with the server's rerank model (a cross-encoder), then keep the best `top_k`. 400 when the server has no rerank model (ATRIUM_RERANK_MODEL). A reranked search counts as one search.
+    """
+    rerank_top_n: int | None = Field(30, ge=1, le=1000, title="Rerank Top N")
+    """
+    How many candidates are reranked (at least `top_k` are; the server caps it with ATRIUM_RERANK_MAX_CANDIDATES, 100 by default).
     """
     stream: bool | None = Field(False, title="Stream")
     """
@@ -1162,6 +1193,10 @@ class Collection(BaseModel):
     Documents in the collection, in any state.
     """
     id: UUID = Field(..., title="Id")
+    language: str = Field(..., title="Language")
+    """
+    Its full-text language (text search configuration).
+    """
     metadata: dict[str, Any] = Field(..., title="Metadata")
     name: str = Field(..., title="Name")
     status: CollectionStatus
