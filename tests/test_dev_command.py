@@ -216,6 +216,39 @@ def _wait_for_task_metric(url: str, broker_url: str) -> None:
     assert "atrium_ingestion_queue_length" in text
 
 
+def _tasks_done(url: str) -> float:
+    needle = 'atrium_tasks_total{outcome="success",task="atrium.ping"} '
+    for line in httpx.get(url + "/metrics", headers=AUTH, timeout=5).text.splitlines():
+        if line.startswith(needle):
+            return float(line[len(needle) :])
+    return 0.0
+
+
+def _check_worker_restarts(run: DevRun, broker_url: str) -> None:
+    """The worker killed (as the OOM killer would): the API keeps answering, a new worker
+    starts by itself and runs the next job; Ctrl-C later stops the new one too."""
+    from celery import Celery
+
+    assert run.proc is not None
+    (worker,) = [
+        p
+        for p in psutil.Process(run.proc.pid).children()
+        if p.cmdline()[-2:] == ["atrium.cli", "worker"]
+    ]
+    done = _tasks_done(run.url)
+    worker.kill()
+    worker.wait(10)
+    assert httpx.get(run.url + "/v1/plans", timeout=10).status_code == 200
+    Celery("probe", broker=broker_url).send_task("atrium.ping", kwargs={"payload": "again"})
+    deadline = time.monotonic() + 90
+    while _tasks_done(run.url) <= done:
+        assert time.monotonic() < deadline, run.tail()
+        time.sleep(0.5)
+    assert "worker exited with code -9; starting it again in 1 s." in run.log.read_text()
+    assert run.proc.poll() is None
+    run._record_processes()  # the new worker must stop with the rest
+
+
 def _check_log_lines(run: DevRun) -> None:
     """The processes write the JSON lines docs/logging.md describes, field by field."""
     assert httpx.get(run.url + "/v1/plans", timeout=10).status_code == 200
@@ -294,6 +327,7 @@ def test_dev_with_everything_embedded(tmp_path: Path, dev_runs: list[DevRun]) ->
     _check_log_lines(run)
     # On the fresh instance (the guide starts from an empty Atrium, as ./scripts/run gives).
     _check_api_guide(run)
+    _check_worker_restarts(run, f"redis+socket://{sock}")
     run.interrupt()
 
     # Between runs: a superuser, created with the servers the command starts for itself.

@@ -16,6 +16,7 @@ import subprocess  # nosec B404
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -335,14 +336,7 @@ def dev() -> None:
             f"(data in {settings.data_dir.resolve()}); Ctrl-C stops it.",
             err=True,
         )
-        while not stopping:
-            for name, proc in children.items():
-                if proc.poll() is not None:
-                    typer.echo(f"{name} exited with code {proc.returncode}; stopping.", err=True)
-                    code = proc.returncode or 1
-                    stopping = True
-                    break
-            time.sleep(0.3)
+        code = _supervise(children, specs, env, lambda: stopping)
     except KeyboardInterrupt:
         code = 130
     finally:
@@ -353,6 +347,60 @@ def dev() -> None:
             services.stop()  # type: ignore[attr-defined]
         typer.echo("Atrium stopped.", err=True)
     raise typer.Exit(code)
+
+
+#: Seconds before a crashed worker or beat starts again; doubled after each crash that came
+#: within _STABLE_SECONDS of its start, up to _MAX_BACKOFF (systemd's Restart=on-failure in
+#: production: deployment/systemd).
+_FIRST_BACKOFF = 1.0
+_MAX_BACKOFF = 30.0
+_STABLE_SECONDS = 60.0
+
+
+def _supervise(
+    children: dict[str, subprocess.Popen[bytes]],
+    specs: dict[str, list[str]],
+    env: dict[str, str],
+    stopping: Callable[[], bool],
+) -> int:
+    """Watch the children until ``stopping()``; the exit code ``atrium dev`` should return.
+
+    A worker or beat that dies (killed for memory, a crash) is started again after a backoff:
+    jobs wait in the broker and the outbox meanwhile, and the API keeps answering. The API
+    dying ends the command, since nothing is left to serve.
+    """
+    started = dict.fromkeys(children, time.monotonic())
+    backoff = dict.fromkeys(children, _FIRST_BACKOFF)
+    due: dict[str, float] = {}
+    while not stopping():
+        now = time.monotonic()
+        for name, proc in children.items():
+            if name in due or proc.poll() is None:
+                continue
+            if name == "api":
+                typer.echo(f"api exited with code {proc.returncode}; stopping.", err=True)
+                return proc.returncode or 1
+            # Its pool processes share its process group: none may keep running old work.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            if now - started[name] >= _STABLE_SECONDS:
+                backoff[name] = _FIRST_BACKOFF
+            typer.echo(
+                f"{name} exited with code {proc.returncode}; "
+                f"starting it again in {backoff[name]:.0f} s.",
+                err=True,
+            )
+            due[name] = now + backoff[name]
+            backoff[name] = min(backoff[name] * 2, _MAX_BACKOFF)
+        for name, when in list(due.items()):
+            if now >= when:
+                del due[name]
+                children[name] = subprocess.Popen(  # noqa: S603  # nosec B603
+                    specs[name], env=env, start_new_session=True
+                )
+                started[name] = now
+        time.sleep(0.3)
+    return 0
 
 
 def _stop_children(children: dict[str, subprocess.Popen[bytes]], grace: float = 20.0) -> None:
