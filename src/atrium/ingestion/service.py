@@ -338,7 +338,7 @@ async def delete(
     document.heartbeat_at = utcnow()
     await session.flush()
     if request is not None:
-        # Searches leave it out from this commit on (see atrium.retrieval.collections).
+        # Searches leave it out from this commit on (see atrium.collections.catalog).
         catalog_changed(session, request.app.state.redis, subject.tenant_id)
     # Plan limits (billing): the document, its bytes and its chunks stop counting now.
     await adjust(request, subject.tenant_id, Metric.documents, -1)

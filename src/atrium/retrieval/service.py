@@ -22,12 +22,13 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from atrium.collections import catalog
 from atrium.config import Settings
 from atrium.embedding.base import EmbeddingError
 from atrium.embedding.query import Vector, embed_query
 from atrium.kit.cache_versions import TenantVersions, tenant_versions, versions_command
 from atrium.kit.errors import BadGateway, GatewayTimeout
-from atrium.retrieval import cache, collections, metering, repository, rerank
+from atrium.retrieval import cache, metering, repository, rerank
 from atrium.retrieval.filters import Condition, canonical, parse_filters
 from atrium.retrieval.metering import Metric
 from atrium.retrieval.schemas import (
@@ -320,9 +321,7 @@ async def _search(
     t = time.perf_counter()
     current = versions or await tenant_versions(res.redis, tenant_id)
     timings.cache_ms = _ms(t)
-    wanted = await collections.resolve(
-        res.engine, tenant_id, params.collection_ids, current.catalog
-    )
+    wanted = await catalog.resolve(res.engine, tenant_id, params.collection_ids, current.catalog)
     model = f"{res.settings.embedding_provider}:{res.settings.embedding_model}"
 
     key = None
