@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from sqlalchemy import select, update
 
-from atrium.ingestion.extract import DOCX
+from atrium.ingestion.detect import DOCX
 from atrium.ingestion.service import PROCESS_TASK
 from atrium.ingestion.vectorstore import lock_key
 from atrium.kit.blobstore import get_blobstore

@@ -8,7 +8,7 @@ import zipfile
 
 import pytest
 
-from atrium.ingestion import extract
+from atrium.ingestion import detect, extract
 from atrium.ingestion.exceptions import BadDocument
 
 PROSE = (
@@ -100,19 +100,19 @@ PNG = (
 
 def test_pdf_is_detected_and_extracted_with_its_title() -> None:
     data = make_pdf([["First page line one", "First page line two"], ["Second page text"]])
-    assert extract.detect(data) == extract.PDF
-    result = extract.extract(data, extract.PDF)
+    assert detect.detect(data) == detect.PDF
+    result = extract.extract(data, detect.PDF)
     assert "First page line one" in result.text and "Second page text" in result.text
     assert result.pages == 2
     assert result.title == "Quarterly report"
     # The upload only sniffs the type; the title comes from the worker's extraction.
-    assert extract.inspect_upload(data, "application/pdf") == extract.PDF
+    assert detect.inspect_upload(data, "application/pdf") == detect.PDF
 
 
 def test_docx_is_detected_and_keeps_structure_as_markdown() -> None:
     data = make_docx()
-    assert extract.detect(data) == extract.DOCX
-    result = extract.extract(data, extract.DOCX)
+    assert detect.detect(data) == detect.DOCX
+    result = extract.extract(data, detect.DOCX)
     assert result.markdown
     assert result.title == "Travel policy"
     assert "## Travel policy" in result.text
@@ -126,8 +126,8 @@ def test_html_is_sniffed_and_converted() -> None:
         b"<h1>Welcome</h1><p>Hello <b>there</b>.</p><script>alert(1)</script>"
         b"<ul><li>one</li><li>two</li></ul></body></html>"
     )
-    assert extract.detect(page) == extract.HTML
-    result = extract.extract(page, extract.HTML)
+    assert detect.detect(page) == detect.HTML
+    result = extract.extract(page, detect.HTML)
     assert result.title == "Handbook"
     assert "# Welcome" in result.text and "Hello there." in result.text
     assert "- one" in result.text
@@ -137,29 +137,29 @@ def test_html_is_sniffed_and_converted() -> None:
 def test_html_in_another_charset_is_accepted() -> None:
     page = '<html><head><meta charset="iso-8859-1"></head><body><p>Café</p></body></html>'
     data = page.encode("latin-1")
-    assert extract.detect(data) == extract.HTML
-    assert "Café" in extract.extract(data, extract.HTML).text
+    assert detect.detect(data) == detect.HTML
+    assert "Café" in extract.extract(data, detect.HTML).text
 
 
 def test_markdown_and_plain_text() -> None:
     markdown = b"# Guide\n\nSome *text*.\n\n- a\n- b\n"
-    assert extract.detect(markdown) == extract.MARKDOWN
-    result = extract.extract(markdown, extract.MARKDOWN)
+    assert detect.detect(markdown) == detect.MARKDOWN
+    result = extract.extract(markdown, detect.MARKDOWN)
     assert result.markdown and result.title == "Guide"
-    assert extract.detect(PROSE.encode()) == extract.TEXT
-    assert not extract.extract(PROSE.encode(), extract.TEXT).markdown
+    assert detect.detect(PROSE.encode()) == detect.TEXT
+    assert not extract.extract(PROSE.encode(), detect.TEXT).markdown
 
 
 def test_type_comes_from_content_not_from_the_declared_name() -> None:
     # A PDF declared as octet-stream (no information) is a PDF.
-    assert extract.inspect_upload(make_pdf([["x y z"]]), "application/octet-stream") == extract.PDF
-    assert extract.inspect_upload(b"plain words", None) == extract.TEXT
+    assert detect.inspect_upload(make_pdf([["x y z"]]), "application/octet-stream") == detect.PDF
+    assert detect.inspect_upload(b"plain words", None) == detect.TEXT
 
 
 def test_text_with_byte_order_marks() -> None:
-    assert extract.extract("\ufeffhello".encode(), extract.TEXT).text == "hello"
+    assert extract.extract("\ufeffhello".encode(), detect.TEXT).text == "hello"
     utf16 = "\ufeffhello wörld".encode("utf-16-le")
-    assert extract.detect(b"\xff\xfe" + utf16[2:]) == extract.TEXT
+    assert detect.detect(b"\xff\xfe" + utf16[2:]) == detect.TEXT
 
 
 @pytest.mark.parametrize(
@@ -184,7 +184,7 @@ def test_bad_documents_are_refused_with_a_reason(
     data: bytes, declared: str | None, status: int, words: str
 ) -> None:
     with pytest.raises(BadDocument) as info:
-        extract.inspect_upload(data, declared, "File 'x'")
+        detect.inspect_upload(data, declared, "File 'x'")
     assert info.value.status_code == status
     assert words in info.value.message
     assert info.value.message.startswith("File 'x'")
@@ -195,16 +195,16 @@ def test_bad_documents_are_refused_with_a_reason(
 @pytest.mark.parametrize(
     ("data", "content_type", "words"),
     [
-        (b"%PDF-1.4 this is no pdf", extract.PDF, "could not be read as a PDF"),
-        (make_image_only_pdf(), extract.PDF, "without extractable text"),
-        (encrypt_pdf(make_pdf([["secret text"]]), "pw"), extract.PDF, "encrypted"),
-        (b"<html><body></body></html>", extract.HTML, "without any text"),
+        (b"%PDF-1.4 this is no pdf", detect.PDF, "could not be read as a PDF"),
+        (make_image_only_pdf(), detect.PDF, "without extractable text"),
+        (encrypt_pdf(make_pdf([["secret text"]]), "pw"), detect.PDF, "encrypted"),
+        (b"<html><body></body></html>", detect.HTML, "without any text"),
     ],
 )
 def test_unreadable_documents_fail_extraction_with_a_reason(
     data: bytes, content_type: str, words: str
 ) -> None:
-    assert extract.inspect_upload(data, None) == content_type
+    assert detect.inspect_upload(data, None) == content_type
     with pytest.raises(BadDocument) as info:
         extract.extract(data, content_type, "File 'x'")
     assert words in info.value.message
@@ -213,12 +213,12 @@ def test_unreadable_documents_fail_extraction_with_a_reason(
 
 def test_pdf_with_only_an_owner_password_is_readable() -> None:
     data = encrypt_pdf(make_pdf([["open to read"]]), user_password="")
-    assert extract.inspect_upload(data, None) == extract.PDF
-    assert "open to read" in extract.extract(data, extract.PDF).text
+    assert detect.inspect_upload(data, None) == detect.PDF
+    assert "open to read" in extract.extract(data, detect.PDF).text
 
 
 def test_extracted_text_never_holds_nul() -> None:
-    result = extract.extract(b"<p>a\x00b</p>", extract.HTML)
+    result = extract.extract(b"<p>a\x00b</p>", detect.HTML)
     assert "\x00" not in result.text
 
 
@@ -253,9 +253,9 @@ def test_the_directory_walk_finds_what_zipfile_finds() -> None:
     for name, data in variants.items():
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             assert "word/document.xml" in archive.namelist(), name
-        assert extract.inspect_upload(data, None) == extract.DOCX, name
-    assert extract.extract(variants["zip64"], extract.DOCX).title == "Travel policy"
+        assert detect.inspect_upload(data, None) == detect.DOCX, name
+    assert extract.extract(variants["zip64"], detect.DOCX).title == "Travel policy"
     odt = make_zip({"mimetype": b"application/vnd.oasis.opendocument.text", "content.xml": b"<x/>"})
     with pytest.raises(BadDocument) as info:
-        extract.inspect_upload(_zip64_end(odt), None)
+        detect.inspect_upload(_zip64_end(odt), None)
     assert info.value.status_code == 415 and "OpenDocument" in info.value.message

@@ -12,7 +12,8 @@ from asgi_lifespan import LifespanManager
 from fastapi import APIRouter, Depends, Form, Request
 
 from atrium.kit.errors import NotFound
-from atrium.kit.ratelimit import by_field, by_ip, enforce_subject_rate_limit, rate_limit
+from atrium.kit.ratelimit import enforce_subject_rate_limit, rate_limit
+from atrium.kit.ratelimit_identifiers import by_field, by_ip
 
 TENANT = str(uuid.uuid4())
 

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import pytest
 
-from atrium.ingestion import extract, sandbox
+from atrium.ingestion import detect, extract, sandbox, zipdir
 from atrium.ingestion.exceptions import BadDocument
 from tests.test_documents import prose, setup_tenant, upload_files, wait_document
 from tests.test_extract import make_docx
@@ -187,16 +187,17 @@ for where, source, flags, anchored, is_bytes in json.loads(sys.stdin.read()):
             pattern.sub(type(subject)(), subject)
         took = time.perf_counter() - start
         slowest = max(slowest, (took, f"{where} on input {i}"))
-from atrium.ingestion import extract
+from atrium.ingestion import detect, extract
+from atrium.ingestion.exceptions import BadDocument
 for text in INPUTS:
     data = text.encode("utf-8")
     extract.markdown_title(text)
-    extract.fallback_title(data)
-    extract._looks_like_markdown(text)
+    detect.fallback_title(data)
+    detect._looks_like_markdown(text)
     try:
-        kind = extract.detect(data)
-        extract.extract(data, extract.MARKDOWN if kind == extract.MARKDOWN else extract.TEXT)
-    except extract.BadDocument:
+        kind = detect.detect(data)
+        extract.extract(data, detect.MARKDOWN if kind == detect.MARKDOWN else detect.TEXT)
+    except BadDocument:
         pass
 print("slowest", round(slowest[0], 3), slowest[1])
 print("done")
@@ -210,6 +211,7 @@ def test_every_regex_in_src_runs_in_linear_time_on_1_mb_adversarial_inputs() -> 
     files = {where.split(":")[0] for where, _, _, _ in found}
     # The ones user text reaches (uploads, chunks quoted in answers, LLM output), among others.
     assert {
+        "atrium/ingestion/detect.py",
         "atrium/ingestion/extract.py",
         "atrium/llm/extractive.py",
         "atrium/llm/service.py",
@@ -296,15 +298,15 @@ def blank_pdf(pages: int) -> bytes:
 
 
 def test_the_upload_check_reads_a_zip_directory_without_inflating() -> None:
-    assert extract.inspect_upload(docx_bomb(), None) == extract.DOCX
+    assert detect.inspect_upload(docx_bomb(), None) == detect.DOCX
     # A directory announcing more parts than any Word file is refused from its last bytes.
     many = io.BytesIO()
     with zipfile.ZipFile(many, "w") as archive:
         archive.writestr("word/document.xml", b"<w/>")
-        for i in range(extract.MAX_ZIP_ENTRIES):
+        for i in range(zipdir.MAX_ZIP_ENTRIES):
             archive.writestr(f"p/{i}", b"")
     with pytest.raises(BadDocument) as info:
-        extract.inspect_upload(many.getvalue(), None, "File 'x'")
+        detect.inspect_upload(many.getvalue(), None, "File 'x'")
     assert info.value.status_code == 422 and "parts" in info.value.message
 
 
@@ -389,7 +391,7 @@ def test_an_end_record_understating_the_directory_is_refused_in_bounded_memory(
     tracemalloc.start()
     try:
         with _PeakRSS() as rss, pytest.raises(BadDocument) as info:
-            extract.inspect_upload(data, None, "File 'x'")
+            detect.inspect_upload(data, None, "File 'x'")
         _, traced_peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -397,7 +399,7 @@ def test_an_end_record_understating_the_directory_is_refused_in_bounded_memory(
     assert "more than 5,000 parts" in info.value.message, info.value.message
     # The old check trusted the end record's count and let zipfile build the whole directory:
     # 200,000 objects, +95 MB. The walk stops at the first record past the limit.
-    assert _CountingZipInfo.made <= extract.MAX_ZIP_ENTRIES + 1, _CountingZipInfo.made
+    assert _CountingZipInfo.made <= zipdir.MAX_ZIP_ENTRIES + 1, _CountingZipInfo.made
     assert traced_peak < 20 * 1024 * 1024, traced_peak / 2**20
     assert rss.peak - baseline < 20 * 1024 * 1024, (rss.peak - baseline) / 2**20
     # The worker's check walks the same way before zipfile opens the file.
@@ -591,14 +593,14 @@ HEAVY_HTML = b"<html><body>" + b"<p>a</p>" * 1_000_000 + b"</body></html>"
 
 def test_sandbox_memory_limit_holds_with_the_onnx_model_loaded(onnx_loaded: Any) -> None:
     # What a worker child needs to read ordinary documents fits 128 MB beyond what it maps...
-    docx = sandbox.extract_isolated(make_docx(paragraphs=200), extract.DOCX, _limits(memory_mb=128))
+    docx = sandbox.extract_isolated(make_docx(paragraphs=200), detect.DOCX, _limits(memory_mb=128))
     assert docx.title == "Travel policy"
     # ...and a document that needs more fails with the reason, the worker untouched.
     with pytest.raises(BadDocument) as info:
         # A generous time limit (on a loaded machine the parse could otherwise hit it first),
         # kept under pytest's own timeout: a child that hangs fails this test, not the run.
         sandbox.extract_isolated(
-            HEAVY_HTML, extract.HTML, _limits(seconds=200, memory_mb=128), "File 'x'"
+            HEAVY_HTML, detect.HTML, _limits(seconds=200, memory_mb=128), "File 'x'"
         )
     # Out of memory shows as a MemoryError in Python code or as an abort (SIGABRT) in a C
     # parser, depending on where the allocation fails: the reason names the memory either way.
@@ -610,7 +612,7 @@ def test_sandbox_memory_limit_holds_with_the_onnx_model_loaded(onnx_loaded: Any)
 def test_sandbox_time_limit_kills_a_slow_parse(onnx_loaded: Any) -> None:
     start = time.monotonic()
     with pytest.raises(BadDocument) as info:
-        sandbox.extract_isolated(HEAVY_HTML, extract.HTML, _limits(seconds=0.5), "File 'x'")
+        sandbox.extract_isolated(HEAVY_HTML, detect.HTML, _limits(seconds=0.5), "File 'x'")
     assert "took longer than" in info.value.message and "split it" in info.value.message
     # Killed at the deadline, not left to finish (generous: the parse alone takes seconds).
     assert time.monotonic() - start < 30
@@ -618,7 +620,7 @@ def test_sandbox_time_limit_kills_a_slow_parse(onnx_loaded: Any) -> None:
 
 def test_sandbox_reports_a_zip_bomb_and_a_too_long_pdf() -> None:
     with pytest.raises(BadDocument) as info:
-        sandbox.extract_isolated(docx_bomb(), extract.DOCX, _limits(), "File 'x'")
+        sandbox.extract_isolated(docx_bomb(), detect.DOCX, _limits(), "File 'x'")
     assert "ZIP bomb" in info.value.message
     small = extract.Limits(max_inflated_bytes=1024 * 1024)
     with pytest.raises(BadDocument) as info:
@@ -630,7 +632,7 @@ def test_sandbox_reports_a_zip_bomb_and_a_too_long_pdf() -> None:
         extract.check_zip_parts(_understated(docx_bomb(8 * 1024 * 1024)), "File 'x'", small)
     assert "damaged" in info.value.message or "ZIP bomb" in info.value.message
     with pytest.raises(BadDocument) as info:
-        extract.extract(blank_pdf(30), extract.PDF, "File 'x'", extract.Limits(max_pdf_pages=20))
+        extract.extract(blank_pdf(30), detect.PDF, "File 'x'", extract.Limits(max_pdf_pages=20))
     assert "has 30 pages; at most 20" in info.value.message
 
 
@@ -650,7 +652,7 @@ def test_a_child_killed_mid_answer_fails_the_document_instead_of_truncating_it(
     # Replaced in this process before the fork, so the child runs it.
     monkeypatch.setattr(sandbox, "_write_all", half_then_killed)
     with pytest.raises(BadDocument) as info:
-        sandbox.extract_isolated(text, extract.TEXT, _limits(), "File 'x'")
+        sandbox.extract_isolated(text, detect.TEXT, _limits(), "File 'x'")
     assert "stopped the document reader (SIGKILL)" in info.value.message, info.value.message
 
 
@@ -676,7 +678,7 @@ def test_a_child_holds_no_other_documents_pipe(
     result: list[Any] = []
     worker = threading.Thread(
         target=lambda: result.append(
-            sandbox.extract_isolated(b"words", extract.TEXT, _limits(seconds=120))
+            sandbox.extract_isolated(b"words", detect.TEXT, _limits(seconds=120))
         )
     )
     try:
@@ -718,7 +720,7 @@ def test_an_interrupted_read_kills_and_reaps_the_child(
     try:
         signal.setitimer(signal.ITIMER_REAL, 0.02)
         with pytest.raises(SoftTimeLimitExceeded):
-            sandbox.extract_isolated(b"words", extract.TEXT, _limits(seconds=120))
+            sandbox.extract_isolated(b"words", detect.TEXT, _limits(seconds=120))
         pid = int(pid_file.read_text())
         # Killed and reaped: no longer a child of this process (a running child or a zombie
         # would still be).

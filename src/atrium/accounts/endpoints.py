@@ -39,7 +39,8 @@ from atrium.kit.errors import (
     NotFound,
 )
 from atrium.kit.pagination import Page, Params, paginate_query
-from atrium.kit.ratelimit import by_field, by_ip, rate_limit
+from atrium.kit.ratelimit import rate_limit
+from atrium.kit.ratelimit_identifiers import by_field, by_ip
 from atrium.kit.responses import SIGNED_IN, errors
 from atrium.models import AuthSession, DataExport, ExportStatus
 

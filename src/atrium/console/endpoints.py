@@ -39,7 +39,7 @@ from atrium.console.security import (
     security_headers,
     set_refresh_cookie,
 )
-from atrium.ingestion.extract import SUPPORTED
+from atrium.ingestion.detect import SUPPORTED
 from atrium.ingestion.limits import MAX_FILES_PER_REQUEST
 from atrium.kit.db import DBSession
 from atrium.kit.errors import Unauthorized

@@ -35,7 +35,7 @@ import structlog
 from sqlalchemy import select
 
 from atrium.billing.quota import Metric, Quota
-from atrium.ingestion import bulkstore, extract
+from atrium.ingestion import bulkstore, detect
 from atrium.ingestion.batch import Batch
 from atrium.ingestion.exceptions import BadDocument
 from atrium.ingestion.limits import max_upload_bytes
@@ -162,7 +162,7 @@ async def _check(
         data = await asyncio.to_thread(path.read_bytes)
         try:
             content_type = await asyncio.to_thread(
-                extract.inspect_upload, data, None, f"File '{path.name}'"
+                detect.inspect_upload, data, None, f"File '{path.name}'"
             )
         except BadDocument as exc:
             report.failed.append((str(path), exc.message))

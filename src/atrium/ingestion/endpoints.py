@@ -16,7 +16,7 @@ from atrium.auth.subject import AuthSubject
 from atrium.collections.metadata import parse_metadata_json
 from atrium.collections.service import get as get_collection
 from atrium.ingestion import service
-from atrium.ingestion.extract import SUPPORTED, fallback_title
+from atrium.ingestion.detect import SUPPORTED, fallback_title
 from atrium.ingestion.limits import (
     MAX_FILES_PER_REQUEST,
     max_request_bytes,

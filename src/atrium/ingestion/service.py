@@ -3,7 +3,7 @@
 Uploads are checked before anything is stored: one bad file in a multipart request refuses the
 whole request with a 4xx naming that file. The check is bounded (the type sniffed from the bytes,
 text decoded piece by piece, a ZIP's directory read without inflating anything; see
-``extract.inspect_upload``): parsing happens in the worker's sandbox, which fails a document it
+``detect.inspect_upload``): parsing happens in the worker's sandbox, which fails a document it
 cannot read with the reason. The raw bytes go to the blob store, the row is committed as
 ``queued``, and only then is the processing task sent (enqueue after commit).
 """
@@ -26,7 +26,7 @@ from atrium.auth.subject import AuthSubject
 from atrium.billing.quota import Metric, adjust, reserve
 from atrium.collections.service import get_writable
 from atrium.config import Settings
-from atrium.ingestion import extract, schemas
+from atrium.ingestion import detect, schemas
 from atrium.ingestion.exceptions import BadDocument
 from atrium.ingestion.limits import human_bytes, max_upload_bytes
 from atrium.ingestion.repository import DocumentRepository
@@ -151,7 +151,7 @@ async def _check(item: Incoming, limit: int) -> _Checked:
     try:
         # Bounded work (linear time, flat memory) but still CPU: off the event loop.
         content_type = await run_in_threadpool(
-            extract.inspect_upload, data, item.declared_type, item.label
+            detect.inspect_upload, data, item.declared_type, item.label
         )
     except BadDocument as exc:
         raise _to_http(exc) from None

@@ -16,8 +16,8 @@ import numpy as np
 from psycopg import AsyncConnection
 
 from atrium.billing.quota import Metric, Quota, Reservation, adjust
+from atrium.ingestion import detect, sandbox
 from atrium.ingestion import extract as extraction
-from atrium.ingestion import sandbox
 from atrium.ingestion.exceptions import BadDocument, RunAlone, Superseded
 from atrium.ingestion.repository import Claimed, DocumentRepository
 from atrium.ingestion.tools import Tools
@@ -92,7 +92,7 @@ def final_title(current: str, filename: str | None, found: str | None, data: byt
     """
     if not found:
         return current
-    placeholders = {filename} if filename else {"Untitled", extraction.fallback_title(data)}
+    placeholders = {filename} if filename else {"Untitled", detect.fallback_title(data)}
     return found[:500] if current in placeholders else current
 
 

@@ -22,6 +22,9 @@ Use it two ways:
           Depends(rate_limit("login-email", 5, 300, key=by_field("username"))),  # per account
       ])
 
+  The identifiers (:func:`~atrium.kit.ratelimit_identifiers.by_ip`, the default, and
+  :func:`~atrium.kit.ratelimit_identifiers.by_field`) are in ``kit.ratelimit_identifiers``.
+
 * tenant routes: :func:`enforce_subject_rate_limit` once the caller is known (per API key, with
   the key's own ``rate_limit_per_minute`` when set, else per user), called by billing with the
   plan's limits.
@@ -29,20 +32,15 @@ Use it two ways:
 Redis keys: ``atrium:rl:<name>:<identifier>`` for anonymous limits and
 ``atrium:t:<tenant_id>:rl:<kind>:<id>`` for tenant limits, so a tenant purge that deletes
 ``atrium:t:<tenant_id>:*`` removes its buckets. Identifiers that are personal data (e-mail
-addresses) are hashed before they reach Redis.
+addresses) are hashed before they reach Redis (``kit.ratelimit_identifiers``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import ipaddress
 import math
 import time
-import unicodedata
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 from fastapi import Request
@@ -56,6 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atrium.kit import metrics
 from atrium.kit.errors import TooManyRequests
+from atrium.kit.ratelimit_identifiers import Identifier, by_ip
 
 log = structlog.get_logger("atrium.ratelimit")
 
@@ -64,8 +63,6 @@ _ALGORITHM = SlidingWindowLog()
 
 #: Where the outcome of each limit checked for this request is kept (``scope["state"]``).
 STATE_KEY = "atrium_ratelimit"
-
-Identifier = Callable[[Request], Awaitable[str | None]]
 
 
 @dataclass(frozen=True)
@@ -272,107 +269,6 @@ def raise_if_refused(state: RateLimitState) -> None:
     )
 
 
-# Identifiers -----------------------------------------------------------------------------------
-
-
-def client_ip(request: Request) -> str:
-    """The peer address. Proxy headers are trusted only through uvicorn's ``--forwarded-allow-ips``
-    (which rewrites the client); a raw ``X-Forwarded-For`` would let anyone pick their bucket."""
-    return request.client.host if request.client else "unknown"
-
-
-def ip_bucket(host: str) -> str:
-    """The bucket of a peer address: an IPv4 address as is, an IPv6 client by its /64.
-
-    One IPv6 subscriber usually holds a whole /64 (often more): keyed on the full address, a
-    client would get 2**64 fresh buckets for free. An IPv4-mapped address (``::ffff:a.b.c.d``,
-    from dual-stack sockets) is the IPv4 client it maps.
-    """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host  # "unknown", or a test transport's name
-    if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
-        # From the integer: a scoped address (fe80::1%eth0) has the same /64.
-        return str(ipaddress.IPv6Network(((int(address) >> 64) << 64, 64)))
-    return str(address)
-
-
-async def by_ip(request: Request) -> str | None:
-    """Identify the caller by IP address (IPv6: by /64, see :func:`ip_bucket`)."""
-    return "ip:" + ip_bucket(client_ip(request))
-
-
-def _normalise(value: str) -> str:
-    # Case, compatibility forms and accents folded, so spellings the account database may
-    # treat as the same address (case- and accent-insensitive collations) share one bucket.
-    decomposed = unicodedata.normalize("NFKD", value.strip())
-    bare = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return unicodedata.normalize("NFKC", bare).casefold()
-
-
-def _digest(value: str) -> str:
-    return hashlib.sha256(_normalise(value).encode()).hexdigest()[:32]
-
-
-#: The identifier of requests whose field could not be read (absent, empty, not a string, or an
-#: unparseable body): they share one bucket instead of escaping the limit.
-MISSING = "missing"
-
-
-def media_type(request: Request) -> str:
-    """The request's media type, lower-cased and without parameters (``""`` when absent).
-
-    Media types are case-insensitive (RFC 9110), and FastAPI and python-multipart parse them
-    so: a comparison on the raw header is one the client can dodge.
-    """
-    raw = request.headers.get("content-type", "")
-    return raw.split(";", 1)[0].strip().lower()
-
-
-async def _field_value(request: Request, field: str) -> Any:
-    kind = media_type(request)
-    if kind in ("application/x-www-form-urlencoded", "multipart/form-data"):
-        # The form FastAPI validates: Starlette caches it on the request, so it is parsed once.
-        return (await request.form()).get(field)
-    if not kind or kind == "application/json" or kind.endswith("+json"):
-        # FastAPI parses a body as JSON for these media types and when there is none.
-        body = await request.json()
-        return body.get(field) if isinstance(body, dict) else None
-    return None  # a body FastAPI will not parse: the route refuses it (422)
-
-
-def by_field(field: str) -> Identifier:
-    """Identify the caller by a field of the request body (form or JSON), e.g. the e-mail
-    address of a login, so one account cannot be hammered from many addresses.
-
-    The body is read the way FastAPI reads it for the route (the media type compared without
-    regard to case, JSON when there is no Content-Type), so a request the route accepts always
-    yields its own field. The value is normalised (trimmed, case and accents folded) and
-    hashed. A request without a usable field (absent, not a string, an unparseable body) fails
-    closed: it is counted under the shared :data:`MISSING` identifier rather than skipping the
-    limit. The body is bounded by :class:`~atrium.kit.bodylimit.BodyLimitMiddleware`.
-    """
-
-    async def identify(request: Request) -> str | None:
-        try:
-            value = await _field_value(request, field)
-        except ValueError:  # not JSON, not UTF-8
-            value = None
-        if not isinstance(value, str) or not value.strip():
-            return f"{field}:{MISSING}"
-        return f"{field}:{_digest(value)}"
-
-    return identify
-
-
-#: Aliases for readability at the call site.
-by_form_field = by_field
-by_json_field = by_field
-
-
 # The dependency --------------------------------------------------------------------------------
 
 
@@ -424,7 +320,8 @@ def rate_limit(name: str, times: int, seconds: int, key: Identifier = by_ip) -> 
             with the same name and identifier share a bucket, whatever the route.
         times: requests allowed in the window.
         seconds: the sliding window.
-        key: how to identify the caller: :func:`by_ip` (default) or :func:`by_field`.
+        key: how to identify the caller (``kit.ratelimit_identifiers``): :func:`by_ip` (default)
+            or :func:`~atrium.kit.ratelimit_identifiers.by_field`.
 
     Example:
         ``dependencies=[Depends(rate_limit("forgot-password", 5, 3600, key=by_field("email")))]``

@@ -20,7 +20,8 @@ from atrium.kit.errors import (
     Unauthorized,
 )
 from atrium.kit.pagination import Page, Params, paginate_query
-from atrium.kit.ratelimit import by_ip, rate_limit
+from atrium.kit.ratelimit import rate_limit
+from atrium.kit.ratelimit_identifiers import by_ip
 from atrium.kit.responses import SIGNED_IN, TENANT, errors
 from atrium.models import Role
 from atrium.tenants import invitations, schemas, service
