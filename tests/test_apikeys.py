@@ -15,8 +15,8 @@ import httpx
 import pytest
 from sqlalchemy import event, select, update
 
+from atrium.apikeys import authentication, cache, service
 from atrium.apikeys import secrets as keyfmt
-from atrium.apikeys import service
 from atrium.auth.permissions import Permission
 from atrium.kit.errors import Unauthorized
 from atrium.models import ApiKey, AuditEvent, Role, Tenant, TenantStatus, utcnow
@@ -46,7 +46,7 @@ def sql_log(app: Any) -> Iterator[list[str]]:
 
 
 class KeyClock:
-    """The API-key service's wall clock, which the test moves forward.
+    """API-key authentication's wall clock, which the test moves forward.
 
     Authentication compares ``time.time()`` with the expiry and revocation times of the key
     record it reads (from Redis or the database); moving this clock is how a test lets a grace
@@ -68,8 +68,8 @@ class KeyClock:
 @pytest.fixture
 def key_clock(monkeypatch: pytest.MonkeyPatch) -> KeyClock:
     clock = KeyClock()
-    # The service reads the clock only through its module's ``time`` (time() and monotonic()).
-    monkeypatch.setattr(service, "time", clock)
+    # Authentication reads the clock only through its module's ``time`` (time() and monotonic()).
+    monkeypatch.setattr(authentication, "time", clock)
     return clock
 
 
@@ -103,7 +103,7 @@ async def test_malformed_key_is_refused_without_any_lookup() -> None:
     good = keyfmt.generate_key()
     for bad in ("atr_", "atr_short", good[:-1] + ("x" if good[-1] != "x" else "y")):
         with pytest.raises(Unauthorized, match="Malformed API key"):
-            await service.authenticate_api_key(None, None, bad, uuid.uuid4())  # type: ignore[arg-type]
+            await authentication.authenticate_api_key(None, None, bad, uuid.uuid4())  # type: ignore[arg-type]
 
 
 async def test_malformed_key_over_http_runs_no_sql(app: Any, client: httpx.AsyncClient) -> None:
@@ -262,7 +262,7 @@ async def test_expired_key_is_refused_even_when_cached(
     secret = r.json()["key"]
     assert (await client.get(url, headers=key_header(secret))).status_code == 200
     cached = await app.state.redis.get(
-        service.record_cache_key(
+        cache.record_cache_key(
             tenant.id, keyfmt.key_digest(app.state.settings.secret_key.get_secret_value(), secret)
         )
     )
@@ -320,7 +320,7 @@ async def test_every_redis_key_of_a_tenant_carries_its_id(
     _, tenant, _ = await _owner_and_tenant(app)
     _, other, _ = await _owner_and_tenant(app)
     _, secret = await create_api_key(app, tenant)
-    service.forget_local_touches()
+    authentication.forget_local_touches()
     await client.get(_keys_url(tenant.id), headers=key_header(secret))
     await client.get(_keys_url(other.id), headers=key_header(secret))
     keys = [k async for k in app.state.redis.scan_iter("atrium:*")]
@@ -426,7 +426,7 @@ async def test_cached_key_costs_no_sql_and_no_request_writes(
 ) -> None:
     _, tenant, _ = await _owner_and_tenant(app)
     _, secret = await create_api_key(app, tenant)
-    service.forget_local_touches()
+    authentication.forget_local_touches()
     url = _keys_url(tenant.id)
     with sql_log(app) as first:
         assert (await client.get(url, headers=key_header(secret))).status_code == 200
@@ -472,7 +472,7 @@ async def test_last_used_is_written_by_the_worker_at_most_once_a_minute(
 ) -> None:
     _, tenant, _ = await _owner_and_tenant(app)
     key, secret = await create_api_key(app, tenant)
-    service.forget_local_touches()
+    authentication.forget_local_touches()
     url = _keys_url(tenant.id)
     before = utcnow().replace(microsecond=0)
 
@@ -481,8 +481,8 @@ async def test_last_used_is_written_by_the_worker_at_most_once_a_minute(
     first = await _wait_last_used(app, key.id, None)
     assert first >= before - dt.timedelta(seconds=1)
     assert not [s for s in statements if s.lstrip().upper().startswith("UPDATE")]
-    debounce = service.touch_cache_key(tenant.id, key.id)
-    assert 0 < await app.state.redis.ttl(debounce) <= service.TOUCH_INTERVAL_SECONDS
+    debounce = cache.touch_cache_key(tenant.id, key.id)
+    assert 0 < await app.state.redis.ttl(debounce) <= authentication.TOUCH_INTERVAL_SECONDS
 
     # Within the minute nothing more is sent, even from a "fresh process" that lost its local
     # memory: the Redis SET NX holds. Mark the row so a stray write would show.
@@ -492,14 +492,14 @@ async def test_last_used_is_written_by_the_worker_at_most_once_a_minute(
         await s.commit()
     for i in range(6):
         if i == 3:
-            service.forget_local_touches()
+            authentication.forget_local_touches()
         assert (await client.get(url, headers=key_header(secret))).status_code == 200
     await _drain_worker()
     assert await _last_used(app, key.id) == sentinel
 
     # A minute later (debounce expired) the next use is recorded again.
     await app.state.redis.delete(debounce)
-    service.forget_local_touches()
+    authentication.forget_local_touches()
     assert (await client.get(url, headers=key_header(secret))).status_code == 200
     assert await _wait_last_used(app, key.id, sentinel) > sentinel
 
@@ -560,16 +560,16 @@ async def test_key_hashed_under_a_previous_secret_still_works(
     )
     request: Any = SimpleNamespace(app=SimpleNamespace(state=state))
 
-    subject = await service.authenticate_api_key(request, None, secret, tenant.id)
+    subject = await authentication.authenticate_api_key(request, None, secret, tenant.id)
     assert subject.api_key_id == key.id and subject.can(Permission.search)
     new_digest = keyfmt.key_digest(rotated.secret_key.get_secret_value(), secret)
-    assert await app.state.redis.get(service.record_cache_key(tenant.id, new_digest)) is None
+    assert await app.state.redis.get(cache.record_cache_key(tenant.id, new_digest)) is None
 
     async with app.state.sessionmaker() as s:
         await s.execute(update(ApiKey).where(ApiKey.id == key.id).values(revoked_at=utcnow()))
         await s.commit()
     with pytest.raises(Unauthorized, match="revoked"):
-        await service.authenticate_api_key(request, None, secret, tenant.id)
+        await authentication.authenticate_api_key(request, None, secret, tenant.id)
 
 
 # --- A key created after someone tried it; the key-to-tenant map of /mcp ----------------------
@@ -588,22 +588,22 @@ async def test_a_key_created_or_rotated_after_a_miss_on_its_secret_works_at_once
     for secret in (created, rotated):
         assert (await client.get(url, headers=key_header(secret))).status_code == 401
         with pytest.raises(Unauthorized, match="Invalid API key"):
-            await service.tenant_of_key(request, secret)
+            await authentication.tenant_of_key(request, secret)
         digest = keyfmt.key_digest(app.state.settings.secret_key.get_secret_value(), secret)
-        assert await app.state.redis.get(service.record_cache_key(tenant.id, digest)) == "unknown"
-        assert await app.state.redis.get(service.unknown_key_cache_key(digest)) == "unknown"
+        assert await app.state.redis.get(cache.record_cache_key(tenant.id, digest)) == "unknown"
+        assert await app.state.redis.get(cache.unknown_key_cache_key(digest)) == "unknown"
 
     secrets = iter([created, rotated])
     monkeypatch.setattr(service, "generate_key", lambda: next(secrets))
     r = await client.post(url, json={"name": "late", "scopes": ["keys:manage"]}, headers=admin)
     assert r.status_code == 201 and r.json()["key"] == created, r.text
     assert (await client.get(url, headers=key_header(created))).status_code == 200
-    assert await service.tenant_of_key(request, created) == tenant.id
+    assert await authentication.tenant_of_key(request, created) == tenant.id
 
     r = await client.post(f"{url}/{r.json()['id']}/rotate", json={}, headers=admin)
     assert r.status_code == 201 and r.json()["key"] == rotated, r.text
     assert (await client.get(url, headers=key_header(rotated))).status_code == 200
-    assert await service.tenant_of_key(request, rotated) == tenant.id
+    assert await authentication.tenant_of_key(request, rotated) == tenant.id
 
 
 async def test_an_unknown_key_is_read_once_then_remembered(
@@ -616,7 +616,7 @@ async def test_an_unknown_key_is_read_once_then_remembered(
 
     async def refused() -> str:
         try:
-            await service.tenant_of_key(request, unknown)
+            await authentication.tenant_of_key(request, unknown)
         except Unauthorized as exc:
             return exc.message
         raise AssertionError("an unknown key was accepted")
@@ -642,11 +642,11 @@ async def test_key_tenants_are_remembered_per_app(app: Any, client: httpx.AsyncC
     here: Any = SimpleNamespace(app=app)
     there: Any = SimpleNamespace(app=other)
     async with LifespanManager(other, startup_timeout=60):
-        assert await service.tenant_of_key(here, secret) == tenant.id
+        assert await authentication.tenant_of_key(here, secret) == tenant.id
         assert app.state.apikey_tenants[digest] == tenant.id
         assert digest not in getattr(other.state, "apikey_tenants", {})
         with sql_log(other) as statements:
             for _ in range(3):
-                assert await service.tenant_of_key(there, secret) == tenant.id
+                assert await authentication.tenant_of_key(there, secret) == tenant.id
         assert len([s for s in statements if "key_hash IN" in s]) == 1, statements
         assert other.state.apikey_tenants == {digest: tenant.id}

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.security import OAuth2PasswordRequestForm
 
-from atrium.accounts import exports, service, sessions
+from atrium.accounts import addresses, credentials, exports, registration, service, sessions
 from atrium.accounts.manager import UserManager, get_user_manager
 from atrium.accounts.schemas import (
     Accepted,
@@ -59,7 +59,7 @@ async def _by_token_email(request: Request) -> str | None:
     token = body.get("token") if isinstance(body, dict) else None
     if not isinstance(token, str):
         return None
-    _, email = service.token_audience(token)
+    _, email = addresses.token_audience(token)
     if not email:
         return None
     return "email:" + hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
@@ -123,7 +123,7 @@ async def register(
     lead nowhere) and its owner a mail saying someone tried to sign up with it: sign-up does
     not reveal which addresses are registered.
     """
-    user, tenant = await service.register(session, manager, body, request)
+    user, tenant = await registration.register(session, manager, body, request)
     return Registered(user=User.model_validate(user), tenant=tenant)
 
 
@@ -139,7 +139,7 @@ async def request_verify_token(
     body: EmailBody, request: Request, session: DBSession, manager: Manager
 ) -> Accepted:
     """Mail a new verification link. The answer is the same whether or not the address exists."""
-    await service.request_verification(session, manager, body.email, request)
+    await addresses.request_verification(session, manager, body.email, request)
     return Accepted(detail=_ACCEPTED)
 
 
@@ -152,7 +152,7 @@ async def request_verify_token(
 )
 async def verify(body: TokenBody, request: Request, session: DBSession, manager: Manager) -> User:
     """Verify an address with the token from the mail (sign-up, or a new address)."""
-    user = await service.verify(session, request.app.state.settings, manager, body.token, request)
+    user = await addresses.verify(session, request.app.state.settings, manager, body.token, request)
     return User.model_validate(user)
 
 
@@ -175,7 +175,7 @@ async def login(
     verified yet gets the 401 of a wrong password (sign-up does not reveal which addresses
     have accounts, so neither may login) and a new verification link by mail.
     """
-    pair = await service.login(session, request.app.state.settings, manager, form, request)
+    pair = await credentials.login(session, request.app.state.settings, manager, form, request)
     return _pair(pair)
 
 
@@ -264,7 +264,7 @@ async def forgot_password(
 
     The answer is the same whether or not the address has an account.
     """
-    await service.forgot_password(session, manager, body.email, request)
+    await credentials.forgot_password(session, manager, body.email, request)
     return Accepted(detail=_ACCEPTED)
 
 
@@ -278,7 +278,7 @@ async def reset_password(
 ) -> Accepted:
     """Set a new password with the token from the reset mail; every session ends."""
     state = request.app.state
-    await service.reset_password(
+    await credentials.reset_password(
         session, state.redis, state.settings, manager, body.token, body.password, request
     )
     return Accepted(detail="Your password was changed; log in with the new one.")
@@ -316,7 +316,7 @@ async def change_password(
 ) -> Accepted:
     """Change the password (the current one is required); every other session ends."""
     state = request.app.state
-    ended = await service.change_password(
+    ended = await credentials.change_password(
         session,
         state.redis,
         state.settings,
@@ -345,7 +345,7 @@ async def change_email(
     A verification link goes to the new address (verify it with ``POST /auth/verify``) and a
     notice to the current one; the change takes effect once the link is followed.
     """
-    await service.request_email_change(
+    await addresses.request_email_change(
         session, request.app.state.settings, principal.user, body.new_email, body.password, request
     )
     return Accepted(detail="Follow the link we mailed to the new address to confirm it.")

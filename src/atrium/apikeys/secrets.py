@@ -13,6 +13,8 @@ import hmac
 import secrets
 import zlib
 
+from atrium.config import Settings
+
 PREFIX = "atr_"
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 RANDOM_LENGTH = 43  # 62**43 > 2**256: every 32-byte value fits
@@ -60,3 +62,8 @@ def key_digest(secret: str, key: str) -> str:
 def display_parts(key: str) -> tuple[str, str]:
     """The prefix and last four characters shown in lists."""
     return key[:DISPLAY_PREFIX_LENGTH], key[-4:]
+
+
+def current_secret(settings: Settings) -> str:
+    """The secret that new keys' HMACs are made with (the first of the key ring)."""
+    return settings.secret_key.get_secret_value()

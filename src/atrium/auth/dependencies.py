@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy import select
 
-from atrium.apikeys.service import authenticate_api_key
+from atrium.apikeys.authentication import authenticate_api_key
 from atrium.auth import tokens
 from atrium.auth.permissions import Permission, permissions_for_role
 from atrium.auth.subject import AuthSubject

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, field_validator
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from atrium.accounts import service, sessions
+from atrium.accounts import credentials, sessions
 from atrium.accounts.endpoints import LOGIN_LIMITS, Manager
 from atrium.accounts.passwords import MIN_LENGTH
 from atrium.audit.service import record
@@ -209,7 +209,7 @@ async def session_login(
     """
     settings = request.app.state.settings
     form = OAuth2PasswordRequestForm(username=body.username, password=body.password)
-    pair = await service.login(session, settings, manager, form, request)
+    pair = await credentials.login(session, settings, manager, form, request)
     set_refresh_cookie(response, settings, pair.refresh_token)
     _no_store(response)
     return ConsoleToken(access_token=pair.access_token, expires_in=pair.expires_in)

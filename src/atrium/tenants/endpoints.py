@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response, status
 
-from atrium.accounts import service as accounts
+from atrium.accounts import registration
 from atrium.accounts.manager import UserManager, get_user_manager
 from atrium.auth.dependencies import bearer_token, current_user, require
 from atrium.auth.permissions import Permission
@@ -321,7 +321,7 @@ async def accept_invitation(
         raise Unauthorized(
             "Log in to accept this invitation, or send a password to create your account"
         )
-    user, out = await accounts.accept_invitation_as_new_user(
+    user, out = await registration.accept_invitation_as_new_user(
         session, manager, body.token, body.password, body.name, request
     )
     return schemas.InvitationAccepted(tenant=out, user_id=user.id)
