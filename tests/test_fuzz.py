@@ -46,6 +46,7 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
 from atrium.accounts import sessions
+from atrium.audit.service import Origin
 from atrium.kit.db import unit_of_work
 from atrium.kit.vectordb import ensure_tenant_partition
 from atrium.models import Role, Tenant, User
@@ -211,7 +212,7 @@ class Fuzz:
             # A second session of the owner (a device), not the one the run calls with.
             async with unit_of_work(self.app.state.sessionmaker) as session:
                 pair = await sessions.start_session(
-                    session, self.app.state.settings, self.owner, None
+                    session, self.app.state.settings, self.owner, Origin()
                 )
             return str(pair.session_id)
         raise AssertionError(name)
@@ -223,7 +224,7 @@ class Fuzz:
         async with self.app.state.vector_pool.connection() as conn:
             await ensure_tenant_partition(conn, tenant.id)
         async with unit_of_work(self.app.state.sessionmaker) as session:
-            pair = await sessions.start_session(session, self.app.state.settings, user, None)
+            pair = await sessions.start_session(session, self.app.state.settings, user, Origin())
         if self.kind != "api-key":
             headers = {"Authorization": f"Bearer {pair.access_token}"}
         else:

@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
-from atrium.billing.quota import Metric, Quota, reserve
+from atrium.billing.quota import Metric
+from atrium.context import Ctx
 from atrium.kit.errors import BadGateway
 from tests.support.factories import bearer, create_tenant, create_user
 
@@ -27,12 +28,12 @@ def quota_test_router() -> APIRouter:
     @router.post("/search")
     async def search(
         tenant_id: uuid.UUID,
-        request: Request,
+        ctx: Ctx,
         fail: bool = False,
         delay: float = 0.02,
         subject: AuthSubject = Depends(require(Permission.search)),
     ) -> dict[str, bool]:
-        async with reserve(request, subject.tenant_id, Metric.searches, 1):
+        async with ctx.reserve(subject.tenant_id, Metric.searches, 1):
             await asyncio.sleep(delay)
             if fail:
                 raise BadGateway("the upstream failed")
@@ -41,13 +42,13 @@ def quota_test_router() -> APIRouter:
     @router.post("/tokens")
     async def tokens(
         tenant_id: uuid.UUID,
-        request: Request,
+        ctx: Ctx,
         reserve_n: int,
         actual: int,
         fail: str = "",
         subject: AuthSubject = Depends(require(Permission.answer)),
     ) -> dict[str, bool]:
-        async with reserve(request, subject.tenant_id, Metric.llm_tokens, reserve_n) as r:
+        async with ctx.reserve(subject.tenant_id, Metric.llm_tokens, reserve_n) as r:
             if fail == "before":
                 raise BadGateway("the model failed before answering")
             r.settle(actual)
@@ -58,13 +59,13 @@ def quota_test_router() -> APIRouter:
     @router.post("/documents")
     async def add_document(
         tenant_id: uuid.UUID,
-        request: Request,
+        ctx: Ctx,
         size: int = 100,
         subject: AuthSubject = Depends(require(Permission.documents_write)),
     ) -> dict[str, bool]:
         async with (
-            reserve(request, subject.tenant_id, Metric.documents, 1),
-            reserve(request, subject.tenant_id, Metric.stored_bytes, size),
+            ctx.reserve(subject.tenant_id, Metric.documents, 1),
+            ctx.reserve(subject.tenant_id, Metric.stored_bytes, size),
         ):
             pass
         return {"ok": True}
@@ -72,13 +73,12 @@ def quota_test_router() -> APIRouter:
     @router.delete("/documents")
     async def delete_document(
         tenant_id: uuid.UUID,
-        request: Request,
+        ctx: Ctx,
         size: int = 100,
         subject: AuthSubject = Depends(require(Permission.documents_write)),
     ) -> dict[str, bool]:
-        quota = Quota.of(request)
-        await quota.adjust(subject.tenant_id, Metric.documents, -1)
-        await quota.adjust(subject.tenant_id, Metric.stored_bytes, -size)
+        await ctx.adjust(subject.tenant_id, Metric.documents, -1)
+        await ctx.adjust(subject.tenant_id, Metric.stored_bytes, -size)
         return {"ok": True}
 
     return router

@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 
 import jwt
-from fastapi import Request
 from fastapi_users import exceptions as fu_exc
 from fastapi_users.jwt import decode_jwt, generate_jwt
 from sqlalchemy import func, select
@@ -21,6 +20,7 @@ from atrium.accounts.manager import VERIFY_TOKEN_LIFETIME, UserManager, link, se
 from atrium.accounts.passwords import check_current_password
 from atrium.audit.service import record
 from atrium.config import Settings
+from atrium.context import ServiceContext
 from atrium.kit.errors import BadRequest, Conflict, Unprocessable
 from atrium.models import User
 from atrium.models.accounts import user_email_col, user_id_col
@@ -28,13 +28,11 @@ from atrium.models.accounts import user_email_col, user_id_col
 EMAIL_CHANGE_AUDIENCE = "atrium:email-change"
 
 
-async def request_verification(
-    session: AsyncSession, manager: UserManager, email: str, request: Request
-) -> None:
+async def request_verification(session: AsyncSession, manager: UserManager, email: str) -> None:
     """Mail a new verification link if the address has an unverified account (silently not)."""
     user = await session.scalar(select(User).where(func.lower(user_email_col) == email))
     if user is not None and user.is_active and not user.is_verified:
-        await manager.request_verify(user, request)
+        await manager.request_verify(user)
 
 
 def _email_change_token(settings: Settings, user: User, new_email: str) -> str:
@@ -62,9 +60,7 @@ def token_audience(token: str) -> tuple[str | None, str | None]:
 _BAD_VERIFY = "This verification link is invalid or has expired; ask for a new one"
 
 
-async def verify(
-    session: AsyncSession, settings: Settings, manager: UserManager, token: str, request: Request
-) -> User:
+async def verify(ctx: ServiceContext, manager: UserManager, token: str) -> User:
     """Verify an address: a new account's, or the new address of an e-mail change.
 
     Raises:
@@ -73,20 +69,21 @@ async def verify(
     """
     aud, _ = token_audience(token)
     if aud == EMAIL_CHANGE_AUDIENCE:
-        return await _confirm_email_change(session, settings, token, request)
+        return await _confirm_email_change(ctx, token)
     try:
-        user = await manager.verify(token, request)
+        user = await manager.verify(token)
     except fu_exc.InvalidVerifyToken:
         raise BadRequest(_BAD_VERIFY) from None
     except fu_exc.UserAlreadyVerified:
         raise Conflict("This e-mail address is already verified; you can log in") from None
-    record(session, "user.verified", request=request, actor_user_id=user.id, target_id=user.id)
+    record(
+        ctx.session, "user.verified", origin=ctx.origin, actor_user_id=user.id, target_id=user.id
+    )
     return user
 
 
-async def _confirm_email_change(
-    session: AsyncSession, settings: Settings, token: str, request: Request
-) -> User:
+async def _confirm_email_change(ctx: ServiceContext, token: str) -> User:
+    session, settings = ctx.session, ctx.settings
     try:
         data = decode_jwt(token, settings.secret_key.get_secret_value(), [EMAIL_CHANGE_AUDIENCE])
         user_id = uuid.UUID(str(data["sub"]))
@@ -111,7 +108,7 @@ async def _confirm_email_change(
     record(
         session,
         "user.email_changed",
-        request=request,
+        origin=ctx.origin,
         actor_user_id=user.id,
         target_type="user",
         target_id=user.id,
@@ -121,12 +118,7 @@ async def _confirm_email_change(
 
 
 async def request_email_change(
-    session: AsyncSession,
-    settings: Settings,
-    user: User,
-    new_email: str,
-    password: str,
-    request: Request,
+    ctx: ServiceContext, user: User, new_email: str, password: str
 ) -> None:
     """Mail a verification link to ``new_email`` and a notice to the current address.
 
@@ -137,13 +129,14 @@ async def request_email_change(
         Forbidden: the password is wrong.
         Unprocessable: the new address is the current one.
     """
+    session, settings = ctx.session, ctx.settings
     check_current_password(user, password)
     if new_email == user.email:
         raise Unprocessable("This is already your e-mail address")
     record(
         session,
         "user.email_change_requested",
-        request=request,
+        origin=ctx.origin,
         actor_user_id=user.id,
         target_type="user",
         target_id=user.id,

@@ -1,9 +1,10 @@
 """Logging in and passwords: log in, forgotten-password reset, password change.
 
 Services flush; the request's unit of work commits. Events that must survive a failed request
-(a failed login here, a replayed refresh token in :mod:`atrium.accounts.sessions`) are written in
-their own transaction. A login of an address not verified yet gets the answer of a wrong
-password, so log-in never tells a new address from a registered one.
+(a failed login here, a replayed refresh token in :mod:`atrium.accounts.sessions`) are written
+in their own transaction (:meth:`atrium.context.ServiceContext.detached`). A login of an
+address not verified yet gets the answer of a wrong password, so log-in never tells a new
+address from a registered one.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import Request
 from fastapi.security import OAuth2PasswordRequestForm
 from fastapi_users import exceptions as fu_exc
-from redis.asyncio import Redis
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -28,9 +27,8 @@ from atrium.accounts.passwords import (
 )
 from atrium.audit.service import record
 from atrium.auth.tokens import AccessClaims
-from atrium.config import Settings
+from atrium.context import ServiceContext
 from atrium.kit import ratelimit
-from atrium.kit.db import abandon_request_unit, unit_of_work
 from atrium.kit.errors import BadRequest, Forbidden, Unauthorized
 from atrium.models import User
 from atrium.models.accounts import user_email_col
@@ -42,19 +40,14 @@ BAD_CREDENTIALS = "Incorrect e-mail address or password"
 LOGIN_VERIFY_MAIL_LIMIT = (3, 3600)
 
 
-async def record_detached(request: Request, action: str, **kwargs: Any) -> None:
-    """Write an audit event in its own transaction (for requests that end in an error)."""
-    await abandon_request_unit(request)
-    async with unit_of_work(request.app.state.sessionmaker) as session:
-        record(session, action, request=request, **kwargs)
+async def record_detached(ctx: ServiceContext, action: str, **kwargs: Any) -> None:
+    """Write an audit event in its own transaction (for calls that end in an error)."""
+    async with ctx.detached() as session:
+        record(session, action, origin=ctx.origin, **kwargs)
 
 
 async def login(
-    session: AsyncSession,
-    settings: Settings,
-    manager: UserManager,
-    form: OAuth2PasswordRequestForm,
-    request: Request,
+    ctx: ServiceContext, manager: UserManager, form: OAuth2PasswordRequestForm
 ) -> sessions.TokenPair:
     """Check the credentials and open a session.
 
@@ -72,22 +65,22 @@ async def login(
     user = await manager.authenticate(form)
     if user is None:
         await record_detached(
-            request, "auth.login_failed", data={"email": form.username[:320], "reason": "password"}
+            ctx, "auth.login_failed", data={"email": form.username[:320], "reason": "password"}
         )
         raise Unauthorized(BAD_CREDENTIALS)
     if not user.is_active:
         await record_detached(
-            request, "auth.login_failed", actor_user_id=user.id, data={"reason": "disabled"}
+            ctx, "auth.login_failed", actor_user_id=user.id, data={"reason": "disabled"}
         )
         raise Forbidden("This account is disabled; contact support")
     if not user.is_verified:
-        await _remind_unverified(request, manager.settings, user)
+        await _remind_unverified(ctx, user)
         raise Unauthorized(BAD_CREDENTIALS)
-    pair = await sessions.start_session(session, settings, user, request)
+    pair = await sessions.start_session(ctx.session, ctx.settings, user, ctx.origin)
     record(
-        session,
+        ctx.session,
         "auth.login",
-        request=request,
+        origin=ctx.origin,
         actor_user_id=user.id,
         target_type="session",
         target_id=pair.session_id,
@@ -95,7 +88,7 @@ async def login(
     return pair
 
 
-async def _remind_unverified(request: Request, settings: Settings, user: User) -> None:
+async def _remind_unverified(ctx: ServiceContext, user: User) -> None:
     """Record the failed login of an unverified address and mail it a new verification link.
 
     Both in their own transaction (the request fails). The mail goes at most
@@ -106,47 +99,38 @@ async def _remind_unverified(request: Request, settings: Settings, user: User) -
     user_id = user.id  # read now: rolling the request's unit back expires ``user``
     times, seconds = LOGIN_VERIFY_MAIL_LIMIT
     state = await ratelimit.hit(
-        request.app.state.redis,
+        ctx.redis,
         f"atrium:rl:login-verify-mail:{user_id}",
         times,
         seconds,
         name="login-verify-mail",
     )
-    await abandon_request_unit(request)
-    async with unit_of_work(request.app.state.sessionmaker) as session:
+    async with ctx.detached() as session:
         record(
             session,
             "auth.login_failed",
-            request=request,
+            origin=ctx.origin,
             actor_user_id=user_id,
             data={"reason": "unverified", "verification_mailed": state.allowed},
         )
         if state.allowed:
             fresh = await session.get(User, user_id)
             if fresh is not None and not fresh.is_verified:
-                await build_user_manager(session, settings).request_verify(fresh, request)
+                await build_user_manager(session, ctx.settings).request_verify(fresh)
 
 
-async def forgot_password(
-    session: AsyncSession, manager: UserManager, email: str, request: Request
-) -> None:
+async def forgot_password(session: AsyncSession, manager: UserManager, email: str) -> None:
     """Mail a reset link if the address has an active account; the caller learns nothing."""
     user = await session.scalar(select(User).where(func.lower(user_email_col) == email))
     if user is None or not user.is_active:
         # Spend the same argon2 time as the real path so timing tells nothing either.
         password_helper.verify_and_update("x", _DUMMY_HASH)
         return
-    await manager.forgot_password(user, request)
+    await manager.forgot_password(user)
 
 
 async def reset_password(
-    session: AsyncSession,
-    redis: Redis,
-    settings: Settings,
-    manager: UserManager,
-    token: str,
-    password: str,
-    request: Request,
+    ctx: ServiceContext, manager: UserManager, token: str, password: str
 ) -> None:
     """Set a new password from a reset token; every session of the account ends.
 
@@ -156,16 +140,16 @@ async def reset_password(
     """
     bad = BadRequest("This reset link is invalid, expired or already used; ask for a new one")
     try:
-        user = await manager.reset_password(token, password, request)
+        user = await manager.reset_password(token, password)
     except (fu_exc.InvalidResetPasswordToken, fu_exc.UserInactive, fu_exc.UserNotExists):
         raise bad from None
     except fu_exc.InvalidPasswordException as exc:
         raise invalid_password(exc, "password") from None
-    ended = await sessions.revoke(session, redis, settings, user.id)
+    ended = await sessions.revoke(ctx.session, ctx.redis, ctx.settings, user.id)
     record(
-        session,
+        ctx.session,
         "user.password_reset",
-        request=request,
+        origin=ctx.origin,
         actor_user_id=user.id,
         target_type="user",
         target_id=user.id,
@@ -174,14 +158,7 @@ async def reset_password(
 
 
 async def change_password(
-    session: AsyncSession,
-    redis: Redis,
-    settings: Settings,
-    user: User,
-    claims: AccessClaims,
-    current: str,
-    new: str,
-    request: Request,
+    ctx: ServiceContext, user: User, claims: AccessClaims, current: str, new: str
 ) -> int:
     """Change the password; every other session ends. Returns how many ended.
 
@@ -192,13 +169,13 @@ async def change_password(
     check_current_password(user, current)
     check_password(new, user.email, field="new_password")
     user.hashed_password = password_helper.hash(new)
-    await session.flush()
+    await ctx.session.flush()
     keep = uuid.UUID(claims.session_id) if _is_uuid(claims.session_id) else None
-    ended = await sessions.revoke(session, redis, settings, user.id, keep=keep)
+    ended = await sessions.revoke(ctx.session, ctx.redis, ctx.settings, user.id, keep=keep)
     record(
-        session,
+        ctx.session,
         "user.password_changed",
-        request=request,
+        origin=ctx.origin,
         actor_user_id=user.id,
         target_type="user",
         target_id=user.id,

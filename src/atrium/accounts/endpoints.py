@@ -29,9 +29,10 @@ from atrium.accounts.schemas import (
     UserCreate,
     UserUpdate,
 )
-from atrium.audit.service import record
+from atrium.audit.service import Origin, record
 from atrium.auth import tokens
 from atrium.auth.user_limits import LimitedUser, user_rate_limit
+from atrium.context import Ctx
 from atrium.kit.blobstore import get_blobstore
 from atrium.kit.db import DBSession
 from atrium.kit.errors import (
@@ -110,9 +111,7 @@ def _pair(pair: sessions.TokenPair) -> TokenPair:
     response_model=Registered,
     responses=errors(402, 403, 404, 409, 410, 429),
 )
-async def register(
-    body: UserCreate, request: Request, session: DBSession, manager: Manager
-) -> Registered:
+async def register(body: UserCreate, ctx: Ctx, manager: Manager) -> Registered:
     """Create an account.
 
     Without ``invitation_token`` a tenant owned by the new user is created and a verification
@@ -123,7 +122,7 @@ async def register(
     lead nowhere) and its owner a mail saying someone tried to sign up with it: sign-up does
     not reveal which addresses are registered.
     """
-    user, tenant = await registration.register(session, manager, body, request)
+    user, tenant = await registration.register(ctx, manager, body)
     return Registered(user=User.model_validate(user), tenant=tenant)
 
 
@@ -135,11 +134,9 @@ async def register(
     response_model=Accepted,
     responses=errors(429),
 )
-async def request_verify_token(
-    body: EmailBody, request: Request, session: DBSession, manager: Manager
-) -> Accepted:
+async def request_verify_token(body: EmailBody, session: DBSession, manager: Manager) -> Accepted:
     """Mail a new verification link. The answer is the same whether or not the address exists."""
-    await addresses.request_verification(session, manager, body.email, request)
+    await addresses.request_verification(session, manager, body.email)
     return Accepted(detail=_ACCEPTED)
 
 
@@ -150,9 +147,9 @@ async def request_verify_token(
     response_model=User,
     responses=errors(409, 429),
 )
-async def verify(body: TokenBody, request: Request, session: DBSession, manager: Manager) -> User:
+async def verify(body: TokenBody, ctx: Ctx, manager: Manager) -> User:
     """Verify an address with the token from the mail (sign-up, or a new address)."""
-    user = await addresses.verify(session, request.app.state.settings, manager, body.token, request)
+    user = await addresses.verify(ctx, manager, body.token)
     return User.model_validate(user)
 
 
@@ -164,10 +161,7 @@ async def verify(body: TokenBody, request: Request, session: DBSession, manager:
     responses=errors(401, 403, 429),
 )
 async def login(
-    form: Annotated[OAuth2PasswordRequestForm, Depends()],
-    request: Request,
-    session: DBSession,
-    manager: Manager,
+    form: Annotated[OAuth2PasswordRequestForm, Depends()], ctx: Ctx, manager: Manager
 ) -> TokenPair:
     """Log in with the OAuth2 password form (``username`` is the e-mail address).
 
@@ -175,7 +169,7 @@ async def login(
     verified yet gets the 401 of a wrong password (sign-up does not reveal which addresses
     have accounts, so neither may login) and a new verification link by mail.
     """
-    pair = await credentials.login(session, request.app.state.settings, manager, form, request)
+    pair = await credentials.login(ctx, manager, form)
     return _pair(pair)
 
 
@@ -185,16 +179,15 @@ async def login(
     response_model=TokenPair,
     responses=errors(401),
 )
-async def refresh(body: RefreshBody, request: Request, session: DBSession) -> TokenPair:
+async def refresh(body: RefreshBody, ctx: Ctx) -> TokenPair:
     """Trade the refresh token for a new pair; the old refresh token is spent.
 
     Presenting a refresh token that was already spent ends its whole session (it was copied).
     """
-    state = request.app.state
     try:
-        pair = await sessions.rotate(session, state.settings, body.refresh_token, request)
+        pair = await sessions.rotate(ctx.session, ctx.settings, body.refresh_token, ctx.origin)
     except sessions.RefreshReused as exc:
-        await sessions.revoke_reused(state.sessionmaker, state.redis, state.settings, exc, request)
+        await sessions.revoke_reused(ctx, exc)
         raise
     return _pair(pair)
 
@@ -217,7 +210,7 @@ async def logout(principal: LimitedUser, request: Request, session: DBSession) -
     record(
         session,
         "auth.logout",
-        request=request,
+        origin=Origin.of(request),
         actor_user_id=principal.user.id,
         target_type="session",
         target_id=principal.claims.session_id,
@@ -240,7 +233,7 @@ async def logout_all(principal: LimitedUser, request: Request, session: DBSessio
     record(
         session,
         "auth.logout_all",
-        request=request,
+        origin=Origin.of(request),
         actor_user_id=principal.user.id,
         target_type="user",
         target_id=principal.user.id,
@@ -257,14 +250,12 @@ async def logout_all(principal: LimitedUser, request: Request, session: DBSessio
     response_model=Accepted,
     responses=errors(429),
 )
-async def forgot_password(
-    body: EmailBody, request: Request, session: DBSession, manager: Manager
-) -> Accepted:
+async def forgot_password(body: EmailBody, session: DBSession, manager: Manager) -> Accepted:
     """Mail a password reset link (valid 1 hour, single use).
 
     The answer is the same whether or not the address has an account.
     """
-    await credentials.forgot_password(session, manager, body.email, request)
+    await credentials.forgot_password(session, manager, body.email)
     return Accepted(detail=_ACCEPTED)
 
 
@@ -273,14 +264,9 @@ async def forgot_password(
     tags=["auth"],
     response_model=Accepted,
 )
-async def reset_password(
-    body: ResetPassword, request: Request, session: DBSession, manager: Manager
-) -> Accepted:
+async def reset_password(body: ResetPassword, ctx: Ctx, manager: Manager) -> Accepted:
     """Set a new password with the token from the reset mail; every session ends."""
-    state = request.app.state
-    await credentials.reset_password(
-        session, state.redis, state.settings, manager, body.token, body.password, request
-    )
+    await credentials.reset_password(ctx, manager, body.token, body.password)
     return Accepted(detail="Your password was changed; log in with the new one.")
 
 
@@ -300,7 +286,7 @@ async def update_me(
     """Change the caller's name."""
     principal.user.name = body.name
     await session.flush()
-    record(session, "user.updated", request=request, actor_user_id=principal.user.id)
+    record(session, "user.updated", origin=Origin.of(request), actor_user_id=principal.user.id)
     return User.model_validate(principal.user)
 
 
@@ -311,20 +297,10 @@ async def update_me(
     response_model=Accepted,
     responses=SIGNED_IN,
 )
-async def change_password(
-    body: PasswordChange, principal: LimitedUser, request: Request, session: DBSession
-) -> Accepted:
+async def change_password(body: PasswordChange, principal: LimitedUser, ctx: Ctx) -> Accepted:
     """Change the password (the current one is required); every other session ends."""
-    state = request.app.state
     ended = await credentials.change_password(
-        session,
-        state.redis,
-        state.settings,
-        principal.user,
-        principal.claims,
-        body.current_password,
-        body.new_password,
-        request,
+        ctx, principal.user, principal.claims, body.current_password, body.new_password
     )
     return Accepted(detail=f"Password changed; {ended} other session(s) ended.")
 
@@ -337,17 +313,13 @@ async def change_password(
     response_model=Accepted,
     responses=SIGNED_IN,
 )
-async def change_email(
-    body: EmailChange, principal: LimitedUser, request: Request, session: DBSession
-) -> Accepted:
+async def change_email(body: EmailChange, principal: LimitedUser, ctx: Ctx) -> Accepted:
     """Start moving the account to a new address.
 
     A verification link goes to the new address (verify it with ``POST /auth/verify``) and a
     notice to the current one; the change takes effect once the link is followed.
     """
-    await addresses.request_email_change(
-        session, request.app.state.settings, principal.user, body.new_email, body.password, request
-    )
+    await addresses.request_email_change(ctx, principal.user, body.new_email, body.password)
     return Accepted(detail="Follow the link we mailed to the new address to confirm it.")
 
 
@@ -359,19 +331,14 @@ async def change_email(
     response_model=Accepted,
     responses=SIGNED_IN | errors(409),
 )
-async def delete_me(
-    body: PasswordBody, principal: LimitedUser, request: Request, session: DBSession
-) -> Accepted:
+async def delete_me(body: PasswordBody, principal: LimitedUser, ctx: Ctx) -> Accepted:
     """Delete the account (the password is required).
 
     Refused (409, naming them) while the caller is the only owner of tenants that have other
     members. Tenants the caller alone owned are purged in the background (rows, vectors, files,
     cache); a confirmation mail is sent.
     """
-    state = request.app.state
-    purged = await service.delete_account(
-        session, state.redis, state.settings, principal.user, body.password, request
-    )
+    purged = await service.delete_account(ctx, principal.user, body.password)
     return Accepted(detail=f"Your account was deleted; {len(purged)} tenant(s) are being purged.")
 
 
@@ -418,7 +385,7 @@ async def delete_session(
     record(
         session,
         "session.revoked",
-        request=request,
+        origin=Origin.of(request),
         actor_user_id=principal.user.id,
         target_type="session",
         target_id=row.id,
@@ -437,10 +404,10 @@ async def delete_session(
     response_model=Export,
     responses=SIGNED_IN,
 )
-async def start_export(principal: LimitedUser, request: Request, session: DBSession) -> Export:
+async def start_export(principal: LimitedUser, ctx: Ctx) -> Export:
     """Build a ZIP of the caller's data in the background; a mail says when it is ready."""
-    export = await service.start_export(session, principal.user, request)
-    return Export(**service.describe_export(request.app.state.settings, export))
+    export = await service.start_export(ctx, principal.user)
+    return Export(**service.describe_export(ctx.settings, export))
 
 
 @router.get(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import Request
 from fastapi_users import exceptions as fu_exc
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -21,6 +20,7 @@ from atrium.accounts.passwords import check_password, invalid_password, password
 from atrium.accounts.schemas import NewUser, UserCreate
 from atrium.audit.service import record
 from atrium.config import Settings
+from atrium.context import ServiceContext
 from atrium.kit.errors import Conflict, Forbidden
 from atrium.models import Role, Tenant, TenantStatus, User, utcnow
 from atrium.models.accounts import user_email_col, user_id_col
@@ -38,10 +38,7 @@ def _default_tenant_name(user: User) -> str:
 
 
 async def register(
-    session: AsyncSession,
-    manager: UserManager,
-    body: UserCreate,
-    request: Request,
+    ctx: ServiceContext, manager: UserManager, body: UserCreate
 ) -> tuple[User, TenantWithRole]:
     """Create an account, and its own tenant or the membership its invitation offers.
 
@@ -55,6 +52,7 @@ async def register(
             the holder of the invitation mail learns it), or two sign-ups raced.
         NotFound, Gone, Forbidden: the invitation token is unusable or for another address.
     """
+    session = ctx.session
     check_password(body.password, body.email)
     invitation = None
     if body.invitation_token:
@@ -73,7 +71,6 @@ async def register(
                 is_verified=invitation is not None,
             ),
             safe=False,
-            request=request,
         )
     except fu_exc.UserAlreadyExists:
         if invitation is None:
@@ -91,7 +88,7 @@ async def register(
     record(
         session,
         "user.registered",
-        request=request,
+        origin=ctx.origin,
         actor_user_id=user.id,
         target_type="user",
         target_id=user.id,
@@ -99,13 +96,13 @@ async def register(
     )
     if invitation is not None:
         inv, tenant = invitation
-        role = await invitations.accept(session, inv, tenant, user, request)
+        role = await invitations.accept(ctx, inv, tenant, user)
     else:
         tenant = await tenants.create_tenant(
-            session, user, body.tenant_name or _default_tenant_name(user), request
+            session, user, body.tenant_name or _default_tenant_name(user), origin=ctx.origin
         )
         role = Role.owner
-        await manager.request_verify(user, request)
+        await manager.request_verify(user)
     out = TenantWithRole(
         id=tenant.id,
         name=tenant.name,
@@ -161,14 +158,10 @@ async def _registered_again(
 
 
 async def accept_invitation_as_new_user(
-    session: AsyncSession,
-    manager: UserManager,
-    token: str,
-    password: str,
-    name: str,
-    request: Request,
+    ctx: ServiceContext, manager: UserManager, token: str, password: str, name: str
 ) -> tuple[User, TenantWithRole]:
     """Create the account of an invited address and join the tenant in one step."""
+    session = ctx.session
     inv, tenant = await invitations.find_usable(session, token)
     check_password(password, inv.email)
     existing = await session.scalar(
@@ -181,7 +174,6 @@ async def accept_invitation_as_new_user(
         user = await manager.create(
             NewUser(email=inv.email, password=password, name=name, is_verified=True),
             safe=False,
-            request=request,
         )
     except (fu_exc.UserAlreadyExists, IntegrityError):
         raise Conflict("You already have an account: log in, then accept the invitation") from None
@@ -190,13 +182,13 @@ async def accept_invitation_as_new_user(
     record(
         session,
         "user.registered",
-        request=request,
+        origin=ctx.origin,
         actor_user_id=user.id,
         target_type="user",
         target_id=user.id,
         data={"via_invitation": True},
     )
-    role = await invitations.accept(session, inv, tenant, user, request)
+    role = await invitations.accept(ctx, inv, tenant, user)
     return user, TenantWithRole(
         id=tenant.id,
         name=tenant.name,

@@ -13,8 +13,6 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import Request
-from redis.asyncio import Redis
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -24,6 +22,7 @@ from atrium.accounts.passwords import check_current_password
 from atrium.apikeys.service import revoke_keys_created_by
 from atrium.audit.service import record
 from atrium.config import Settings
+from atrium.context import ServiceContext
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import Conflict, NotFound
 from atrium.models import DataExport, ExportStatus, User
@@ -34,14 +33,7 @@ EXPORT_TASK = "atrium.accounts.export"
 PURGE_USER_FILES_TASK = "atrium.accounts.purge_user_files"
 
 
-async def delete_account(
-    session: AsyncSession,
-    redis: Redis,
-    settings: Settings,
-    user: User,
-    password: str,
-    request: Request,
-) -> list[uuid.UUID]:
+async def delete_account(ctx: ServiceContext, user: User, password: str) -> list[uuid.UUID]:
     """Delete the account; purge the tenants it alone owned. Returns the purged tenant ids.
 
     Every API key the user created, in any tenant, is revoked first (the database would only
@@ -51,6 +43,7 @@ async def delete_account(
         Forbidden: the password is wrong.
         Conflict: the user is the only owner of tenants that have other members (named).
     """
+    session = ctx.session
     check_current_password(user, password)
     owned = await tenants.sole_owner_tenants(session, user.id)
     blocked = sorted(t.name for t, others in owned if others > 0)
@@ -66,28 +59,14 @@ async def delete_account(
         )
     purged: list[uuid.UUID] = []
     for tenant, _ in owned:
-        await tenants.schedule_purge(
-            session,
-            tenant,
-            actor_user_id=user.id,
-            request=request,
-            reason="account deleted",
-            redis=redis,
-        )
+        await tenants.schedule_purge(ctx, tenant, actor_user_id=user.id, reason="account deleted")
         purged.append(tenant.id)
-    await sessions.revoke(session, redis, settings, user.id)
-    await revoke_keys_created_by(
-        session,
-        redis,
-        user.id,
-        reason="account_deleted",
-        actor_user_id=user.id,
-        request=request,
-    )
+    await sessions.revoke(session, ctx.redis, ctx.settings, user.id)
+    await revoke_keys_created_by(ctx, user.id, reason="account_deleted", actor_user_id=user.id)
     record(
         session,
         "user.deleted",
-        request=request,
+        origin=ctx.origin,
         actor_user_id=user.id,
         target_type="user",
         target_id=user.id,
@@ -101,15 +80,16 @@ async def delete_account(
     return purged
 
 
-async def start_export(session: AsyncSession, user: User, request: Request) -> DataExport:
+async def start_export(ctx: ServiceContext, user: User) -> DataExport:
     """Create an export and enqueue the job that builds it."""
+    session = ctx.session
     export = DataExport(id=uuid.uuid4(), user_id=user.id, status=ExportStatus.pending)
     session.add(export)
     await session.flush()
     record(
         session,
         "user.export_requested",
-        request=request,
+        origin=ctx.origin,
         actor_user_id=user.id,
         target_type="export",
         target_id=export.id,

@@ -13,15 +13,14 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass
 
-from fastapi import Request
 from redis.asyncio import Redis
 from sqlalchemy import Select, select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from atrium.audit.service import client_ip, record
+from atrium.audit.service import Origin, record
 from atrium.auth import tokens
 from atrium.config import Settings
-from atrium.kit.db import abandon_request_unit, unit_of_work
+from atrium.context import ServiceContext
 from atrium.kit.errors import Unauthorized
 from atrium.models import AuthSession, User, utcnow
 
@@ -62,17 +61,16 @@ async def _pair(settings: Settings, user_id: uuid.UUID, sid: uuid.UUID, jti: str
 
 
 async def start_session(
-    session: AsyncSession, settings: Settings, user: User, request: Request | None
+    session: AsyncSession, settings: Settings, user: User, origin: Origin
 ) -> TokenPair:
     """Open a session for ``user`` (login) and issue its first token pair."""
     now = utcnow()
-    ua = request.headers.get("user-agent") if request is not None else None
     row = AuthSession(
         id=uuid.uuid4(),
         user_id=user.id,
         refresh_jti=_new_jti(),
-        user_agent=ua[:300] if ua else None,
-        ip=client_ip(request),
+        user_agent=origin.user_agent,
+        ip=origin.ip,
         created_at=now,
         last_used_at=now,
         expires_at=now + dt.timedelta(seconds=settings.refresh_token_ttl_seconds),
@@ -83,7 +81,7 @@ async def start_session(
 
 
 async def rotate(
-    session: AsyncSession, settings: Settings, refresh_token: str, request: Request | None
+    session: AsyncSession, settings: Settings, refresh_token: str, origin: Origin
 ) -> TokenPair:
     """Spend ``refresh_token`` and issue the next pair of its session.
 
@@ -109,7 +107,6 @@ async def rotate(
     if row.refresh_jti != claims.jti:
         raise RefreshReused(sid, row.user_id)
     new_jti = _new_jti()
-    ua = request.headers.get("user-agent") if request is not None else None
     result = await session.execute(
         update(AuthSession)
         .where(
@@ -120,8 +117,8 @@ async def rotate(
         .values(
             refresh_jti=new_jti,
             last_used_at=utcnow(),
-            ip=client_ip(request),
-            user_agent=ua[:300] if ua else row.user_agent,
+            ip=origin.ip,
+            user_agent=origin.user_agent or row.user_agent,
         )
         .execution_options(synchronize_session=False)
     )
@@ -166,21 +163,14 @@ async def revoke(
     return ids
 
 
-async def revoke_reused(
-    sessionmaker: async_sessionmaker[AsyncSession],
-    redis: Redis,
-    settings: Settings,
-    exc: RefreshReused,
-    request: Request,
-) -> None:
+async def revoke_reused(ctx: ServiceContext, exc: RefreshReused) -> None:
     """End the session of a replayed refresh token, in its own committed transaction."""
-    await abandon_request_unit(request)
-    async with unit_of_work(sessionmaker) as session:
-        await revoke(session, redis, settings, exc.user_id, only=[exc.session_id])
+    async with ctx.detached() as session:
+        await revoke(session, ctx.redis, ctx.settings, exc.user_id, only=[exc.session_id])
         record(
             session,
             "auth.refresh_reuse_detected",
-            request=request,
+            origin=ctx.origin,
             actor_user_id=exc.user_id,
             target_type="session",
             target_id=exc.session_id,

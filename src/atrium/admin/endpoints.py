@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import func, or_, select
 
 from atrium.accounts.schemas import User
-from atrium.audit.service import record
+from atrium.audit.service import Origin, record
 from atrium.auth.dependencies import SuperUser
 from atrium.kit.db import DBSession
 from atrium.kit.errors import NotFound
@@ -93,7 +93,7 @@ async def _set_status(
         record(
             session,
             "tenant.suspended" if status is TenantStatus.suspended else "tenant.unsuspended",
-            request=request,
+            origin=Origin.of(request),
             tenant_id=tenant.id,
             actor_user_id=principal.user.id,
             target_type="tenant",

@@ -6,13 +6,14 @@ import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Body, Depends, Query, Response, status
 
 from atrium.apikeys import repository, service
 from atrium.apikeys.schemas import ApiKey, ApiKeyCreate, ApiKeyCreated, ApiKeyRotate
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
+from atrium.context import Ctx
 from atrium.kit.db import DBSession
 from atrium.kit.pagination import Page, Params, paginate_query
 from atrium.kit.responses import TENANT, errors
@@ -54,8 +55,7 @@ def _created(key: ApiKeyModel, secret: str) -> ApiKeyCreated:
 async def create_api_key(
     tenant_id: uuid.UUID,
     data: ApiKeyCreate,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.keys_manage)),
 ) -> ApiKeyCreated:
     """Create a key with the given scopes. The response holds the secret: it is shown once.
@@ -63,7 +63,7 @@ async def create_api_key(
     An API key with `keys:manage` may create keys, but only with scopes it holds itself.
     `rate_limit_per_minute` may lower the plan's per-key limit, not raise it (422).
     """
-    key, secret = await service.create_key(session, subject, data, request)
+    key, secret = await service.create_key(ctx, subject, data)
     return _created(key, secret)
 
 
@@ -101,15 +101,14 @@ async def list_api_keys(
 async def revoke_api_key(
     tenant_id: uuid.UUID,
     key_id: uuid.UUID,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.keys_manage)),
 ) -> Response:
     """Revoke the key: it is refused from the next request on. Revoking twice is harmless.
 
     An API key may only revoke keys whose scopes it holds itself (403 otherwise).
     """
-    await service.revoke_key(session, subject, key_id, request)
+    await service.revoke_key(ctx, subject, key_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -123,8 +122,7 @@ async def revoke_api_key(
 async def rotate_api_key(
     tenant_id: uuid.UUID,
     key_id: uuid.UUID,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     data: Annotated[ApiKeyRotate | None, Body()] = None,
     subject: AuthSubject = Depends(require(Permission.keys_manage)),
 ) -> ApiKeyCreated:
@@ -134,7 +132,5 @@ async def rotate_api_key(
     deployments can switch over; without it, the old secret is refused at once. An API key
     may only rotate keys whose scopes it holds itself (403 otherwise).
     """
-    key, secret = await service.rotate_key(
-        session, subject, key_id, data or ApiKeyRotate(), request
-    )
+    key, secret = await service.rotate_key(ctx, subject, key_id, data or ApiKeyRotate())
     return _created(key, secret)

@@ -14,8 +14,6 @@ import uuid
 from typing import Any
 
 import structlog
-from fastapi import Request
-from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.apikeys import repository
@@ -33,6 +31,7 @@ from atrium.audit.service import record
 from atrium.auth.permissions import Permission, Scope
 from atrium.auth.subject import AuthSubject
 from atrium.config import Settings
+from atrium.context import ServiceContext
 from atrium.kit.errors import Conflict, NotFound
 from atrium.models import ApiKey, utcnow
 
@@ -96,7 +95,7 @@ def _actor(subject: AuthSubject) -> dict[str, Any]:
 
 
 async def create_key(
-    session: AsyncSession, subject: AuthSubject, data: ApiKeyCreate, request: Request
+    ctx: ServiceContext, subject: AuthSubject, data: ApiKeyCreate
 ) -> tuple[ApiKey, str]:
     """Create a key for the subject's tenant and audit it; the secret is returned once.
 
@@ -107,12 +106,13 @@ async def create_key(
         Unauthorized: the calling key's creator stopped being a member meanwhile.
         Unprocessable: the rate limit is above the plan's.
     """
+    session = ctx.session
     ensure_no_escalation(subject, data.scopes, "create")
     ensure_role_holds(subject, await lock_creator_role(session, subject), data.scopes, "create")
     await ensure_within_plan(session, subject.tenant_id, data.rate_limit_per_minute)
     key, secret = await issue_key(
         session,
-        request.app.state.settings,
+        ctx.settings,
         subject.tenant_id,
         name=data.name,
         scopes=data.scopes,
@@ -121,11 +121,11 @@ async def create_key(
         created_by_user_id=subject.user_id,
         created_by_api_key_id=subject.api_key_id,
     )
-    await forget_misses(session, request.app.state.redis, key)
+    await forget_misses(session, ctx.redis, key)
     record(
         session,
         "api_key.created",
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         target_type="api_key",
         target_id=key.id,
@@ -142,15 +142,14 @@ async def _get_or_404(session: AsyncSession, tenant_id: uuid.UUID, key_id: uuid.
     return key
 
 
-async def revoke_key(
-    session: AsyncSession, subject: AuthSubject, key_id: uuid.UUID, request: Request
-) -> None:
+async def revoke_key(ctx: ServiceContext, subject: AuthSubject, key_id: uuid.UUID) -> None:
     """Revoke a key now (also one still in a rotation grace period). Idempotent.
 
     Raises:
         NotFound: no such key in this tenant.
         Forbidden: the key has scopes the caller does not hold.
     """
+    session = ctx.session
     key = await _get_or_404(session, subject.tenant_id, key_id)
     ensure_no_escalation(subject, key.scopes, "revoke")
     now = utcnow()
@@ -161,7 +160,7 @@ async def revoke_key(
     record(
         session,
         "api_key.revoked",
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         target_type="api_key",
         target_id=key.id,
@@ -170,15 +169,11 @@ async def revoke_key(
     )
     # Written before the commit on purpose: if the commit failed the key would be refused for a
     # few minutes though not revoked (fail closed), never accepted though revoked.
-    await publish_record(request.app.state.redis, key)
+    await publish_record(ctx.redis, key)
 
 
 async def rotate_key(
-    session: AsyncSession,
-    subject: AuthSubject,
-    key_id: uuid.UUID,
-    data: ApiKeyRotate,
-    request: Request,
+    ctx: ServiceContext, subject: AuthSubject, key_id: uuid.UUID, data: ApiKeyRotate
 ) -> tuple[ApiKey, str]:
     """Issue a new secret with the same name, scopes, expiry and limit; revoke the old key
     now, or once ``grace_period_seconds`` have passed.
@@ -190,6 +185,7 @@ async def rotate_key(
         Conflict: the key is revoked, expired or already rotated.
         Unauthorized: the calling key's creator stopped being a member meanwhile.
     """
+    session = ctx.session
     # The membership before the key: removal and role changes lock in the same order.
     role = await lock_creator_role(session, subject)
     old = await _get_or_404(session, subject.tenant_id, key_id)
@@ -206,7 +202,7 @@ async def rotate_key(
         raise Conflict(f"This API key cannot be rotated: {hint}")
     new, secret = await issue_key(
         session,
-        request.app.state.settings,
+        ctx.settings,
         subject.tenant_id,
         name=old.name,
         scopes=list(old.scopes),
@@ -216,13 +212,13 @@ async def rotate_key(
         created_by_api_key_id=subject.api_key_id,
         rotated_from_id=old.id,
     )
-    await forget_misses(session, request.app.state.redis, new)
+    await forget_misses(session, ctx.redis, new)
     old.revoked_at = now + dt.timedelta(seconds=data.grace_period_seconds)
     await session.flush()
     record(
         session,
         "api_key.rotated",
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         target_type="api_key",
         target_id=old.id,
@@ -235,19 +231,17 @@ async def rotate_key(
         },
         **_actor(subject),
     )
-    await publish_record(request.app.state.redis, old)
+    await publish_record(ctx.redis, old)
     return new, secret
 
 
 async def revoke_keys_created_by(
-    session: AsyncSession,
-    redis: Redis,
+    ctx: ServiceContext,
     user_id: uuid.UUID,
     *,
     reason: str,
     tenant_id: uuid.UUID | None = None,
     actor_user_id: uuid.UUID | None = None,
-    request: Request | None = None,
     within: frozenset[Permission] | None = None,
 ) -> list[ApiKey]:
     """Revoke, now, every working key ``user_id`` created: in ``tenant_id``, or everywhere.
@@ -260,20 +254,20 @@ async def revoke_keys_created_by(
     is refused from the next request on, on every replica.
 
     Args:
-        session: the unit of work (flushed, not committed).
-        redis: where the key records are cached.
+        ctx: the unit of work (flushed, not committed), Redis (where the key records are
+            cached) and the origin for the audit log.
         user_id: the creator.
         reason: why, for the audit log: ``member_removed``, ``member_left``, ``account_deleted``,
             ``role_lowered``.
         tenant_id: only this tenant's keys; None: every tenant's.
         actor_user_id: who caused it (the admin who removed the member, or the user).
-        request: the HTTP request, for the audit log's IP and user agent.
         within: only the keys with a scope that grants something outside these permissions
             (the creator's new role); None: every key.
 
     Returns:
         The keys revoked.
     """
+    session = ctx.session
     now = utcnow()
     keys = list(
         await repository.live_keys_created_by(session, user_id, now=now, tenant_id=tenant_id)
@@ -287,7 +281,7 @@ async def revoke_keys_created_by(
         record(
             session,
             "api_key.revoked",
-            request=request,
+            origin=ctx.origin,
             tenant_id=key.tenant_id,
             actor_user_id=actor_user_id,
             target_type="api_key",
@@ -301,7 +295,7 @@ async def revoke_keys_created_by(
         )
         # Before the commit, like revoke_key: a failed commit leaves the key refused for a few
         # minutes (fail closed), never accepted after its creator lost access.
-        await publish_record(redis, key)
+        await publish_record(ctx.redis, key)
     if keys:
         log.info(
             "api_keys_revoked_with_creator", user_id=str(user_id), count=len(keys), reason=reason

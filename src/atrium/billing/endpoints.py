@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Query, Request
 
+from atrium.audit.service import Origin
 from atrium.auth.dependencies import SuperUser, require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
@@ -73,7 +74,7 @@ async def put_tenant_plan(
     ``billing.plan_changed`` with the values before and after.
     """
     result = await service.change_plan(
-        session, quota, tenant_id, data, actor_user_id=superuser.user.id, request=request
+        session, quota, tenant_id, data, actor_user_id=superuser.user.id, origin=Origin.of(request)
     )
     # Again once the change is committed (background tasks run after the response).
     background.add_task(quota.forget_billing, tenant_id)

@@ -10,7 +10,7 @@ from fastapi import Request
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from atrium.audit.service import record
+from atrium.audit.service import Origin, record
 from atrium.auth.subject import AuthSubject
 from atrium.billing import schemas
 from atrium.billing.plans import Limit, PlanCatalog, get_catalog, largest_upload
@@ -80,7 +80,7 @@ async def change_plan(
     data: schemas.TenantPlanUpdate,
     *,
     actor_user_id: uuid.UUID,
-    request: Request | None = None,
+    origin: Origin,
 ) -> schemas.TenantPlan:
     """Put a tenant on a plan and set its limit overrides (superusers only); audited.
 
@@ -112,7 +112,7 @@ async def change_plan(
     record(
         session,
         "billing.plan_changed",
-        request=request,
+        origin=origin,
         tenant_id=tenant_id,
         actor_user_id=actor_user_id,
         target_type="tenant",

@@ -5,13 +5,14 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, status
 
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
 from atrium.collections import service
 from atrium.collections.schemas import Collection, CollectionCreate, CollectionUpdate
+from atrium.context import Ctx
 from atrium.kit.db import DBSession
 from atrium.kit.pagination import Page, Params
 from atrium.kit.responses import TENANT, errors
@@ -31,12 +32,11 @@ router = APIRouter(
 async def create_collection(
     tenant_id: uuid.UUID,
     data: CollectionCreate,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.collections_write)),
 ) -> Collection:
     """Create an empty collection. Names are unique in the tenant, regardless of case (409)."""
-    collection = await service.create(session, subject, data, request)
+    collection = await service.create(ctx, subject, data)
     return service.to_schema(collection)
 
 
@@ -81,16 +81,15 @@ async def update_collection(
     tenant_id: uuid.UUID,
     collection_id: uuid.UUID,
     data: CollectionUpdate,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.collections_write)),
 ) -> Collection:
     """Rename a collection or change its description or metadata.
 
     409 when the new name is taken or the collection is being deleted.
     """
-    collection = await service.update(session, subject, collection_id, data, request)
-    return await service.with_totals(session, subject, collection)
+    collection = await service.update(ctx, subject, collection_id, data)
+    return await service.with_totals(ctx.session, subject, collection)
 
 
 @router.delete(
@@ -102,8 +101,7 @@ async def update_collection(
 async def delete_collection(
     tenant_id: uuid.UUID,
     collection_id: uuid.UUID,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.collections_write)),
 ) -> Collection:
     """Delete a collection with all its documents, chunks and files.
@@ -112,5 +110,5 @@ async def delete_collection(
     is listed with status `deleting` (and accepts no uploads); then it answers 404. Its name
     can be used for a new collection immediately.
     """
-    collection = await service.delete(session, subject, collection_id, request)
-    return await service.with_totals(session, subject, collection)
+    collection = await service.delete(ctx, subject, collection_id)
+    return await service.with_totals(ctx.session, subject, collection)

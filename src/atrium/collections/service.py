@@ -6,15 +6,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import Request
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.audit.service import record
 from atrium.auth.subject import AuthSubject
-from atrium.billing.quota import Metric, adjust, reserve
+from atrium.billing.quota import Metric
 from atrium.collections import schemas
 from atrium.collections.repository import CollectionRepository, CollectionTotals, name_key
+from atrium.context import ServiceContext
 from atrium.kit.cache_versions import catalog_changed
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import Conflict, NotFound
@@ -115,16 +115,14 @@ async def with_totals(
 
 
 async def create(
-    session: AsyncSession,
-    subject: AuthSubject,
-    data: schemas.CollectionCreate,
-    request: Request | None = None,
+    ctx: ServiceContext, subject: AuthSubject, data: schemas.CollectionCreate
 ) -> Collection:
     """Create a collection.
 
     Raises:
         Conflict: when the tenant already has a collection of that name.
     """
+    session = ctx.session
     repo = CollectionRepository(session, subject.tenant_id)
     if await repo.by_name(data.name) is not None:
         raise _name_taken(data.name)
@@ -138,19 +136,20 @@ async def create(
         status=CollectionStatus.active,
     )
     # Plan limits (billing): a collection is held before it is created (402 when full).
-    async with reserve(request, subject.tenant_id, Metric.collections, 1):
+    async with ctx.reserve(subject.tenant_id, Metric.collections, 1):
         await _flush_unique(session, collection, data.name)
-    _audit(session, subject, "collection.created", collection, request, {"name": data.name})
-    _catalog_changed(session, subject, request)
+    _audit(ctx, subject, "collection.created", collection, {"name": data.name})
+    # Searches keep the tenant's collection list in memory under a token in Redis: replaced
+    # when this unit of work commits, so the next search sees the new collection.
+    catalog_changed(session, ctx.redis, subject.tenant_id)
     return collection
 
 
 async def update(
-    session: AsyncSession,
+    ctx: ServiceContext,
     subject: AuthSubject,
     collection_id: uuid.UUID,
     data: schemas.CollectionUpdate,
-    request: Request | None = None,
 ) -> Collection:
     """Change a collection's name, description or metadata.
 
@@ -158,6 +157,7 @@ async def update(
         NotFound: when it does not exist in this tenant.
         Conflict: when it is being deleted, or the new name is taken.
     """
+    session = ctx.session
     collection = await get_writable(session, subject.tenant_id, collection_id)
     changes = data.model_dump(exclude_unset=True, exclude_none=True)
     if changes.pop("language", collection.language) != collection.language:
@@ -179,16 +179,11 @@ async def update(
     if "metadata" in changes:
         collection.metadata_ = changes["metadata"]
     await _flush_unique(session, collection, collection.name)
-    _audit(session, subject, "collection.updated", collection, request, {"fields": sorted(changes)})
+    _audit(ctx, subject, "collection.updated", collection, {"fields": sorted(changes)})
     return collection
 
 
-async def delete(
-    session: AsyncSession,
-    subject: AuthSubject,
-    collection_id: uuid.UUID,
-    request: Request | None = None,
-) -> Collection:
+async def delete(ctx: ServiceContext, subject: AuthSubject, collection_id: uuid.UUID) -> Collection:
     """Mark a collection as being deleted and enqueue the removal of everything in it.
 
     The name is free again at once; the collection answers with status ``deleting`` until the
@@ -198,17 +193,17 @@ async def delete(
     Raises:
         NotFound: when it does not exist in this tenant.
     """
-    collection = await get(session, subject, collection_id)
+    collection = await get(ctx.session, subject, collection_id)
     if collection.status is CollectionStatus.deleting:
         return collection
     collection.status = CollectionStatus.deleting
     collection.name_key = None
-    await session.flush()
-    _catalog_changed(session, subject, request)
-    await adjust(request, subject.tenant_id, Metric.collections, -1)
-    _audit(session, subject, "collection.deleted", collection, request, {"name": collection.name})
+    await ctx.session.flush()
+    catalog_changed(ctx.session, ctx.redis, subject.tenant_id)
+    await ctx.adjust(subject.tenant_id, Metric.collections, -1)
+    _audit(ctx, subject, "collection.deleted", collection, {"name": collection.name})
     enqueue(
-        session,
+        ctx.session,
         DELETE_TASK,
         tenant_id=str(subject.tenant_id),
         collection_id=str(collection.id),
@@ -216,25 +211,17 @@ async def delete(
     return collection
 
 
-def _catalog_changed(session: AsyncSession, subject: AuthSubject, request: Request | None) -> None:
-    # Searches keep the tenant's collection list in memory under a token in Redis: replace it
-    # when this request commits, so the next search sees the new or deleted collection.
-    if request is not None:
-        catalog_changed(session, request.app.state.redis, subject.tenant_id)
-
-
 def _audit(
-    session: AsyncSession,
+    ctx: ServiceContext,
     subject: AuthSubject,
     action: str,
     collection: Collection,
-    request: Request | None,
     data: dict[str, Any],
 ) -> None:
     record(
-        session,
+        ctx.session,
         action,
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         actor_user_id=subject.user_id,
         actor_api_key_id=subject.api_key_id,

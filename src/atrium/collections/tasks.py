@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task
 from sqlalchemy import func, select
 
-from atrium.billing.quota import Metric, adjust
+from atrium.billing.quota import Metric, Quota
 from atrium.collections.repository import CollectionRepository
 from atrium.collections.service import DELETE_TASK
 from atrium.ingestion.faults import is_transient
@@ -55,9 +55,10 @@ def delete_collection(self: Task, *, tenant_id: str, collection_id: str) -> dict
             ).one()
             await DocumentRepository(session, tenant).mark_collection_deleting(collection)
         # Plan limits (billing): the collection's documents, bytes and chunks stop counting.
-        await adjust(res, tenant, Metric.documents, -int(live[0]))
-        await adjust(res, tenant, Metric.stored_bytes, -int(live[1]))
-        await adjust(res, tenant, Metric.chunks, -int(live[2]))
+        quota = Quota.for_resources(res)
+        await quota.adjust(tenant, Metric.documents, -int(live[0]))
+        await quota.adjust(tenant, Metric.stored_bytes, -int(live[1]))
+        await quota.adjust(tenant, Metric.chunks, -int(live[2]))
         # 2. Chunks, then files.
         async with res.vector_pool.connection() as conn:
             chunks = await delete_collection_chunks(conn, tenant, collection)

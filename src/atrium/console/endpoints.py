@@ -24,7 +24,7 @@ from starlette.types import Scope
 from atrium.accounts import credentials, sessions
 from atrium.accounts.endpoints import LOGIN_LIMITS, Manager
 from atrium.accounts.passwords import MIN_LENGTH
-from atrium.audit.service import record
+from atrium.audit.service import Origin, record
 from atrium.auth import tokens
 from atrium.auth.permissions import ROLE_PERMISSIONS
 from atrium.auth.permissions import Scope as KeyScope
@@ -39,6 +39,7 @@ from atrium.console.security import (
     security_headers,
     set_refresh_cookie,
 )
+from atrium.context import Ctx
 from atrium.ingestion.detect import SUPPORTED
 from atrium.ingestion.limits import MAX_FILES_PER_REQUEST
 from atrium.kit.db import DBSession
@@ -196,21 +197,16 @@ async def session_csrf(request: Request, response: Response) -> CsrfToken:
     responses=errors(401, 403, 429),
 )
 async def session_login(
-    body: ConsoleLogin,
-    request: Request,
-    response: Response,
-    session: DBSession,
-    manager: Manager,
+    body: ConsoleLogin, response: Response, ctx: Ctx, manager: Manager
 ) -> ConsoleToken:
     """Log in like ``POST /v1/auth/login``; the refresh token goes into an HttpOnly cookie.
 
     Needs the ``X-CSRF-Token`` header (the value of the ``__Host-atrium_csrf`` cookie) and a
     same-origin request. Shares the login rate limits of the API.
     """
-    settings = request.app.state.settings
     form = OAuth2PasswordRequestForm(username=body.username, password=body.password)
-    pair = await credentials.login(session, settings, manager, form, request)
-    set_refresh_cookie(response, settings, pair.refresh_token)
+    pair = await credentials.login(ctx, manager, form)
+    set_refresh_cookie(response, ctx.settings, pair.refresh_token)
     _no_store(response)
     return ConsoleToken(access_token=pair.access_token, expires_in=pair.expires_in)
 
@@ -221,29 +217,27 @@ async def session_login(
     response_model=ConsoleToken,
     responses=errors(401, 403),
 )
-async def session_refresh(request: Request, session: DBSession) -> Response:
+async def session_refresh(request: Request, ctx: Ctx) -> Response:
     """Trade the refresh cookie for a new access token; the cookie is rotated.
 
     Like ``POST /v1/auth/refresh``: a refresh token presented twice ends its session. Any
     failure clears the cookie and answers 401.
     """
-    state = request.app.state
     token = request.cookies.get(REFRESH_COOKIE)
     if not token:
         return _refused(Unauthorized("You are not logged in"))
     try:
-        pair = await sessions.rotate(session, state.settings, token, request)
+        pair = await sessions.rotate(ctx.session, ctx.settings, token, ctx.origin)
     except sessions.RefreshReused as exc:
-        await session.rollback()
-        await sessions.revoke_reused(state.sessionmaker, state.redis, state.settings, exc, request)
+        await sessions.revoke_reused(ctx, exc)
         return _refused(exc)
     except Unauthorized as exc:
-        await session.rollback()
+        await ctx.session.rollback()
         return _refused(exc)
     response = JSONResponse(
         ConsoleToken(access_token=pair.access_token, expires_in=pair.expires_in).model_dump()
     )
-    set_refresh_cookie(response, state.settings, pair.refresh_token)
+    set_refresh_cookie(response, ctx.settings, pair.refresh_token)
     _no_store(response)
     return response
 
@@ -280,7 +274,7 @@ async def session_logout(request: Request, session: DBSession) -> Response:
                 record(
                     session,
                     "auth.logout",
-                    request=request,
+                    origin=Origin.of(request),
                     actor_user_id=claims.user_id,
                     target_type="session",
                     target_id=sid,

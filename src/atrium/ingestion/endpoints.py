@@ -15,6 +15,7 @@ from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
 from atrium.collections.metadata import parse_metadata_json
 from atrium.collections.service import get as get_collection
+from atrium.context import Ctx
 from atrium.ingestion import service
 from atrium.ingestion.detect import SUPPORTED, fallback_title
 from atrium.ingestion.limits import (
@@ -163,7 +164,7 @@ async def upload_documents(
     collection_id: uuid.UUID,
     request: Request,
     response: Response,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.documents_write)),
 ) -> DocumentUpload:
     """Add documents to a collection: a multipart upload of one or more files, or JSON text.
@@ -181,7 +182,7 @@ async def upload_documents(
     One bad file refuses the whole request. A file that cannot be read (an encrypted or
     scanned PDF, a damaged PDF, a ZIP bomb, a page without text) ends `failed` with the reason.
     """
-    settings = request.app.state.settings
+    session, settings = ctx.session, ctx.settings
     limit = await max_upload_bytes(session, subject.tenant_id, settings)
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     await get_collection(session, subject, collection_id)
@@ -202,26 +203,14 @@ async def upload_documents(
         try:
             items = _items_from_form(form)
             results = await service.upload(
-                session,
-                subject,
-                collection_id,
-                items,
-                settings=settings,
-                blobs=get_blobstore(settings),
-                request=request,
+                ctx, subject, collection_id, items, blobs=get_blobstore(settings)
             )
         finally:
             await form.close()
     elif content_type == "application/json" or content_type.endswith("+json"):
         item = _item_from_json(await request.body())
         results = await service.upload(
-            session,
-            subject,
-            collection_id,
-            [item],
-            settings=settings,
-            blobs=get_blobstore(settings),
-            request=request,
+            ctx, subject, collection_id, [item], blobs=get_blobstore(settings)
         )
     else:
         raise UnsupportedMediaType(
@@ -283,13 +272,12 @@ async def reindex_document(
     tenant_id: uuid.UUID,
     collection_id: uuid.UUID,
     document_id: uuid.UUID,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.documents_write)),
 ) -> Document:
     """Process the document again from its stored file. Its chunks stay searchable until the
     new ones replace them (in one transaction). A queued or processing document is left as is."""
-    document = await service.reindex(session, subject, collection_id, document_id, request)
+    document = await service.reindex(ctx, subject, collection_id, document_id)
     return service.to_schema(document)
 
 
@@ -303,8 +291,7 @@ async def delete_document(
     tenant_id: uuid.UUID,
     collection_id: uuid.UUID,
     document_id: uuid.UUID,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.documents_write)),
 ) -> Document:
     """Delete a document: its chunks leave the search index and its file the blob store.
@@ -312,5 +299,5 @@ async def delete_document(
     Answers 202 with status `deleting`; the removal runs in the background (seconds), after
     which the document answers 404. The same file can be uploaded again at once.
     """
-    document = await service.delete(session, subject, collection_id, document_id, request)
+    document = await service.delete(ctx, subject, collection_id, document_id)
     return service.to_schema(document)

@@ -16,16 +16,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.concurrency import run_in_threadpool
 
 from atrium.audit.service import record
 from atrium.auth.subject import AuthSubject
-from atrium.billing.quota import Metric, adjust, reserve
+from atrium.billing.quota import Metric
 from atrium.collections.service import get_writable
-from atrium.config import Settings
+from atrium.context import ServiceContext
 from atrium.ingestion import detect, schemas
 from atrium.ingestion.exceptions import BadDocument
 from atrium.ingestion.limits import human_bytes, max_upload_bytes
@@ -162,14 +161,12 @@ async def _check(item: Incoming, limit: int) -> _Checked:
 
 
 async def upload(
-    session: AsyncSession,
+    ctx: ServiceContext,
     subject: AuthSubject,
     collection_id: uuid.UUID,
     items: Sequence[Incoming],
     *,
-    settings: Settings,
     blobs: BlobStore,
-    request: Request | None = None,
 ) -> list[tuple[Document, bool]]:
     """Validate, store and queue documents; the same bytes already in the collection are
     returned instead of stored twice.
@@ -182,8 +179,9 @@ async def upload(
         Conflict: the collection is being deleted.
         PayloadTooLarge, UnsupportedMediaType, Unprocessable: a bad item (nothing is stored).
     """
+    session = ctx.session
     collection = await get_writable(session, subject.tenant_id, collection_id)
-    limit = await max_upload_bytes(session, subject.tenant_id, settings)
+    limit = await max_upload_bytes(session, subject.tenant_id, ctx.settings)
     checked = [await _check(item, limit) for item in items]
 
     repo = DocumentRepository(session, subject.tenant_id)
@@ -201,8 +199,8 @@ async def upload(
     # Plan limits (billing): the request's new documents and their bytes are held at once
     # (402 when they do not fit), and what was really added is counted when it commits.
     async with (
-        reserve(request, subject.tenant_id, Metric.documents, len(fresh)) as held_docs,
-        reserve(request, subject.tenant_id, Metric.stored_bytes, sum(fresh.values())) as held_bytes,
+        ctx.reserve(subject.tenant_id, Metric.documents, len(fresh)) as held_docs,
+        ctx.reserve(subject.tenant_id, Metric.stored_bytes, sum(fresh.values())) as held_bytes,
     ):
         for item in checked:
             same = known.get(item.sha256) or created.get(item.sha256)
@@ -230,7 +228,7 @@ async def upload(
                 tenant_id=str(subject.tenant_id),
                 document_id=str(document.id),
             )
-            _audit(session, subject, "document.uploaded", document, request)
+            _audit(ctx, subject, "document.uploaded", document)
             results.append((document, False))
         held_docs.settle(len(created))
         held_bytes.settle(sum(doc.size_bytes for doc in created.values()))
@@ -280,11 +278,7 @@ async def get(
 
 
 async def reindex(
-    session: AsyncSession,
-    subject: AuthSubject,
-    collection_id: uuid.UUID,
-    document_id: uuid.UUID,
-    request: Request | None = None,
+    ctx: ServiceContext, subject: AuthSubject, collection_id: uuid.UUID, document_id: uuid.UUID
 ) -> Document:
     """Process the document again from its stored bytes (e.g. after a failure or a settings
     change). Its current chunks stay searchable until the new ones replace them. A document
@@ -294,6 +288,7 @@ async def reindex(
         NotFound: no such document.
         Conflict: the document or its collection is being deleted.
     """
+    session = ctx.session
     await get_writable(session, subject.tenant_id, collection_id)
     document = await get(session, subject, collection_id, document_id)
     if document.status is DocumentStatus.deleting:
@@ -309,16 +304,12 @@ async def reindex(
     document.heartbeat_at = utcnow()
     await session.flush()
     enqueue(session, PROCESS_TASK, tenant_id=str(subject.tenant_id), document_id=str(document.id))
-    _audit(session, subject, "document.reindexed", document, request)
+    _audit(ctx, subject, "document.reindexed", document)
     return document
 
 
 async def delete(
-    session: AsyncSession,
-    subject: AuthSubject,
-    collection_id: uuid.UUID,
-    document_id: uuid.UUID,
-    request: Request | None = None,
+    ctx: ServiceContext, subject: AuthSubject, collection_id: uuid.UUID, document_id: uuid.UUID
 ) -> Document:
     """Mark a document as being deleted and enqueue the removal of its chunks and file.
 
@@ -328,6 +319,7 @@ async def delete(
     Raises:
         NotFound: no such document.
     """
+    session = ctx.session
     document = await get(session, subject, collection_id, document_id)
     if document.status is DocumentStatus.deleting:
         return document
@@ -337,29 +329,22 @@ async def delete(
     document.run_id = None
     document.heartbeat_at = utcnow()
     await session.flush()
-    if request is not None:
-        # Searches leave it out from this commit on (see atrium.collections.catalog).
-        catalog_changed(session, request.app.state.redis, subject.tenant_id)
+    # Searches leave it out from this commit on (see atrium.collections.catalog).
+    catalog_changed(session, ctx.redis, subject.tenant_id)
     # Plan limits (billing): the document, its bytes and its chunks stop counting now.
-    await adjust(request, subject.tenant_id, Metric.documents, -1)
-    await adjust(request, subject.tenant_id, Metric.stored_bytes, -(document.size_bytes or 0))
-    await adjust(request, subject.tenant_id, Metric.chunks, -(document.chunk_count or 0))
+    await ctx.adjust(subject.tenant_id, Metric.documents, -1)
+    await ctx.adjust(subject.tenant_id, Metric.stored_bytes, -(document.size_bytes or 0))
+    await ctx.adjust(subject.tenant_id, Metric.chunks, -(document.chunk_count or 0))
     enqueue(session, DELETE_TASK, tenant_id=str(subject.tenant_id), document_id=str(document.id))
-    _audit(session, subject, "document.deleted", document, request)
+    _audit(ctx, subject, "document.deleted", document)
     return document
 
 
-def _audit(
-    session: AsyncSession,
-    subject: AuthSubject,
-    action: str,
-    document: Document,
-    request: Request | None,
-) -> None:
+def _audit(ctx: ServiceContext, subject: AuthSubject, action: str, document: Document) -> None:
     record(
-        session,
+        ctx.session,
         action,
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         actor_user_id=subject.user_id,
         actor_api_key_id=subject.api_key_id,

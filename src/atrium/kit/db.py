@@ -34,7 +34,6 @@ __all__ = [
     "AfterCommit",
     "DBSession",
     "SQLiteBusy",
-    "abandon_request_unit",
     "after_commit",
     "create_engine",
     "create_sessionmaker",
@@ -110,18 +109,6 @@ async def unit_of_work(
         await _run_after_commit(session, committed=True)
         # Never raises: a job the broker does not take now stays in the outbox (kit.outbox).
         await send_jobs(session, sessionmaker)
-
-
-async def abandon_request_unit(request: Request) -> None:
-    """Roll back the request's unit of work now, before a detached write on an error path.
-
-    The request is about to fail (its unit of work would roll back anyway); on SQLite its
-    transaction may hold the database's only write lock, which a detached transaction of the
-    same request (an audit record, a session revocation) would otherwise wait for in vain.
-    """
-    session: AsyncSession | None = getattr(request.state, "db_session", None)
-    if session is not None:
-        await session.rollback()
 
 
 async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:

@@ -14,6 +14,7 @@ from atrium.auth.dependencies import bearer_token, current_user, require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
 from atrium.auth.user_limits import LimitedUser, user_rate_limit
+from atrium.context import Ctx
 from atrium.kit.db import DBSession
 from atrium.kit.errors import (
     BadRequest,
@@ -59,7 +60,7 @@ async def list_tenants(
     responses=SIGNED_IN | errors(409),
 )
 async def create_tenant(
-    body: schemas.TenantCreate, principal: LimitedUser, request: Request, session: DBSession
+    body: schemas.TenantCreate, principal: LimitedUser, ctx: Ctx
 ) -> schemas.TenantWithRole:
     """Create a tenant; the caller becomes its owner.
 
@@ -67,11 +68,11 @@ async def create_tenant(
     create 10 per hour (429). The tenant's vector partition is created by its first upload.
     """
     tenant = await service.create_tenant(
-        session,
+        ctx.session,
         principal.user,
         body.name,
-        request,
-        max_owned=request.app.state.settings.max_tenants_per_user,
+        origin=ctx.origin,
+        max_owned=ctx.settings.max_tenants_per_user,
     )
     return schemas.TenantWithRole(**_tenant(tenant).model_dump(), role=Role.owner)
 
@@ -97,12 +98,11 @@ async def get_tenant(
 )
 async def update_tenant(
     body: schemas.TenantUpdate,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.tenant_update)),
 ) -> schemas.Tenant:
     """Rename a tenant."""
-    return _tenant(await service.update_tenant(session, subject, body, request))
+    return _tenant(await service.update_tenant(ctx, subject, body))
 
 
 @router.delete(
@@ -112,19 +112,12 @@ async def update_tenant(
     responses=TENANT,
 )
 async def delete_tenant(
-    request: Request,
-    session: DBSession,
-    subject: AuthSubject = Depends(require(Permission.tenant_delete)),
+    ctx: Ctx, subject: AuthSubject = Depends(require(Permission.tenant_delete))
 ) -> dict[str, str]:
     """Delete a tenant: it disappears at once; its data is purged in the background."""
-    tenant = await service.get_tenant(session, subject.tenant_id)
+    tenant = await service.get_tenant(ctx.session, subject.tenant_id)
     await service.schedule_purge(
-        session,
-        tenant,
-        actor_user_id=subject.user_id,
-        request=request,
-        reason="deleted by owner",
-        redis=request.app.state.redis,
+        ctx, tenant, actor_user_id=subject.user_id, reason="deleted by owner"
     )
     return {"detail": "The tenant is being deleted.", "id": str(tenant.id)}
 
@@ -158,12 +151,11 @@ async def list_members(
 async def update_member(
     user_id: uuid.UUID,
     body: schemas.MemberUpdate,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.members_manage)),
 ) -> schemas.Member:
     """Change a member's role (admin, member or viewer)."""
-    return await service.change_role(session, subject, user_id, body.role, request)
+    return await service.change_role(ctx, subject, user_id, body.role)
 
 
 @router.delete(
@@ -174,12 +166,11 @@ async def update_member(
 )
 async def remove_member(
     user_id: uuid.UUID,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.members_manage)),
 ) -> Response:
     """Remove a member; they lose access at once."""
-    await service.remove_member(session, subject, user_id, request)
+    await service.remove_member(ctx, subject, user_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -190,14 +181,12 @@ async def remove_member(
     responses=TENANT | errors(409),
 )
 async def leave_tenant(
-    request: Request,
-    session: DBSession,
-    subject: AuthSubject = Depends(require(Permission.tenant_read)),
+    ctx: Ctx, subject: AuthSubject = Depends(require(Permission.tenant_read))
 ) -> Response:
     """Leave the tenant (its only owner must transfer ownership first)."""
     if subject.kind != "user":
         raise BadRequest("Only a person can leave a tenant; to remove an API key, revoke it")
-    await service.leave(session, subject, request)
+    await service.leave(ctx, subject)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -210,12 +199,11 @@ async def leave_tenant(
 )
 async def transfer_ownership(
     body: schemas.OwnershipTransfer,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.ownership_transfer)),
 ) -> list[schemas.Member]:
     """Make another member the owner; the caller becomes an admin."""
-    return await service.transfer_ownership(session, subject, body.user_id, request)
+    return await service.transfer_ownership(ctx, subject, body.user_id)
 
 
 # Invitations -------------------------------------------------------------------------------
@@ -230,12 +218,11 @@ async def transfer_ownership(
 )
 async def create_invitation(
     body: schemas.InvitationCreate,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.members_manage)),
 ) -> schemas.Invitation:
     """Invite someone by e-mail; the link in the mail is valid 7 days and works once."""
-    inv = await invitations.create(session, request.app.state.settings, subject, body, request)
+    inv = await invitations.create(ctx, subject, body)
     return invitations.to_schema(inv)
 
 
@@ -264,12 +251,11 @@ async def list_invitations(
 )
 async def revoke_invitation(
     invitation_id: uuid.UUID,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.members_manage)),
 ) -> Response:
     """Withdraw an invitation; its link stops working."""
-    await invitations.revoke(session, subject, invitation_id, request)
+    await invitations.revoke(ctx, subject, invitation_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -281,14 +267,11 @@ async def revoke_invitation(
 )
 async def resend_invitation(
     invitation_id: uuid.UUID,
-    request: Request,
-    session: DBSession,
+    ctx: Ctx,
     subject: AuthSubject = Depends(require(Permission.members_manage)),
 ) -> schemas.Invitation:
     """Mail a fresh link (valid 7 more days); the previous link stops working."""
-    inv = await invitations.resend(
-        session, request.app.state.settings, subject, invitation_id, request
-    )
+    inv = await invitations.resend(ctx, subject, invitation_id)
     return invitations.to_schema(inv)
 
 
@@ -302,7 +285,7 @@ async def resend_invitation(
 async def accept_invitation(
     body: schemas.InvitationAccept,
     request: Request,
-    session: DBSession,
+    ctx: Ctx,
     manager: Annotated[UserManager, Depends(get_user_manager)],
 ) -> schemas.InvitationAccepted:
     """Accept an invitation with the token from its mail.
@@ -311,10 +294,11 @@ async def accept_invitation(
     address. Without an account, send ``password`` (and ``name``): an account is created for the
     invited address, verified, and joins the tenant; then log in.
     """
+    session = ctx.session
     if bearer_token(request) is not None:
         principal = await current_user(request, session)
         inv, tenant = await invitations.find_usable(session, body.token)
-        role = await invitations.accept(session, inv, tenant, principal.user, request)
+        role = await invitations.accept(ctx, inv, tenant, principal.user)
         out = schemas.TenantWithRole(**_tenant(tenant).model_dump(), role=role)
         return schemas.InvitationAccepted(tenant=out, user_id=principal.user.id)
     if not body.password:
@@ -322,7 +306,7 @@ async def accept_invitation(
             "Log in to accept this invitation, or send a password to create your account"
         )
     user, out = await registration.accept_invitation_as_new_user(
-        session, manager, body.token, body.password, body.name, request
+        ctx, manager, body.token, body.password, body.name
     )
     return schemas.InvitationAccepted(tenant=out, user_id=user.id)
 

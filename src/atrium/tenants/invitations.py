@@ -14,15 +14,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import Request
 from sqlalchemy import Select, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.accounts.manager import link, send_mail
 from atrium.audit.service import record
 from atrium.auth.subject import AuthSubject
-from atrium.billing.quota import Metric, reserve
+from atrium.billing.quota import Metric
 from atrium.config import Settings
+from atrium.context import ServiceContext
 from atrium.kit import ratelimit
 from atrium.kit.email import display_name
 from atrium.kit.errors import Conflict, Forbidden, Gone, NotFound
@@ -84,14 +84,14 @@ def list_query(tenant_id: uuid.UUID) -> Select[tuple[Invitation]]:
 
 
 async def check_send_limits(
-    request: Request, tenant_id: uuid.UUID, email: str, invitation_id: uuid.UUID
+    ctx: ServiceContext, tenant_id: uuid.UUID, email: str, invitation_id: uuid.UUID
 ) -> None:
     """Count one invitation mail against its invitation, its recipient and its tenant.
 
     Raises:
         TooManyRequests: one of the limits is spent (``Retry-After`` says for how long).
     """
-    redis = request.app.state.redis
+    redis = ctx.redis
     recipient = hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
     buckets = [
         (
@@ -109,7 +109,7 @@ async def check_send_limits(
     for key, name, limits in buckets:
         for times, seconds in limits:
             state = await ratelimit.hit(redis, f"{key}:{seconds}", times, seconds, name=name)
-            ratelimit.record_state(request, state)
+            ctx.rate_limits.append(state)
             ratelimit.raise_if_refused(state)
 
 
@@ -137,11 +137,7 @@ async def _send(
 
 
 async def create(
-    session: AsyncSession,
-    settings: Settings,
-    subject: AuthSubject,
-    body: schemas.InvitationCreate,
-    request: Request,
+    ctx: ServiceContext, subject: AuthSubject, body: schemas.InvitationCreate
 ) -> Invitation:
     """Invite ``body.email`` into the subject's tenant and mail the link.
 
@@ -149,6 +145,7 @@ async def create(
         Conflict: the address already belongs to a member, or has a pending invitation.
         TooManyRequests: the address or the tenant had too much invitation mail lately.
     """
+    session = ctx.session
     email = body.email
     member = await session.scalar(
         select(func.count())
@@ -174,7 +171,7 @@ async def create(
             detail={"message": f"{email} already has a pending invitation", "id": str(pending)},
         )
     invitation_id = uuid.uuid4()
-    await check_send_limits(request, subject.tenant_id, email, invitation_id)
+    await check_send_limits(ctx, subject.tenant_id, email, invitation_id)
     token = secrets.token_urlsafe(32)
     inv = Invitation(
         id=invitation_id,
@@ -190,11 +187,11 @@ async def create(
     tenant = await session.get(Tenant, subject.tenant_id)
     inviter = await session.get(User, subject.user_id) if subject.user_id else None
     assert tenant is not None
-    await _send(session, settings, inv, token, tenant, inviter)
+    await _send(session, ctx.settings, inv, token, tenant, inviter)
     record(
         session,
         "invitation.created",
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         actor_user_id=subject.user_id,
         target_type="invitation",
@@ -211,15 +208,14 @@ async def _get(session: AsyncSession, tenant_id: uuid.UUID, invitation_id: uuid.
     return inv
 
 
-async def revoke(
-    session: AsyncSession, subject: AuthSubject, invitation_id: uuid.UUID, request: Request
-) -> None:
+async def revoke(ctx: ServiceContext, subject: AuthSubject, invitation_id: uuid.UUID) -> None:
     """Withdraw an invitation (its link stops working).
 
     Raises:
         NotFound: no such invitation in this tenant.
         Conflict: it was already accepted.
     """
+    session = ctx.session
     inv = await _get(session, subject.tenant_id, invitation_id)
     if inv.accepted_at is not None:
         raise Conflict("This invitation was already accepted; remove the member instead")
@@ -228,7 +224,7 @@ async def revoke(
     record(
         session,
         "invitation.revoked",
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         actor_user_id=subject.user_id,
         target_type="invitation",
@@ -237,13 +233,7 @@ async def revoke(
     )
 
 
-async def resend(
-    session: AsyncSession,
-    settings: Settings,
-    subject: AuthSubject,
-    invitation_id: uuid.UUID,
-    request: Request,
-) -> Invitation:
+async def resend(ctx: ServiceContext, subject: AuthSubject, invitation_id: uuid.UUID) -> Invitation:
     """Mail a fresh link (the old one stops working) valid for another 7 days.
 
     Raises:
@@ -251,10 +241,11 @@ async def resend(
         Conflict: it was already accepted.
         TooManyRequests: this invitation, its address or the tenant had too much mail lately.
     """
+    session = ctx.session
     inv = await _get(session, subject.tenant_id, invitation_id)
     if inv.accepted_at is not None:
         raise Conflict("This invitation was already accepted")
-    await check_send_limits(request, subject.tenant_id, inv.email, inv.id)
+    await check_send_limits(ctx, subject.tenant_id, inv.email, inv.id)
     token = secrets.token_urlsafe(32)
     inv.token_hash = hash_token(token)
     inv.expires_at = utcnow() + INVITATION_TTL
@@ -262,11 +253,11 @@ async def resend(
     tenant = await session.get(Tenant, subject.tenant_id)
     inviter = await session.get(User, subject.user_id) if subject.user_id else None
     assert tenant is not None
-    await _send(session, settings, inv, token, tenant, inviter)
+    await _send(session, ctx.settings, inv, token, tenant, inviter)
     record(
         session,
         "invitation.resent",
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         actor_user_id=subject.user_id,
         target_type="invitation",
@@ -305,9 +296,7 @@ async def find_usable(session: AsyncSession, token: str) -> tuple[Invitation, Te
     return inv, tenant
 
 
-async def accept(
-    session: AsyncSession, inv: Invitation, tenant: Tenant, user: User, request: Request
-) -> Role:
+async def accept(ctx: ServiceContext, inv: Invitation, tenant: Tenant, user: User) -> Role:
     """Make ``user`` a member as the invitation says; it is then spent.
 
     Raises:
@@ -318,12 +307,13 @@ async def accept(
             "This invitation was sent to another e-mail address; sign in with that address "
             "to accept it"
         )
+    session = ctx.session
     existing = await session.get(Membership, (tenant.id, user.id))
     role = inv.role
     if existing is None:
         # A seat is a plan limit: held before joining (402 when the plan is full), then counted.
 
-        async with reserve(request, tenant.id, Metric.members, 1):
+        async with ctx.reserve(tenant.id, Metric.members, 1):
             session.add(Membership(tenant_id=tenant.id, user_id=user.id, role=role))
             await session.flush()
     else:
@@ -334,7 +324,7 @@ async def accept(
     record(
         session,
         "invitation.accepted",
-        request=request,
+        origin=ctx.origin,
         tenant_id=tenant.id,
         actor_user_id=user.id,
         target_type="invitation",

@@ -6,16 +6,15 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from fastapi import Request
-from redis.asyncio import Redis
 from sqlalchemy import Select, case, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.apikeys.service import revoke_keys_created_by
-from atrium.audit.service import record
+from atrium.audit.service import Origin, record
 from atrium.auth.permissions import Permission, permissions_for_role
 from atrium.auth.subject import AuthSubject
-from atrium.billing.quota import Metric, adjust
+from atrium.billing.quota import Metric
+from atrium.context import ServiceContext
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
 from atrium.models import AuditEvent, Membership, Role, Tenant, TenantStatus, User
@@ -30,8 +29,8 @@ async def create_tenant(
     session: AsyncSession,
     owner: User,
     name: str,
-    request: Request | None = None,
     *,
+    origin: Origin,
     max_owned: int | None = None,
 ) -> Tenant:
     """Create a tenant owned by ``owner``.
@@ -44,7 +43,7 @@ async def create_tenant(
         session: the request's unit of work.
         owner: the new tenant's owner.
         name: its name.
-        request: for the audit event.
+        origin: for the audit event.
         max_owned: the most tenants ``owner`` may own (those being deleted not counted);
             None: no cap (sign-up's first tenant).
 
@@ -68,7 +67,7 @@ async def create_tenant(
     record(
         session,
         "tenant.created",
-        request=request,
+        origin=origin,
         tenant_id=tenant.id,
         actor_user_id=owner.id,
         target_type="tenant",
@@ -139,17 +138,17 @@ async def get_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
 
 
 async def update_tenant(
-    session: AsyncSession, subject: AuthSubject, update: schemas.TenantUpdate, request: Request
+    ctx: ServiceContext, subject: AuthSubject, update: schemas.TenantUpdate
 ) -> Tenant:
     """Rename the subject's tenant."""
-    tenant = await get_tenant(session, subject.tenant_id)
+    tenant = await get_tenant(ctx.session, subject.tenant_id)
     old = tenant.name
     tenant.name = update.name
-    await session.flush()
+    await ctx.session.flush()
     record(
-        session,
+        ctx.session,
         "tenant.updated",
-        request=request,
+        origin=ctx.origin,
         tenant_id=tenant.id,
         actor_user_id=subject.user_id,
         target_type="tenant",
@@ -160,27 +159,21 @@ async def update_tenant(
 
 
 async def schedule_purge(
-    session: AsyncSession,
-    tenant: Tenant,
-    *,
-    actor_user_id: uuid.UUID | None,
-    request: Request | None,
-    reason: str,
-    redis: Redis | None = None,
+    ctx: ServiceContext, tenant: Tenant, *, actor_user_id: uuid.UUID | None, reason: str
 ) -> None:
     """Mark ``tenant`` as being deleted and enqueue its purge (after commit).
 
     From this moment its members and keys get 404; the worker drops its vector partition,
     stored files and cache keys, then the row (every tenant-owned table cascades).
     """
+    session = ctx.session
     tenant.status = TenantStatus.deleting
     await session.flush()
-    if redis is not None:
-        await forget_status(redis, tenant.id)
+    await forget_status(ctx.redis, tenant.id)
     record(
         session,
         "tenant.deletion_requested",
-        request=request,
+        origin=ctx.origin,
         actor_user_id=actor_user_id,
         target_type="tenant",
         target_id=tenant.id,
@@ -254,11 +247,7 @@ async def _member_out(session: AsyncSession, m: Membership) -> schemas.Member:
 
 
 async def change_role(
-    session: AsyncSession,
-    subject: AuthSubject,
-    user_id: uuid.UUID,
-    role: schemas.AssignableRole,
-    request: Request,
+    ctx: ServiceContext, subject: AuthSubject, user_id: uuid.UUID, role: schemas.AssignableRole
 ) -> schemas.Member:
     """Give a member another role.
 
@@ -270,6 +259,7 @@ async def change_role(
         Forbidden: an admin tried to change an owner.
         Conflict: it would leave the tenant without an owner.
     """
+    session = ctx.session
     m = await _membership(session, subject.tenant_id, user_id, lock=True)
     new_role = Role(role.value)
     if m.role is Role.owner:
@@ -286,7 +276,7 @@ async def change_role(
         record(
             session,
             "member.role_changed",
-            request=request,
+            origin=ctx.origin,
             tenant_id=subject.tenant_id,
             actor_user_id=subject.user_id,
             target_type="user",
@@ -294,8 +284,7 @@ async def change_role(
             data={"from": old.value, "to": new_role.value},
         )
         await _revoke_their_keys(
-            session,
-            request,
+            ctx,
             subject.tenant_id,
             user_id,
             reason="role_lowered",
@@ -306,8 +295,7 @@ async def change_role(
 
 
 async def _revoke_their_keys(
-    session: AsyncSession,
-    request: Request,
+    ctx: ServiceContext,
     tenant_id: uuid.UUID,
     user_id: uuid.UUID,
     *,
@@ -318,25 +306,21 @@ async def _revoke_their_keys(
     # A departing member's keys must not outlive their access, nor a demoted member's keys
     # grant more than their new role (``within``): revoked (and audited) at once.
     await revoke_keys_created_by(
-        session,
-        request.app.state.redis,
+        ctx,
         user_id,
         tenant_id=tenant_id,
         reason=reason,
         actor_user_id=actor_user_id,
-        request=request,
         within=within,
     )
 
 
-async def _free_seat(request: Request, tenant_id: uuid.UUID) -> None:
+async def _free_seat(ctx: ServiceContext, tenant_id: uuid.UUID) -> None:
     # Members are metered by billing (a plan limit); a departure gives the seat back.
-    await adjust(request, tenant_id, Metric.members, -1)
+    await ctx.adjust(tenant_id, Metric.members, -1)
 
 
-async def remove_member(
-    session: AsyncSession, subject: AuthSubject, user_id: uuid.UUID, request: Request
-) -> None:
+async def remove_member(ctx: ServiceContext, subject: AuthSubject, user_id: uuid.UUID) -> None:
     """Remove a member from the tenant and revoke every API key they created in it.
 
     Raises:
@@ -344,6 +328,7 @@ async def remove_member(
         Forbidden: an admin tried to remove an owner.
         Conflict: it would leave the tenant without an owner.
     """
+    session = ctx.session
     m = await _membership(session, subject.tenant_id, user_id, lock=True)
     if m.role is Role.owner:
         if subject.role is not Role.owner:
@@ -354,10 +339,9 @@ async def remove_member(
             )
     await session.delete(m)
     await session.flush()
-    await _free_seat(request, subject.tenant_id)
+    await _free_seat(ctx, subject.tenant_id)
     await _revoke_their_keys(
-        session,
-        request,
+        ctx,
         subject.tenant_id,
         user_id,
         reason="member_removed",
@@ -366,7 +350,7 @@ async def remove_member(
     record(
         session,
         "member.removed",
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         actor_user_id=subject.user_id,
         target_type="user",
@@ -375,13 +359,14 @@ async def remove_member(
     )
 
 
-async def leave(session: AsyncSession, subject: AuthSubject, request: Request) -> None:
+async def leave(ctx: ServiceContext, subject: AuthSubject) -> None:
     """The caller leaves the tenant; every API key they created in it is revoked.
 
     Raises:
         Conflict: the caller is its only owner.
     """
     assert subject.user_id is not None
+    session = ctx.session
     m = await _membership(session, subject.tenant_id, subject.user_id, lock=True)
     if m.role is Role.owner and await _owner_count(session, subject.tenant_id) <= 1:
         raise Conflict(
@@ -390,10 +375,9 @@ async def leave(session: AsyncSession, subject: AuthSubject, request: Request) -
         )
     await session.delete(m)
     await session.flush()
-    await _free_seat(request, subject.tenant_id)
+    await _free_seat(ctx, subject.tenant_id)
     await _revoke_their_keys(
-        session,
-        request,
+        ctx,
         subject.tenant_id,
         subject.user_id,
         reason="member_left",
@@ -402,7 +386,7 @@ async def leave(session: AsyncSession, subject: AuthSubject, request: Request) -
     record(
         session,
         "member.left",
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         actor_user_id=subject.user_id,
         target_type="user",
@@ -411,7 +395,7 @@ async def leave(session: AsyncSession, subject: AuthSubject, request: Request) -
 
 
 async def transfer_ownership(
-    session: AsyncSession, subject: AuthSubject, user_id: uuid.UUID, request: Request
+    ctx: ServiceContext, subject: AuthSubject, user_id: uuid.UUID
 ) -> list[schemas.Member]:
     """Make ``user_id`` an owner; the caller becomes an admin.
 
@@ -427,11 +411,12 @@ async def transfer_ownership(
     assert subject.user_id is not None
     if user_id == subject.user_id:
         raise Unprocessable("You already own this tenant; name another member")
+    session = ctx.session
     current = await session.get(Membership, (subject.tenant_id, user_id))
     if current is not None and current.role is not Role.owner:
         # Counted under the lock create_tenant takes (the user's row, then a locking read of
         # their memberships), so a transfer and the user's own creations queue up.
-        max_owned: int = request.app.state.settings.max_tenants_per_user
+        max_owned = ctx.settings.max_tenants_per_user
         owned = await count_owned_tenants(session, user_id, lock=True)
         if owned >= max_owned:
             message = (
@@ -449,7 +434,7 @@ async def transfer_ownership(
     record(
         session,
         "tenant.ownership_transferred",
-        request=request,
+        origin=ctx.origin,
         tenant_id=subject.tenant_id,
         actor_user_id=subject.user_id,
         target_type="user",

@@ -2,9 +2,9 @@
 
 How a unit of work is counted::
 
-    async with reserve(request, tenant_id, Metric.searches, 1) as r:
-        hits = await search(...)          # raises -> the reservation is given back
-        r.settle(1)                        # optional: the actual amount (default: reserved)
+    async with ctx.reserve(tenant_id, Metric.documents, n) as r:
+        stored = await store(...)         # raises -> the reservation is given back
+        r.settle(stored)                  # optional: the actual amount (default: reserved)
 
 1. **Reserve** (one Redis Lua script, atomic, ``lua/reserve.lua``): admitted only if
    ``used + reserved + amount <= limit`` for every metric held at once; the reservation is a
@@ -28,13 +28,13 @@ The modules: ``metrics`` (what is metered, :class:`QuotaExceeded`), ``periods`` 
 arithmetic), ``snapshot`` (a tenant's plan and period, its caches, Redis key names),
 ``scripts`` and ``lua/`` (the Redis scripts), ``repository`` (all SQL), ``engine``
 (:class:`Quota`), ``reservation``, ``reserving`` (the reserve path), ``batching`` (the settle
-path), ``alerts`` (usage warnings) and ``context`` (metering from a request or a task). Import
-from this package.
+path), ``alerts`` (usage warnings) and ``context`` (metering inside a unit of work, as
+:class:`atrium.context.ServiceContext` does). Import from this package.
 """
 
 from atrium.billing.quota.alerts import ALERT_THRESHOLDS, send_usage_warning
 from atrium.billing.quota.batching import BATCH_FLUSH_SECONDS, BATCH_MAX
-from atrium.billing.quota.context import MeterContext, adjust, engine_of, reserve
+from atrium.billing.quota.context import adjust, reserve, sqlite_unit_of_work
 from atrium.billing.quota.engine import DEFAULT_RESERVATION_TTL, Quota, close_quota, open_quota
 from atrium.billing.quota.metrics import LEVEL_METRICS, METRIC_LIMITS, Metric, QuotaExceeded
 from atrium.billing.quota.periods import Period, add_months, period_containing, period_tag
@@ -45,7 +45,7 @@ from atrium.billing.quota.repository import (
     load_billing,
     roll_period,
 )
-from atrium.billing.quota.reservation import Reservation, Unmetered
+from atrium.billing.quota.reservation import Reservation
 from atrium.billing.quota.snapshot import (
     BILLING_CACHE_SECONDS,
     MetricUsage,
@@ -64,7 +64,6 @@ __all__ = [
     "DEFAULT_RESERVATION_TTL",
     "LEVEL_METRICS",
     "METRIC_LIMITS",
-    "MeterContext",
     "Metric",
     "MetricUsage",
     "Period",
@@ -72,14 +71,12 @@ __all__ = [
     "QuotaExceeded",
     "Reservation",
     "TenantBilling",
-    "Unmetered",
     "add_months",
     "add_to_counter",
     "adjust",
     "alerts_key",
     "billing_cache_key",
     "close_quota",
-    "engine_of",
     "ensure_account",
     "limits_in_session",
     "load_billing",
@@ -90,5 +87,6 @@ __all__ = [
     "reserve",
     "roll_period",
     "send_usage_warning",
+    "sqlite_unit_of_work",
     "usage_key",
 ]

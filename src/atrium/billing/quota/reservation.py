@@ -157,28 +157,3 @@ class Reservation:
             await self.commit()
         else:
             await self.release()
-
-
-class Unmetered:
-    """What :func:`~atrium.billing.quota.reserve` returns without a context (a script or a test
-    calling a service directly): the same interface, nothing counted, nothing enforced."""
-
-    def settle(self, actual: int) -> None:
-        """Ignored."""
-
-    async def commit(self, actual: int | None = None) -> None:
-        """Ignored."""
-
-    async def release(self) -> None:
-        """Ignored."""
-
-    async def __aenter__(self) -> Unmetered:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        return None
