@@ -44,6 +44,8 @@ class TenantRepository(Generic[M]):
     Subclasses name the model (``model = Collection``) and add the statements of their domain.
     """
 
+    # ``type[M]`` cannot be a ClassVar (a class variable is shared by every parametrisation):
+    # the methods read it back as ``type[M]``.
     model: ClassVar[type[Any]]
 
     def __init__(self, session: AsyncSession, tenant_id: uuid.UUID) -> None:
@@ -65,6 +67,9 @@ class TenantRepository(Generic[M]):
         self: TenantRepository[E], id: uuid.UUID, *, for_update: bool = False
     ) -> E | None:
         """The row with this key, if it belongs to the tenant (filtered in SQL).
+
+        Only for models with an ``id`` column (:class:`TenantEntity`, which ``self``'s type
+        asks for; a membership, keyed by tenant and user, has its own lookups).
 
         Args:
             id: its key.
