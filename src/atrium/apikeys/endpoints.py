@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Query, Response, status
 
-from atrium.apikeys import repository, service
+from atrium.apikeys import service
+from atrium.apikeys.repository import ApiKeyRepository
 from atrium.apikeys.schemas import ApiKey, ApiKeyCreate, ApiKeyCreated, ApiKeyRotate
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
@@ -85,7 +86,8 @@ async def list_api_keys(
 
     Secrets are never shown again.
     """
-    query = repository.list_query(subject.tenant_id, include_revoked=include_revoked, now=utcnow())
+    keys = ApiKeyRepository(session, subject.tenant_id)
+    query = keys.list_query(include_revoked=include_revoked, now=utcnow())
 
     def transform(rows: Sequence[Any]) -> list[ApiKey]:
         return [_to_schema(r) for r in rows]

@@ -1,5 +1,6 @@
-"""SQL for API keys. Every statement but the authentication lookup is scoped to a tenant, or
-(for an account's deletion) to the user who created the keys."""
+"""SQL for API keys. Every statement but the authentication lookup is scoped to a tenant
+(:class:`ApiKeyRepository`, or the membership a key's creation checks), or (for an account's
+deletion) to the user who created the keys."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from sqlalchemy import Select, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from atrium.kit.repository import TenantRepository
 from atrium.models import ApiKey, Membership, Role
 
 
@@ -24,23 +26,32 @@ async def find_by_digests(session: AsyncSession, digests: Sequence[str]) -> ApiK
     return result.scalars().first()
 
 
-def list_query(tenant_id: uuid.UUID, *, include_revoked: bool, now: dt.datetime) -> Select[Any]:
-    """The tenant's keys, newest first; revoked ones only when asked for."""
-    query = select(ApiKey).where(ApiKey.tenant_id == tenant_id)
-    if not include_revoked:
-        query = query.where(or_(ApiKey.revoked_at.is_(None), ApiKey.revoked_at > now))
-    return query.order_by(ApiKey.created_at.desc(), ApiKey.id)
+class ApiKeyRepository(TenantRepository[ApiKey]):
+    """The API keys of one tenant (``get`` by id: the base's)."""
 
+    model = ApiKey
 
-async def get(
-    session: AsyncSession, tenant_id: uuid.UUID, key_id: uuid.UUID, *, for_update: bool = False
-) -> ApiKey | None:
-    """One key of the tenant (None if it belongs to no key of this tenant)."""
-    query = select(ApiKey).where(ApiKey.tenant_id == tenant_id, ApiKey.id == key_id)
-    if for_update:
-        query = query.with_for_update()
-    result = await session.execute(query)
-    return result.scalar_one_or_none()
+    def list_query(self, *, include_revoked: bool, now: dt.datetime) -> Select[Any]:
+        """The tenant's keys, newest first; revoked ones only when asked for."""
+        query = self.select()
+        if not include_revoked:
+            query = query.where(or_(ApiKey.revoked_at.is_(None), ApiKey.revoked_at > now))
+        return query.order_by(ApiKey.created_at.desc(), ApiKey.id)
+
+    async def record_last_used(self, key_id: uuid.UUID, used_at: dt.datetime) -> bool:
+        """Move ``last_used_at`` forward to ``used_at`` (never backwards); whether a row
+        changed."""
+        result = await self.session.execute(
+            update(ApiKey)
+            .where(
+                self.scope,
+                ApiKey.id == key_id,
+                or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < used_at),
+            )
+            .values(last_used_at=used_at)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(getattr(result, "rowcount", 0))
 
 
 async def live_keys_created_by(
@@ -91,20 +102,3 @@ async def lock_membership_role(
 def add(session: AsyncSession, key: ApiKey) -> None:
     """Stage a new key."""
     session.add(key)
-
-
-async def record_last_used(
-    session: AsyncSession, tenant_id: uuid.UUID, key_id: uuid.UUID, used_at: dt.datetime
-) -> bool:
-    """Move ``last_used_at`` forward to ``used_at`` (never backwards); whether a row changed."""
-    result = await session.execute(
-        update(ApiKey)
-        .where(
-            ApiKey.tenant_id == tenant_id,
-            ApiKey.id == key_id,
-            or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < used_at),
-        )
-        .values(last_used_at=used_at)
-        .execution_options(synchronize_session=False)
-    )
-    return bool(getattr(result, "rowcount", 0))

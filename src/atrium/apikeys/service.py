@@ -136,7 +136,7 @@ async def create_key(
 
 
 async def _get_or_404(session: AsyncSession, tenant_id: uuid.UUID, key_id: uuid.UUID) -> ApiKey:
-    key = await repository.get(session, tenant_id, key_id, for_update=True)
+    key = await repository.ApiKeyRepository(session, tenant_id).get(key_id, for_update=True)
     if key is None:
         raise NotFound("API key not found")
     return key

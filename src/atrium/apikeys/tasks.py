@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from atrium.apikeys import repository
+from atrium.apikeys.repository import ApiKeyRepository
 from atrium.kit import runtime
 from atrium.kit.db import unit_of_work
 from atrium.worker import celery_app
@@ -32,6 +32,6 @@ def record_last_used(*, tenant_id: str, key_id: str, used_at: str) -> bool:
     async def _write() -> bool:
         res = await runtime.resources()
         async with unit_of_work(res.sessionmaker) as session:
-            return await repository.record_last_used(session, tenant, key, when)
+            return await ApiKeyRepository(session, tenant).record_last_used(key, when)
 
     return runtime.run(_write())

@@ -7,18 +7,16 @@ import datetime as dt
 import uuid
 
 from fastapi import Request
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.audit.service import Origin, record
 from atrium.auth.subject import AuthSubject
-from atrium.billing import schemas
+from atrium.billing import repository, schemas
 from atrium.billing.plans import Limit, PlanCatalog, get_catalog, largest_upload
 from atrium.billing.quota import Metric, Quota, ensure_account, roll_period
 from atrium.kit.errors import NotFound, Unprocessable
 from atrium.kit.ratelimit import enforce_subject_rate_limit
 from atrium.models import Tenant, utcnow
-from atrium.models.billing import UsageDaily
 
 
 def catalog_schema(catalog: PlanCatalog | None = None) -> schemas.PlanCatalog:
@@ -40,7 +38,7 @@ def catalog_schema(catalog: PlanCatalog | None = None) -> schemas.PlanCatalog:
 
 
 async def _tenant_or_404(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
-    tenant = await session.get(Tenant, tenant_id)
+    tenant = await repository.get_tenant(session, tenant_id)
     if tenant is None:
         raise NotFound("Tenant not found")
     return tenant
@@ -175,32 +173,14 @@ async def usage_history(
     """
     today = utcnow().date()
     first = today - dt.timedelta(days=days - 1)
-    rows = (
-        await session.execute(
-            select(UsageDaily.metric, UsageDaily.day, UsageDaily.value).where(
-                UsageDaily.tenant_id == tenant_id, UsageDaily.day >= first
-            )
-        )
-    ).all()
-    by_day: dict[tuple[str, dt.date], int] = {(r.metric, r.day): int(r.value) for r in rows}
+    daily = repository.UsageDailyRepository(session, tenant_id)
+    by_day = await daily.since(first)
     # Where each level stood before the window opened.
     levels: dict[str, int] = {}
     for metric in Metric:
         if not metric.is_level:
             continue
-        before = (
-            await session.execute(
-                select(UsageDaily.value)
-                .where(
-                    UsageDaily.tenant_id == tenant_id,
-                    UsageDaily.metric == metric.value,
-                    UsageDaily.day < first,
-                )
-                .order_by(UsageDaily.day.desc())
-                .limit(1)
-            )
-        ).scalar_one_or_none()
-        levels[metric.value] = int(before or 0)
+        levels[metric.value] = await daily.last_before(metric.value, first)
     out: list[schemas.UsageDay] = []
     for i in range(days):
         day = first + dt.timedelta(days=i)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Select, func, select
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from atrium.kit.repository import TenantRepository
 from atrium.models.ingestion import Collection, Document, DocumentStatus
 
 
@@ -28,12 +28,10 @@ class CollectionTotals:
     bytes: int = 0
 
 
-class CollectionRepository:
+class CollectionRepository(TenantRepository[Collection]):
     """Collections of one tenant."""
 
-    def __init__(self, session: AsyncSession, tenant_id: uuid.UUID) -> None:
-        self.session = session
-        self.tenant_id = tenant_id
+    model = Collection
 
     def _stats(self) -> Any:
         return (
@@ -55,26 +53,14 @@ class CollectionRepository:
         """Every collection of the tenant with its totals, by name."""
         stats = self._stats()
         return (
-            select(Collection, stats.c.documents, stats.c.chunks, stats.c.bytes)
+            self.select(Collection, stats.c.documents, stats.c.chunks, stats.c.bytes)
             .outerjoin(stats, stats.c.collection_id == Collection.id)
-            .where(Collection.tenant_id == self.tenant_id)
             .order_by(Collection.name, Collection.id)
         )
 
-    async def get(self, collection_id: uuid.UUID, *, for_update: bool = False) -> Collection | None:
-        """The collection, if it belongs to the tenant."""
-        query = select(Collection).where(
-            Collection.id == collection_id, Collection.tenant_id == self.tenant_id
-        )
-        if for_update:
-            query = query.with_for_update()
-        return (await self.session.execute(query)).scalar_one_or_none()
-
     async def by_name(self, name: str) -> Collection | None:
         """The live collection with this name (any case), if any."""
-        query = select(Collection).where(
-            Collection.tenant_id == self.tenant_id, Collection.name_key == name_key(name)
-        )
+        query = self.select().where(Collection.name_key == name_key(name))
         return (await self.session.execute(query)).scalar_one_or_none()
 
     async def totals(

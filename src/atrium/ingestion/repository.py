@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Select, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from atrium.kit.repository import TenantRepository
 from atrium.models.base import utcnow
 from atrium.models.ingestion import Collection, CollectionStatus, Document, DocumentStatus
 from atrium.models.tenancy import Tenant, TenantStatus
@@ -86,30 +87,30 @@ class Claimed:
     language: str
 
 
-class DocumentRepository:
+class DocumentRepository(TenantRepository[Document]):
     """Documents of one tenant."""
 
-    def __init__(self, session: AsyncSession, tenant_id: uuid.UUID) -> None:
-        self.session = session
-        self.tenant_id = tenant_id
+    model = Document
 
     async def get(
-        self, document_id: uuid.UUID, collection_id: uuid.UUID | None = None
+        self,
+        id: uuid.UUID,
+        collection_id: uuid.UUID | None = None,
+        *,
+        for_update: bool = False,
     ) -> Document | None:
         """The document, if it belongs to the tenant (and to the collection, when given)."""
-        query = select(Document).where(
-            Document.id == document_id, Document.tenant_id == self.tenant_id
-        )
-        if collection_id is not None:
-            query = query.where(Document.collection_id == collection_id)
+        if collection_id is None:
+            return await super().get(id, for_update=for_update)
+        query = self.select().where(Document.id == id, Document.collection_id == collection_id)
+        if for_update:
+            query = query.with_for_update()
         return (await self.session.execute(query)).scalar_one_or_none()
 
     async def by_sha(self, collection_id: uuid.UUID, sha256: str) -> Document | None:
         """The live document of the collection with these bytes, if any."""
-        query = select(Document).where(
-            Document.tenant_id == self.tenant_id,
-            Document.collection_id == collection_id,
-            Document.sha256 == sha256,
+        query = self.select().where(
+            Document.collection_id == collection_id, Document.sha256 == sha256
         )
         return (await self.session.execute(query)).scalar_one_or_none()
 
@@ -117,9 +118,7 @@ class DocumentRepository:
         self, collection_id: uuid.UUID, status: DocumentStatus | None = None
     ) -> Select[Any]:
         """The collection's documents, newest first, optionally of one status."""
-        query = select(Document).where(
-            Document.tenant_id == self.tenant_id, Document.collection_id == collection_id
-        )
+        query = self.select().where(Document.collection_id == collection_id)
         if status is not None:
             query = query.where(Document.status == status)
         return query.order_by(Document.created_at.desc(), Document.id)
@@ -127,8 +126,8 @@ class DocumentRepository:
     async def ids_in_collection(self, collection_id: uuid.UUID) -> list[tuple[uuid.UUID, str]]:
         """``(id, blob_key)`` of every document of a collection."""
         rows = await self.session.execute(
-            select(Document.id, Document.blob_key).where(
-                Document.tenant_id == self.tenant_id, Document.collection_id == collection_id
+            self.select(Document.id, Document.blob_key).where(
+                Document.collection_id == collection_id
             )
         )
         return [(row[0], row[1]) for row in rows]
@@ -137,7 +136,7 @@ class DocumentRepository:
         """Put every document of a collection in ``deleting`` (their processing stops)."""
         await self.session.execute(
             update(Document)
-            .where(Document.tenant_id == self.tenant_id, Document.collection_id == collection_id)
+            .where(self.scope, Document.collection_id == collection_id)
             .values(status=DocumentStatus.deleting, sha256=None, run_id=None, stage=None)
         )
 
@@ -146,7 +145,7 @@ class DocumentRepository:
     def _mine(self, document_id: uuid.UUID, run_id: str) -> Any:
         return (
             Document.id == document_id,
-            Document.tenant_id == self.tenant_id,
+            self.scope,
             Document.run_id == run_id,
             Document.status == DocumentStatus.processing,
         )
@@ -168,9 +167,9 @@ class DocumentRepository:
         """
         row = (
             await self.session.execute(
-                select(*_CLAIM_COLUMNS, Document.run_id)
+                self.select(*_CLAIM_COLUMNS, Document.run_id)
                 .join(Collection, Collection.id == Document.collection_id)
-                .where(Document.id == document_id, Document.tenant_id == self.tenant_id)
+                .where(Document.id == document_id)
                 .with_for_update()
             )
         ).one_or_none()
@@ -249,7 +248,7 @@ class DocumentRepository:
             if run_id is not None
             else (
                 Document.id == document_id,
-                Document.tenant_id == self.tenant_id,
+                self.scope,
                 Document.status.in_([DocumentStatus.queued, DocumentStatus.processing]),
             )
         )
@@ -289,7 +288,7 @@ class DocumentRepository:
             if run_id is not None
             else (
                 Document.id == document_id,
-                Document.tenant_id == self.tenant_id,
+                self.scope,
                 Document.status.in_([DocumentStatus.queued, DocumentStatus.processing]),
             )
         )

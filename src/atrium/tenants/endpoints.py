@@ -138,7 +138,7 @@ async def list_members(
 ) -> Page[schemas.Member]:
     """The tenant's members, owners first."""
     return await paginate_query(
-        session, service.members_query(subject.tenant_id), params, service.to_members
+        session, service.members_query(session, subject.tenant_id), params, service.to_members
     )
 
 
@@ -239,7 +239,7 @@ async def list_invitations(
 ) -> Page[schemas.Invitation]:
     """The tenant's invitations (pending, accepted and expired), newest first."""
     return await paginate_query(
-        session, invitations.list_query(subject.tenant_id), params, invitations.to_schemas
+        session, invitations.list_query(session, subject.tenant_id), params, invitations.to_schemas
     )
 
 

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.accounts.manager import link, send_mail
@@ -27,8 +27,8 @@ from atrium.kit import ratelimit
 from atrium.kit.email import display_name
 from atrium.kit.errors import Conflict, Forbidden, Gone, NotFound
 from atrium.models import Invitation, Membership, Role, Tenant, User, utcnow
-from atrium.models.accounts import user_email_col, user_id_col
-from atrium.tenants import schemas
+from atrium.tenants import repository, schemas
+from atrium.tenants.repository import InvitationRepository, MembershipRepository
 from atrium.tenants.status import ensure_tenant_usable
 
 INVITATION_TTL = dt.timedelta(days=7)
@@ -74,13 +74,9 @@ def to_schemas(rows: Sequence[Any]) -> list[schemas.Invitation]:
     return [to_schema(inv, now) for inv in rows]
 
 
-def list_query(tenant_id: uuid.UUID) -> Select[tuple[Invitation]]:
+def list_query(session: AsyncSession, tenant_id: uuid.UUID) -> Select[tuple[Invitation]]:
     """The tenant's invitations, newest first."""
-    return (
-        select(Invitation)
-        .where(Invitation.tenant_id == tenant_id)
-        .order_by(Invitation.created_at.desc(), Invitation.id)
-    )
+    return InvitationRepository(session, tenant_id).list_query()
 
 
 async def check_send_limits(
@@ -147,23 +143,10 @@ async def create(
     """
     session = ctx.session
     email = body.email
-    member = await session.scalar(
-        select(func.count())
-        .select_from(Membership)
-        .join(User, Membership.user_id == user_id_col)
-        .where(Membership.tenant_id == subject.tenant_id, func.lower(user_email_col) == email)
-    )
-    if member:
+    if await MembershipRepository(session, subject.tenant_id).has_email(email):
         raise Conflict(f"{email} is already a member of this tenant")
     now = utcnow()
-    pending = await session.scalar(
-        select(Invitation.id).where(
-            Invitation.tenant_id == subject.tenant_id,
-            Invitation.email == email,
-            Invitation.accepted_at.is_(None),
-            Invitation.expires_at > now,
-        )
-    )
+    pending = await InvitationRepository(session, subject.tenant_id).pending_id(email, now)
     if pending is not None:
         raise Conflict(
             f"{email} already has a pending invitation; resend it with "
@@ -184,8 +167,8 @@ async def create(
     )
     session.add(inv)
     await session.flush()
-    tenant = await session.get(Tenant, subject.tenant_id)
-    inviter = await session.get(User, subject.user_id) if subject.user_id else None
+    tenant = await repository.get_tenant(session, subject.tenant_id)
+    inviter = await repository.get_user(session, subject.user_id) if subject.user_id else None
     assert tenant is not None
     await _send(session, ctx.settings, inv, token, tenant, inviter)
     record(
@@ -202,8 +185,8 @@ async def create(
 
 
 async def _get(session: AsyncSession, tenant_id: uuid.UUID, invitation_id: uuid.UUID) -> Invitation:
-    inv = await session.get(Invitation, invitation_id)
-    if inv is None or inv.tenant_id != tenant_id:
+    inv = await InvitationRepository(session, tenant_id).get(invitation_id)
+    if inv is None:
         raise NotFound("Invitation not found")
     return inv
 
@@ -250,8 +233,8 @@ async def resend(ctx: ServiceContext, subject: AuthSubject, invitation_id: uuid.
     inv.token_hash = hash_token(token)
     inv.expires_at = utcnow() + INVITATION_TTL
     await session.flush()
-    tenant = await session.get(Tenant, subject.tenant_id)
-    inviter = await session.get(User, subject.user_id) if subject.user_id else None
+    tenant = await repository.get_tenant(session, subject.tenant_id)
+    inviter = await repository.get_user(session, subject.user_id) if subject.user_id else None
     assert tenant is not None
     await _send(session, ctx.settings, inv, token, tenant, inviter)
     record(
@@ -275,11 +258,7 @@ async def find_usable(session: AsyncSession, token: str) -> tuple[Invitation, Te
         Gone: it was already used, or expired.
         Forbidden: its tenant is suspended.
     """
-    inv = (
-        await session.execute(
-            select(Invitation).where(Invitation.token_hash == hash_token(token)).with_for_update()
-        )
-    ).scalar_one_or_none()
+    inv = await repository.invitation_by_token(session, hash_token(token))
     if inv is None:
         raise NotFound(
             "This invitation link is not valid: it may have been withdrawn or replaced by a "
@@ -289,7 +268,7 @@ async def find_usable(session: AsyncSession, token: str) -> tuple[Invitation, Te
         raise Gone("This invitation was already used")
     if inv.expires_at <= utcnow():
         raise Gone("This invitation has expired; ask for a new one")
-    tenant = await session.get(Tenant, inv.tenant_id)
+    tenant = await repository.get_tenant(session, inv.tenant_id)
     if tenant is None:
         raise NotFound("This invitation's tenant no longer exists")
     ensure_tenant_usable(tenant.status)
@@ -308,7 +287,7 @@ async def accept(ctx: ServiceContext, inv: Invitation, tenant: Tenant, user: Use
             "to accept it"
         )
     session = ctx.session
-    existing = await session.get(Membership, (tenant.id, user.id))
+    existing = await MembershipRepository(session, tenant.id).find(user.id)
     role = inv.role
     if existing is None:
         # A seat is a plan limit: held before joining (402 when the plan is full), then counted.

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Select, case, func, select
+from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.apikeys.service import revoke_keys_created_by
@@ -18,8 +18,8 @@ from atrium.context import ServiceContext
 from atrium.kit.enqueue import enqueue
 from atrium.kit.errors import Conflict, Forbidden, NotFound, Unprocessable
 from atrium.models import AuditEvent, Membership, Role, Tenant, TenantStatus, User
-from atrium.models.accounts import user_id_col
-from atrium.tenants import schemas
+from atrium.tenants import repository, schemas
+from atrium.tenants.repository import MembershipRepository
 from atrium.tenants.status import forget_status
 
 PURGE_TASK = "atrium.tenants.purge"
@@ -51,7 +51,7 @@ async def create_tenant(
         Conflict: ``owner`` already owns ``max_owned`` tenants.
     """
     if max_owned is not None:
-        owned = await count_owned_tenants(session, owner.id, lock=True)
+        owned = await repository.count_owned_tenants(session, owner.id, lock=True)
         if owned >= max_owned:
             message = (
                 f"You already own {owned} tenants, the most one account may own "
@@ -77,42 +77,9 @@ async def create_tenant(
     return tenant
 
 
-async def count_owned_tenants(
-    session: AsyncSession, user_id: uuid.UUID, *, lock: bool = False
-) -> int:
-    """How many tenants ``user_id`` owns (not counting those being deleted).
-
-    Args:
-        session: the unit of work.
-        user_id: the owner.
-        lock: lock the user's row first and count with a locking read, so concurrent
-            creations by the same user are counted one after the other (under MySQL's
-            repeatable read a plain read would see the transaction's older snapshot).
-    """
-    if lock:
-        await session.execute(select(user_id_col).where(user_id_col == user_id).with_for_update())
-    query = (
-        select(Membership.tenant_id)
-        .join(Tenant, Tenant.id == Membership.tenant_id)
-        .where(
-            Membership.user_id == user_id,
-            Membership.role == Role.owner,
-            Tenant.status != TenantStatus.deleting,
-        )
-    )
-    if lock:
-        query = query.with_for_update(read=True)
-    return len((await session.scalars(query)).all())
-
-
 def user_tenants_query(user_id: uuid.UUID) -> Select[tuple[Tenant, Role]]:
     """The tenants ``user_id`` belongs to (not those being deleted), with their role."""
-    return (
-        select(Tenant, Membership.role)
-        .join(Membership, Membership.tenant_id == Tenant.id)
-        .where(Membership.user_id == user_id, Tenant.status != TenantStatus.deleting)
-        .order_by(Tenant.created_at, Tenant.id)
-    )
+    return repository.user_tenants_query(user_id)
 
 
 def with_role(rows: Sequence[Any]) -> list[schemas.TenantWithRole]:
@@ -131,7 +98,7 @@ async def get_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant:
     Raises:
         NotFound: when it does not exist (or is being deleted).
     """
-    tenant = await session.get(Tenant, tenant_id)
+    tenant = await repository.get_tenant(session, tenant_id)
     if tenant is None or tenant.status is TenantStatus.deleting:
         raise NotFound("Tenant not found")
     return tenant
@@ -185,15 +152,9 @@ async def schedule_purge(
 # Members -----------------------------------------------------------------------------------
 
 
-def members_query(tenant_id: uuid.UUID) -> Select[tuple[Membership, User]]:
+def members_query(session: AsyncSession, tenant_id: uuid.UUID) -> Select[tuple[Membership, User]]:
     """The tenant's members, owners first."""
-    rank = case({"owner": 0, "admin": 1, "member": 2, "viewer": 3}, value=Membership.role, else_=4)
-    return (
-        select(Membership, User)
-        .join(User, Membership.user_id == user_id_col)
-        .where(Membership.tenant_id == tenant_id)
-        .order_by(rank, Membership.created_at, user_id_col)
-    )
+    return MembershipRepository(session, tenant_id).list_query()
 
 
 def to_members(rows: Sequence[Any]) -> list[schemas.Member]:
@@ -209,37 +170,21 @@ def to_members(rows: Sequence[Any]) -> list[schemas.Member]:
 async def _membership(
     session: AsyncSession, tenant_id: uuid.UUID, user_id: uuid.UUID, *, lock: bool = False
 ) -> Membership:
-    if lock:
-        # Removal, departure and role changes lock the row for update before anything else:
-        # API-key creation and rotation share-lock it (then the keys), so a key created by a
-        # request authorized just before the change is either seen and revoked by it, or
-        # refused after it (the locking read sees the latest committed row).
-        m = (
-            await session.execute(
-                select(Membership)
-                .where(Membership.tenant_id == tenant_id, Membership.user_id == user_id)
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            )
-        ).scalar_one_or_none()
-    else:
-        m = await session.get(Membership, (tenant_id, user_id))
+    # With ``lock``: locked for update before anything else, see MembershipRepository.lock
+    # (the key creation and rotation that share-lock the same row).
+    members = MembershipRepository(session, tenant_id)
+    m = await (members.lock(user_id) if lock else members.find(user_id))
     if m is None:
         raise NotFound("This user is not a member of the tenant")
     return m
 
 
 async def _owner_count(session: AsyncSession, tenant_id: uuid.UUID) -> int:
-    n = await session.scalar(
-        select(func.count())
-        .select_from(Membership)
-        .where(Membership.tenant_id == tenant_id, Membership.role == Role.owner)
-    )
-    return int(n or 0)
+    return await MembershipRepository(session, tenant_id).owner_count()
 
 
 async def _member_out(session: AsyncSession, m: Membership) -> schemas.Member:
-    user = await session.get(User, m.user_id)
+    user = await repository.get_user(session, m.user_id)
     assert user is not None
     return schemas.Member(
         user_id=user.id, email=user.email, name=user.name, role=m.role, joined_at=m.created_at
@@ -412,12 +357,12 @@ async def transfer_ownership(
     if user_id == subject.user_id:
         raise Unprocessable("You already own this tenant; name another member")
     session = ctx.session
-    current = await session.get(Membership, (subject.tenant_id, user_id))
+    current = await MembershipRepository(session, subject.tenant_id).find(user_id)
     if current is not None and current.role is not Role.owner:
         # Counted under the lock create_tenant takes (the user's row, then a locking read of
         # their memberships), so a transfer and the user's own creations queue up.
         max_owned = ctx.settings.max_tenants_per_user
-        owned = await count_owned_tenants(session, user_id, lock=True)
+        owned = await repository.count_owned_tenants(session, user_id, lock=True)
         if owned >= max_owned:
             message = (
                 f"This member already owns {owned} tenants, the most one account may own "
@@ -446,29 +391,11 @@ async def transfer_ownership(
 
 async def sole_owner_tenants(session: AsyncSession, user_id: uuid.UUID) -> list[tuple[Tenant, int]]:
     """Tenants whose only owner is ``user_id``, with how many other members each has."""
-    owned = select(Membership.tenant_id).where(
-        Membership.user_id == user_id, Membership.role == Role.owner
-    )
-    tenants = list(
-        (
-            await session.execute(
-                select(Tenant).where(Tenant.id.in_(owned), Tenant.status != TenantStatus.deleting)
-            )
-        ).scalars()
-    )
     out: list[tuple[Tenant, int]] = []
-    for t in tenants:
-        rows = (
-            await session.execute(
-                select(Membership.role, func.count())
-                .where(Membership.tenant_id == t.id, Membership.user_id != user_id)
-                .group_by(Membership.role)
-            )
-        ).all()
-        others = sum(int(n) for _, n in rows)
-        other_owners = sum(int(n) for r, n in rows if r == Role.owner)
-        if other_owners == 0:
-            out.append((t, others))
+    for t in await repository.owned_tenants(session, user_id):
+        roles = await MembershipRepository(session, t.id).roles_except(user_id)
+        if roles.get(Role.owner, 0) == 0:
+            out.append((t, sum(roles.values())))
     return out
 
 
@@ -477,8 +404,4 @@ async def sole_owner_tenants(session: AsyncSession, user_id: uuid.UUID) -> list[
 
 def audit_query(tenant_id: uuid.UUID) -> Select[tuple[AuditEvent]]:
     """The tenant's audit events, newest first."""
-    return (
-        select(AuditEvent)
-        .where(AuditEvent.tenant_id == tenant_id)
-        .order_by(AuditEvent.created_at.desc(), AuditEvent.id)
-    )
+    return repository.audit_query(tenant_id)
