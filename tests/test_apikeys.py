@@ -15,8 +15,9 @@ import httpx
 import pytest
 from sqlalchemy import event, select, update
 
-from atrium.apikeys import authentication, cache, service
+from atrium.apikeys import cache, service
 from atrium.apikeys import secrets as keyfmt
+from atrium.auth import api_keys as authentication
 from atrium.auth.permissions import Permission
 from atrium.kit.errors import Unauthorized
 from atrium.models import ApiKey, AuditEvent, Role, Tenant, TenantStatus, utcnow

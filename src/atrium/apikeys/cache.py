@@ -1,6 +1,6 @@
 """The API key records cached in Redis: their names, their shape, and one shared reader.
 
-Authentication (:mod:`atrium.apikeys.authentication`) reads them on every request; the key
+Authentication (:mod:`atrium.auth.api_keys`) reads them on every request; the key
 lifecycle (:mod:`atrium.apikeys.service`) writes them: revocation and rotation overwrite a key's
 record (:func:`publish_record`), so a revoked key is refused on the very next request, and a new
 key drops the "does not exist" markers of its HMAC (:func:`forget_misses`). Both sides use this
@@ -14,7 +14,7 @@ Redis keys (every one carries the tenant id, but the last):
   (:mod:`atrium.tenants.status`, which also forgets it when the status changes);
 - ``atrium:t:<tenant>:apikey-used:<key id>``: the last-used debounce;
 - ``atrium:apikey-unknown:<hmac>``: a key that does not exist, as
-  :func:`~atrium.apikeys.authentication.tenant_of_key` (whose caller names no tenant) found it;
+  :func:`~atrium.auth.api_keys.tenant_of_key` (whose caller names no tenant) found it;
   for ``NEGATIVE_TTL_SECONDS``.
 
 Creating or rotating a key drops both "does not exist" markers of the new key's HMAC once the
@@ -60,7 +60,7 @@ def touch_cache_key(tenant_id: uuid.UUID | str, key_id: uuid.UUID | str) -> str:
 
 
 def unknown_key_cache_key(digest: str) -> str:
-    """Redis key of :func:`~atrium.apikeys.authentication.tenant_of_key`'s "no such key" marker
+    """Redis key of :func:`~atrium.auth.api_keys.tenant_of_key`'s "no such key" marker
     (no tenant: the caller names none, and a key that does not exist has none)."""
     return f"atrium:apikey-unknown:{digest}"
 
@@ -169,7 +169,7 @@ async def publish_record(redis: Redis, key: ApiKey) -> None:
 
 async def forget_misses(session: AsyncSession, redis: Redis, key: ApiKey) -> None:
     """Drop the "does not exist" markers of a new key's HMAC (its tenant's paths and
-    :func:`~atrium.apikeys.authentication.tenant_of_key`'s) once ``session`` commits, so the key
+    :func:`~atrium.auth.api_keys.tenant_of_key`'s) once ``session`` commits, so the key
     works at once even if someone tried it before it existed. After the commit, never before: a
     request in between would read no row and mark it unknown again. Nobody holds the secret
     before the response that carries it, which goes out after this."""

@@ -5,7 +5,7 @@ scopes decide for a key, a member's role for a person, and the role is re-read (
 inside the transaction, since it may have been lowered since the request was authorized. A key's
 own rate limit may lower the plan's, never raise it. The lifecycle
 (:mod:`atrium.apikeys.service`) calls these checks; authentication
-(:mod:`atrium.apikeys.authentication`) uses :func:`scope_permissions` for a key's subject.
+(:mod:`atrium.auth.api_keys`) uses :func:`scope_permissions` for a key's subject.
 """
 
 from __future__ import annotations

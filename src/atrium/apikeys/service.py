@@ -4,7 +4,7 @@ Each change reaches requests in flight through the Redis record that authenticat
 (:mod:`atrium.apikeys.cache`): revocation and rotation overwrite a key's record before the
 commit (fail closed), and a new key drops the "does not exist" markers of its HMAC once
 committed. Who may manage which key is :mod:`atrium.apikeys.policy`; authenticating a key on
-every request is :mod:`atrium.apikeys.authentication`.
+every request is :mod:`atrium.auth.api_keys`.
 """
 
 from __future__ import annotations

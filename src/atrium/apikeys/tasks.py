@@ -15,7 +15,7 @@ from atrium.worker import celery_app
 def record_last_used(*, tenant_id: str, key_id: str, used_at: str) -> bool:
     """Move a key's ``last_used_at`` forward to ``used_at``.
 
-    Sent by authentication at most once a minute per key (see ``apikeys.authentication``);
+    Sent by authentication at most once a minute per key (see ``auth.api_keys``);
     idempotent and never moves the time backwards, so retries and reordering are harmless.
 
     Args:

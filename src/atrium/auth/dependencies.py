@@ -14,8 +14,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy import select
 
-from atrium.apikeys.authentication import authenticate_api_key
 from atrium.auth import tokens
+from atrium.auth.api_keys import authenticate_api_key
 from atrium.auth.permissions import Permission, permissions_for_role
 from atrium.auth.subject import AuthSubject
 from atrium.billing.service import enforce_tenant_rate_limit

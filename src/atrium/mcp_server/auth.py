@@ -1,9 +1,9 @@
 """Who calls ``/mcp``: an API key, checked exactly as the tenant routes check one.
 
 The HTTP routes learn the tenant from their path (``/v1/tenants/{tenant_id}/...``) and hand it
-to :func:`atrium.apikeys.authentication.authenticate_api_key`. ``/mcp`` has no tenant in its
+to :func:`atrium.auth.api_keys.authenticate_api_key`. ``/mcp`` has no tenant in its
 path: an API key belongs to exactly one tenant, so the tenant is read from the key's own row
-first (:func:`atrium.apikeys.authentication.tenant_of_key`: remembered per app for a key that
+first (:func:`atrium.auth.api_keys.tenant_of_key`: remembered per app for a key that
 exists, in Redis for one that does not, with one database read for all the requests that miss
 it at once, as on the routes), then the very same function runs (revoked, expired and rotated keys,
 suspended tenants, the cached records), followed by the same per-key
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from atrium.apikeys.authentication import authenticate_api_key, tenant_of_key
+from atrium.auth.api_keys import authenticate_api_key, tenant_of_key
 from atrium.auth.dependencies import API_KEY_PREFIX, bearer_token
 from atrium.auth.subject import AuthSubject
 from atrium.billing.service import enforce_tenant_rate_limit

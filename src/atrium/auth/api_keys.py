@@ -1,4 +1,4 @@
-"""API key authentication, the hot path: every request that carries an ``atr_...`` key.
+"""The API-key authenticator, the hot path: every request that carries an ``atr_...`` key.
 
 A well-formed key costs one Redis round trip (``MGET`` of the cached key record and the
 tenant's cached status); the database is read only on a cache miss and never written.
