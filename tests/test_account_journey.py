@@ -17,7 +17,7 @@ import httpx
 
 from atrium.kit.blobstore import get_blobstore, tenant_prefix
 from atrium.kit.vectordb import ensure_tenant_partition
-from tests.test_accounts_support import (
+from tests.support.accounts import (
     PASSWORD,
     bearer,
     eventually,

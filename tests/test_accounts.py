@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 
 from atrium.models import AuditEvent, User
-from tests.test_accounts_support import (
+from tests.support.accounts import (
     PASSWORD,
     bearer,
     link_token,

@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from atrium.kit.blobstore import get_blobstore
 from atrium.models import DataExport, Role
-from tests.test_accounts_support import (
+from tests.support.accounts import (
     PASSWORD,
     bearer,
     eventually,

@@ -6,14 +6,12 @@ import asyncio
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import event, select, update
+from sqlalchemy import select, update
 
 from atrium.apikeys import authentication, cache, service
 from atrium.apikeys import secrets as keyfmt
@@ -23,26 +21,11 @@ from atrium.models import ApiKey, AuditEvent, Role, Tenant, TenantStatus, utcnow
 from atrium.tenants.status import forget_status
 from tests.support.apikeys import ALL_SCOPES, create_api_key, key_header
 from tests.support.factories import add_member, bearer, create_tenant, create_user
+from tests.support.sql import sql_log
 
 
 def _keys_url(tenant_id: Any) -> str:
     return f"/v1/tenants/{tenant_id}/api-keys"
-
-
-@contextmanager
-def sql_log(app: Any) -> Iterator[list[str]]:
-    """Every SQL statement the app's engine runs inside the block."""
-    statements: list[str] = []
-
-    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
-
-    engine = app.state.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", before)
-    try:
-        yield statements
-    finally:
-        event.remove(engine, "before_cursor_execute", before)
 
 
 class KeyClock:

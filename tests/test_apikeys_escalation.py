@@ -21,7 +21,7 @@ from sqlalchemy import delete, func, select, text
 from atrium.models import ApiKey, AuditEvent, Membership, Role, Tenant
 from tests.support.apikeys import ALL_SCOPES, create_api_key, key_header
 from tests.support.factories import DEFAULT_PASSWORD, add_member, bearer, create_tenant, create_user
-from tests.test_quota_helpers import set_plan, superuser_headers
+from tests.support.quota import set_plan, superuser_headers
 
 
 def _keys_url(tenant_id: Any) -> str:

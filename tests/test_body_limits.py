@@ -88,8 +88,8 @@ async def test_a_chunked_body_without_length_is_cut_off_at_the_limit(
 async def test_a_chunked_upload_over_the_plans_limit_gets_413(
     app: Any, client: httpx.AsyncClient, no_linger: None
 ) -> None:
-    from tests.test_documents import setup_tenant
-    from tests.test_quota_helpers import set_plan, superuser_headers
+    from tests.support.documents import setup_tenant
+    from tests.support.quota import set_plan, superuser_headers
 
     ctx = await setup_tenant(app, client)
     await set_plan(
@@ -130,8 +130,8 @@ async def test_a_json_upload_gets_the_document_size_plus_1_mib_not_six_times_it(
 ) -> None:
     """JSON text is buffered and parsed whole, holding the GIL: the body may exceed the largest
     document by 1 MiB of escapes and fields, not by six times it (review M2)."""
-    from tests.test_documents import setup_tenant
-    from tests.test_quota_helpers import set_plan, superuser_headers
+    from tests.support.documents import setup_tenant
+    from tests.support.quota import set_plan, superuser_headers
 
     ctx = await setup_tenant(app, client)
     await set_plan(

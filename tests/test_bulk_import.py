@@ -21,8 +21,8 @@ from atrium.kit.errors import NotFound
 from atrium.kit.runtime import Resources
 from atrium.kit.vectordb import partition_name
 from atrium.models.ingestion import DocumentStatus
-from tests.test_documents import Ctx, prose, setup_tenant, upload_files, wait_document
-from tests.test_quota_helpers import set_plan, superuser_headers
+from tests.support.documents import Ctx, prose, setup_tenant, upload_files, wait_document
+from tests.support.quota import set_plan, superuser_headers
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

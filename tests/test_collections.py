@@ -11,8 +11,7 @@ import pytest
 
 from atrium.kit.blobstore import get_blobstore
 from atrium.models import Role
-from tests.support.factories import add_member, bearer, create_tenant, create_user
-from tests.test_documents import (
+from tests.support.documents import (
     chunk_rows,
     drain_worker,
     hold_collection_lock,
@@ -22,7 +21,8 @@ from tests.test_documents import (
     usage_now,
     wait_document,
 )
-from tests.test_extract import make_pdf
+from tests.support.factories import add_member, bearer, create_tenant, create_user
+from tests.support.files import make_pdf
 
 
 async def _owner(app: Any) -> tuple[Any, dict[str, str], str]:

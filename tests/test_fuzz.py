@@ -52,8 +52,8 @@ from atrium.kit.vectordb import ensure_tenant_partition
 from atrium.models import Role, Tenant, User
 from tests.support.apikeys import create_api_key, key_header
 from tests.support.factories import add_member, bearer, create_tenant, create_user
+from tests.support.quota import set_plan, superuser_headers
 from tests.support.retrieval import World, create_collection, upload, wait_ready
-from tests.test_quota_helpers import set_plan, superuser_headers
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

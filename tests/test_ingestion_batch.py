@@ -20,11 +20,10 @@ import pytest
 from atrium.kit.blobstore import get_blobstore
 from atrium.kit.vectordb import partition_name
 from atrium.models import Document
-from tests.support.llm_server import LLMServer
+from tests.support.documents import chunk_rows, prose, setup_tenant, upload_files, wait_document
+from tests.support.files import make_docx
+from tests.support.llm_server import EMBEDDING_ENV, LLMServer
 from tests.support.services import WorkerProcess
-from tests.test_documents import chunk_rows, prose, setup_tenant, upload_files, wait_document
-from tests.test_extract import make_docx
-from tests.test_ingestion_recovery import EMBEDDING_ENV
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.documents import chunk_rows, prose, setup_tenant, wait_document
 from tests.support.llm_server import LLMServer
 from tests.support.services import WorkerProcess
-from tests.test_documents import chunk_rows, prose, setup_tenant, wait_document
 
 
 @pytest.fixture

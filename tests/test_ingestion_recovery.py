@@ -21,24 +21,12 @@ from atrium.ingestion.stages import LARGE_TEXT_CHARS
 from atrium.kit.vectordb import partition_name
 from atrium.models import Document
 from atrium.models.base import utcnow
-from tests.support.llm_server import LLMServer
+from tests.support.documents import chunk_rows, prose, setup_tenant, wait_document
+from tests.support.llm_server import EMBEDDING_ENV, LLMServer
 from tests.support.services import WorkerProcess
-from tests.test_documents import chunk_rows, prose, setup_tenant, wait_document
 
 #: Redis redelivers an unacknowledged task after this many seconds (production: 2 hours).
 VISIBILITY_TIMEOUT = 4
-
-
-#: The crash worker embeds through the loopback provider (tests/support/llm_server.py), which
-#: can hold its answer: the test kills the worker while the provider holds it, so the kill
-#: lands in the embed stage every time, however fast or slow the machine.
-EMBEDDING_ENV = {
-    "ATRIUM_EMBEDDING_PROVIDER": "litellm",
-    "ATRIUM_EMBEDDING_MODEL": "openai/test-embedding",
-    "ATRIUM_EMBEDDING_API_KEY": "sk-test",
-    "ATRIUM_EMBEDDING_MAX_TOKENS": "512",
-    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-}
 
 
 def expected_chunks(settings: Any, text: str) -> list[str]:

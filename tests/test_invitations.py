@@ -10,8 +10,8 @@ import httpx
 from sqlalchemy import update
 
 from atrium.models import Invitation, Role, TenantStatus
+from tests.support.accounts import PASSWORD, link_token, login, new_email, wait_mail
 from tests.support.factories import DEFAULT_PASSWORD, add_member, bearer, create_tenant, create_user
-from tests.test_accounts_support import PASSWORD, link_token, login, new_email, wait_mail
 
 
 async def _setup(app: Any) -> dict[str, Any]:

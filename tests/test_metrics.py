@@ -255,8 +255,8 @@ async def test_every_rate_limit_refusal_is_counted(client: httpx.AsyncClient) ->
 async def test_real_requests_move_the_http_quota_rate_limit_and_stage_metrics(
     app: Any, client: httpx.AsyncClient
 ) -> None:
+    from tests.support.quota import set_plan, superuser_headers
     from tests.support.retrieval import create_collection, make_tenant
-    from tests.test_quota_helpers import set_plan, superuser_headers
 
     world = await make_tenant(app, client)
     await create_collection(client, world, "docs")  # with none, a search has nothing to run
@@ -317,8 +317,8 @@ async def test_a_real_ingestion_moves_the_worker_metrics(
     from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 
     from atrium.kit.metrics import INGESTION_TASK
+    from tests.support.documents import prose
     from tests.support.retrieval import create_collection, make_tenant, upload, wait_ready
-    from tests.test_documents import prose
 
     def scrape_worker() -> dict[Any, float]:
         registry = CollectorRegistry()

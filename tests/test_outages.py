@@ -18,8 +18,8 @@ from asgi_lifespan import LifespanManager
 
 from atrium.kit.errors import outage_of
 from tests.support.apikeys import key_header
+from tests.support.broker import Broker
 from tests.support.factories import create_tenant, create_user
-from tests.test_outbox import Broker
 
 
 def _free_port() -> int:
@@ -123,7 +123,7 @@ async def quota_redis_app(
     from atrium.app import create_app
     from atrium.config import load_settings
     from tests.conftest import drain_background_writes
-    from tests.test_quota_helpers import quota_test_router
+    from tests.support.quota import quota_test_router
 
     other = create_app(load_settings(**{**settings.model_dump(), "redis_url": private_redis.url}))
     other.include_router(quota_test_router(), prefix="/v1")
@@ -158,7 +158,7 @@ async def test_quota_counters_are_rebuilt_exactly_after_redis_lost_everything(
     is counted twice or lost: the usage is the same before and after, MySQL agrees, and the
     limit admits exactly what is left."""
     from atrium.billing.quota import Metric, Quota
-    from tests.test_quota_helpers import set_plan, superuser_headers, tenant_with_owner, usage_of
+    from tests.support.quota import set_plan, superuser_headers, tenant_with_owner, usage_of
 
     app = quota_redis_app
     tenant, _, headers = await tenant_with_owner(app)

@@ -255,7 +255,7 @@ async def test_the_workers_database_session_recovers_by_itself(
     from atrium.ingestion.tools import worker_tools
     from atrium.kit.db import create_engine, create_sessionmaker
     from atrium.kit.runtime import Resources
-    from tests.test_documents import prose, setup_tenant
+    from tests.support.documents import prose, setup_tenant
 
     settings = mariadb_app.state.settings
     async with _client(mariadb_app, 50012) as client:
@@ -447,7 +447,7 @@ async def test_vector_database_stopped_searches_503_and_ingestion_retries_until_
     to_private_worker: WorkerProcess,
     clean_state: None,
 ) -> None:
-    from tests.test_documents import prose, setup_tenant
+    from tests.support.documents import prose, setup_tenant
 
     async with _client(postgres_app, 50013) as client:
         ctx = await setup_tenant(postgres_app, client)
@@ -528,7 +528,7 @@ async def test_a_pool_process_killed_mid_document_is_retried_then_fails_with_a_r
     process that takes it ends ``failed`` with a reason once it has been started
     ``ATRIUM_INGESTION_MAX_ATTEMPTS`` times; it never stays in ``processing``."""
     from atrium.worker import celery_app
-    from tests.test_documents import prose, setup_tenant
+    from tests.support.documents import prose, setup_tenant
 
     # The per-child memory limit reaches Celery's setting (that Celery then replaces a pool
     # process over it after its task is Celery's own behaviour, not exercised here).

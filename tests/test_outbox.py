@@ -18,9 +18,7 @@ import contextlib
 import datetime as dt
 import email
 import email.policy
-import socket
 import sqlite3
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +32,7 @@ from sqlalchemy import select, update
 from atrium.kit.enqueue import enqueue, pending_jobs
 from atrium.models import OutboxJob
 from atrium.models.base import utcnow
+from tests.support.broker import Broker
 from tests.support.load import PASSWORD, DevServer, free_port, sign_up
 
 #: tests.support.tasks.RECORD_TASK (importing it here would build the Celery app too early).
@@ -175,48 +174,6 @@ async def test_a_mail_job_delivered_twice_is_sent_once(
 
 
 # --- End to end: the broker stops between commit and publication ------------------------------
-
-
-class Broker:
-    """A private ``redis-server`` used as the Celery broker only (the suite's Redis is shared
-    by other test processes: never stop that one)."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port = port
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--daemonize", "no"),
-                *("--dir", str(self.workdir)),
-            ],
-            stdout=(self.workdir / "redis.log").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("the broker redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
 
 
 def _mails_to(outbox: Path, address: str) -> int:

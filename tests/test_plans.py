@@ -15,7 +15,7 @@ from sqlalchemy import select
 from atrium.billing.plans import Limit, PlanConfigError, load_plans
 from atrium.models import AuditEvent
 from tests.support.factories import bearer, create_user
-from tests.test_quota_helpers import set_plan, superuser_headers, tenant_with_owner, usage_of
+from tests.support.quota import set_plan, superuser_headers, tenant_with_owner, usage_of
 
 
 async def test_plans_are_public(client: httpx.AsyncClient) -> None:

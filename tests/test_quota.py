@@ -26,7 +26,7 @@ from atrium.billing.quota import (
 from atrium.kit.db import unit_of_work
 from atrium.models.billing import BillingAccount, UsageCounter
 from tests.conftest import drain_background_writes
-from tests.test_quota_helpers import (
+from tests.support.quota import (
     build_quota_app,
     serve_http,
     set_plan,

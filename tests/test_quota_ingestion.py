@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 
-from tests.test_documents import drain_worker, prose, setup_tenant, wait_document
-from tests.test_quota_helpers import set_plan, superuser_headers, usage_of
+from tests.support.documents import drain_worker, prose, setup_tenant, wait_document
+from tests.support.quota import set_plan, superuser_headers, usage_of
 
 
 async def _usage(client: httpx.AsyncClient, ctx: Any) -> dict[str, Any]:

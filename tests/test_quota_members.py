@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 
+from tests.support.accounts import link_token
 from tests.support.factories import bearer, create_tenant, create_user
-from tests.test_accounts_support import link_token
-from tests.test_quota_helpers import set_plan, superuser_headers, usage_of
+from tests.support.quota import set_plan, superuser_headers, usage_of
 
 
 async def _invite(

@@ -15,7 +15,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from tests.support.factories import bearer, create_tenant, create_user
-from tests.test_quota_helpers import usage_of
+from tests.support.quota import usage_of
 
 _WRITE = re.compile(r"\s*(INSERT|UPDATE|DELETE|REPLACE)\b", re.I)
 

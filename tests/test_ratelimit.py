@@ -222,7 +222,7 @@ async def test_two_api_keys_never_share_a_bucket(app: Any, client: httpx.AsyncCl
 async def test_plan_limits_apply_per_key_and_per_user(app: Any, client: httpx.AsyncClient) -> None:
     from atrium.models import Role
     from tests.support.factories import add_member, bearer, create_tenant, create_user
-    from tests.test_quota_helpers import set_plan, superuser_headers
+    from tests.support.quota import set_plan, superuser_headers
 
     owner = await create_user(app)
     colleague = await create_user(app)
@@ -282,8 +282,8 @@ async def _account_post(
 
     headers = {"content-type": content_type}
     if path.startswith("/console/"):
-        from tests.test_console import csrf
-        from tests.test_console import headers as console_headers
+        from tests.support.console import csrf
+        from tests.support.console import headers as console_headers
 
         headers.update(console_headers(await csrf(client)))
     form = "x-www-form-urlencoded" in content_type.lower()

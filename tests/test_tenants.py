@@ -10,8 +10,8 @@ import httpx
 import pytest
 
 from atrium.models import Role, Tenant, TenantStatus, User
+from tests.support.accounts import eventually, partition_exists, tenant_row_count
 from tests.support.factories import add_member, bearer, create_tenant, create_user
-from tests.test_accounts_support import eventually, partition_exists, tenant_row_count
 
 
 async def _team(app: Any) -> dict[str, Any]:

@@ -21,7 +21,9 @@ from atrium.billing.quota import Metric
 from atrium.models import ApiKey, AuthSession, Document, Invitation, User
 from atrium.models.billing import UsageCounter
 from tests.conftest import drain_background_writes
+from tests.support.accounts import eventually, link_token, new_email, wait_mail
 from tests.support.factories import DEFAULT_PASSWORD, create_tenant, create_user
+from tests.support.quota import serve_http, set_plan, superuser_headers, usage_of
 from tests.support.retrieval import (
     World,
     create_collection,
@@ -30,8 +32,6 @@ from tests.support.retrieval import (
     upload,
     wait_ready,
 )
-from tests.test_accounts_support import eventually, link_token, new_email, wait_mail
-from tests.test_quota_helpers import serve_http, set_plan, superuser_headers, usage_of
 
 
 def _auth(token: str) -> dict[str, str]:

@@ -34,8 +34,8 @@ import pytest
 
 from atrium.ingestion import detect, extract, sandbox, zipdir
 from atrium.ingestion.exceptions import BadDocument
-from tests.test_documents import prose, setup_tenant, upload_files, wait_document
-from tests.test_extract import make_docx
+from tests.support.documents import prose, setup_tenant, upload_files, wait_document
+from tests.support.files import make_docx
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

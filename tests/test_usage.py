@@ -17,7 +17,7 @@ from atrium.billing.quota import Metric, alerts_key
 from atrium.models import Role
 from tests.conftest import drain_background_writes
 from tests.support.factories import add_member, bearer, create_tenant, create_user
-from tests.test_quota_helpers import (
+from tests.support.quota import (
     build_quota_app,
     set_plan,
     superuser_headers,

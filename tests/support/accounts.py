@@ -1,4 +1,4 @@
-"""Helpers for the account, tenant and invitation tests (no tests here).
+"""Helpers for the account, tenant and invitation tests.
 
 They drive the API the way a person does: mail is read from the test SMTP server and the link in
 it is followed, i.e. its token goes to the API route the web page behind the link calls.

@@ -1,5 +1,5 @@
 """Shared helpers for the quota, usage and plan tests: a test app with quota'd routes, a real
-HTTP server for it, and superuser shortcuts. (No tests here.)"""
+HTTP server for it, and superuser shortcuts."""
 
 from __future__ import annotations
 
