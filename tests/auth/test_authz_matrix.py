@@ -44,7 +44,7 @@ from tests.support.factories import add_member, bearer, create_tenant, create_us
 
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::[a-zA-Z_]+)?}")
 _SKIP_METHODS = {"HEAD", "OPTIONS"}
-DOCS = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "authorization.md"
+DOCS = __import__("pathlib").Path(__file__).resolve().parents[2] / "docs" / "authorization.md"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import pytest
 
 from tests.support import services
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _script(name: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

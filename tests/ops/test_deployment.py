@@ -10,7 +10,7 @@ import yaml
 
 from atrium.config import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deployment"
 SETTINGS = {f"ATRIUM_{n.upper()}" for n in Settings.model_fields}
 

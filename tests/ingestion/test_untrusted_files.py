@@ -37,7 +37,7 @@ from atrium.ingestion.exceptions import BadDocument
 from tests.support.documents import prose, setup_tenant, upload_files, wait_document
 from tests.support.files import make_docx
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 # The regex test --------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from atrium.auth.tokens import configure_jwt, create_access_token, decode_access
 from atrium.config import load_settings
 from atrium.kit.errors import Unauthorized
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OLD = "old-secret-key-0123456789-0123456789-abcdef"
 NEW = "new-secret-key-0123456789-0123456789-abcdef"
 

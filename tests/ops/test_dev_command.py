@@ -29,7 +29,7 @@ import redis
 
 from tests.support import services
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT = 180.0
 STOP_TIMEOUT = 60.0
 #: /readyz shows each component's detail only to the metrics token's bearer.

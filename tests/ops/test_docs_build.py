@@ -11,7 +11,7 @@ from typing import Any
 from atrium.app import create_app
 from atrium.config import load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "api-guide.md"
 
 

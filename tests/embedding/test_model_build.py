@@ -19,7 +19,7 @@ from atrium.embedding import bert_onnx, model_build
 from atrium.embedding.local import LocalOnnxEmbedder
 from atrium.embedding.model_build import ModelBuildError
 
-REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "minilm_reference.json"
 
 
 def test_fp32_graph_is_the_torch_model() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from atrium.config import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "configuration.md"
 ENV_EXAMPLE = ROOT / ".env.example"
 ENV_NAMES = {f"ATRIUM_{name.upper()}" for name in Settings.model_fields}

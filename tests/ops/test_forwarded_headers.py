@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: Failed logins per minute per client IP (accounts/endpoints.py, the "login" limit).
 PER_IP_LOGINS = 20
 

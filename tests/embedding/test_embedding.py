@@ -27,7 +27,7 @@ from atrium.embedding.factory import Purpose, get_embedder
 from atrium.embedding.hosted import LiteLLMEmbedder
 from atrium.embedding.local import LocalOnnxEmbedder
 
-REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "minilm_reference.json"
 
 VARIED_TEXTS = [
     "A considerably longer sentence about the migration of arctic terns, which fly from "

@@ -20,7 +20,7 @@ from atrium.console.security import CONTENT_SECURITY_POLICY
 from tests.support.console import CSRF, REFRESH, console_login, csrf, headers, set_cookies
 from tests.support.factories import DEFAULT_PASSWORD, bearer, create_tenant, create_user
 
-STATIC = Path(__file__).resolve().parents[1] / "src" / "atrium" / "console" / "static"
+STATIC = Path(__file__).resolve().parents[2] / "src" / "atrium" / "console" / "static"
 
 
 # Pages and assets ------------------------------------------------------------------------
