@@ -20,7 +20,7 @@ The app runs on the test's event loop (its pools belong to that loop); Hypothesi
 generation in a worker thread and hands each request to the loop. Examples per operation and
 generation mode: ``ATRIUM_FUZZ_EXAMPLES`` (default 4). Generation is seeded so that a CI run
 is reproducible; ``ATRIUM_FUZZ_SEED`` picks another sequence, and a larger budget explores
-further (``ATRIUM_FUZZ_EXAMPLES=50 ATRIUM_FUZZ_SEED=$RANDOM pytest tests/test_fuzz.py``).
+further (``ATRIUM_FUZZ_EXAMPLES=50 ATRIUM_FUZZ_SEED=$RANDOM pytest tests/api/test_fuzz.py``).
 """
 
 from __future__ import annotations

@@ -114,7 +114,7 @@ def test_proxies_stream_sse_and_limit_uploads_to_the_largest_plan() -> None:
 def test_nginx_template_names_what_envsubst_fills_in() -> None:
     """Every ${NAME} outside the comments is in the header's list for envsubst (a name missing
     there would reach nginx as an unknown variable), and the header's example servers carry the
-    failure parameters tests/test_replicas.py runs with."""
+    failure parameters tests/ops/test_replicas.py runs with."""
     text = (DEPLOY / "nginx" / "atrium.conf.template").read_text()
     listed = re.search(r"^#\s+names='([^']+)'$", text, re.M)
     assert listed is not None

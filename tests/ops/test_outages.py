@@ -116,7 +116,7 @@ async def test_redis_outage_answers_503_then_recovers(
 async def quota_redis_app(
     app: Any, settings: Any, private_redis: Broker, clean_state: None
 ) -> AsyncIterator[Any]:
-    """The quota test app (tests/test_quota_helpers) with its Redis on the private server."""
+    """The quota test app (tests/support/quota.py) with its Redis on the private server."""
     from fastapi_cache import FastAPICache
     from fastapi_cache.backends.redis import RedisBackend
 
