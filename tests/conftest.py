@@ -140,7 +140,7 @@ def celery_worker(test_env: dict[str, Any]) -> Iterator[services.WorkerProcess]:
 
     Its Prometheus metrics go to the directory ``worker.env["PROMETHEUS_MULTIPROC_DIR"]``, as
     under ``atrium worker --metrics-port`` and ``atrium dev`` (the worker's counters live in
-    its own process: tests/test_metrics.py reads them there). A directory, not a port: a port
+    its own process: tests/ops/test_metrics.py reads them there). A directory, not a port: a port
     chosen now might be taken by the time a test restarts the worker.
     """
     metrics_dir = test_env["data_dir"] / "worker-metrics"

@@ -23,12 +23,12 @@ from atrium_client._cli import upload
 from rich.console import Console
 
 from atrium.kit.vectordb import ensure_tenant_partition
-from tests.clients.sdk_helpers import clean_state, uploaded_document
 from tests.support.apikeys import create_api_key
 from tests.support.factories import create_tenant, create_user
+from tests.support.files import make_docx, make_pdf
 from tests.support.llm_server import LLMServer
 from tests.support.load import free_port
-from tests.test_extract import make_docx, make_pdf
+from tests.support.sdk import clean_state, uploaded_document
 
 # One worker runs the whole module: its tests share one tenant and upload.
 pytestmark = pytest.mark.xdist_group("cli")

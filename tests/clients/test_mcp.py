@@ -29,13 +29,13 @@ from atrium.apikeys.secrets import generate_key
 from atrium.auth.permissions import Scope
 from atrium.models import Tenant, utcnow
 from atrium.retrieval import service as retrieval
-from tests.clients.sdk_helpers import clean_state
 from tests.support.apikeys import create_api_key
 from tests.support.factories import bearer, create_user
 from tests.support.llm_server import LLMServer
+from tests.support.quota import set_plan
 from tests.support.retrieval import CORPUS, World, make_tenant, seed_corpus
-from tests.test_apikeys import sql_log
-from tests.test_quota_helpers import set_plan
+from tests.support.sdk import clean_state
+from tests.support.sql import sql_log
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 

@@ -34,8 +34,8 @@ from atrium_client import (
     models,
 )
 
-from tests.clients.sdk_helpers import Account, clean_state, new_account, uploaded_document
 from tests.support.llm_server import LLMServer
+from tests.support.sdk import Account, clean_state, new_account, uploaded_document
 
 # One worker runs the whole module: its tests share one tenant and corpus.
 pytestmark = pytest.mark.xdist_group("sdk")

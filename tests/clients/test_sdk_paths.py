@@ -18,7 +18,7 @@ from atrium_client._base import collect_files, local_files
 from atrium_client._cli import upload
 from rich.console import Console
 
-from tests.clients.sdk_helpers import uploaded_document
+from tests.support.sdk import uploaded_document
 
 ATR = Path(sys.executable).parent / "atr"
 SECRET = b"ATRIUM_API_KEY=atr_secret_never_uploaded"

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from tests.clients.sdk_helpers import clean_state, new_account
 from tests.support.llm_server import LLMServer
+from tests.support.sdk import clean_state, new_account
 
 README = Path(__file__).resolve().parents[2] / "clients" / "python" / "README.md"
 

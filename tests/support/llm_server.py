@@ -20,6 +20,18 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+#: The settings of a worker that embeds through this server (with ``ATRIUM_EMBEDDING_API_BASE``
+#: set to its ``base_url``). The crash tests use it because the server can hold its answer: the
+#: test kills the worker while the provider holds it, so the kill lands in the embed stage every
+#: time, however fast or slow the machine.
+EMBEDDING_ENV = {
+    "ATRIUM_EMBEDDING_PROVIDER": "litellm",
+    "ATRIUM_EMBEDDING_MODEL": "openai/test-embedding",
+    "ATRIUM_EMBEDDING_API_KEY": "sk-test",
+    "ATRIUM_EMBEDDING_MAX_TOKENS": "512",
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+}
+
 
 class LLMServer:
     """Start with :meth:`start`; ``base_url`` is what litellm's ``api_base`` takes."""

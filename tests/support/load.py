@@ -1,6 +1,6 @@
 """A load a person can generate, through the HTTP API of a running Atrium.
 
-Used by ``tests/test_embedded_load.py`` (6 uploaders x 40 documents + 3 searchers, checked
+Used by ``tests/ops/test_embedded_load.py`` (6 uploaders x 40 documents + 3 searchers, checked
 exactly) and by ``bench/load.py`` (the same shape at 1,000 documents, figures printed). Several
 uploaders each send one document per request while searchers query in a loop until every
 document is ``ready``; every response and transport error is counted.

@@ -45,7 +45,7 @@ def binary(name: str) -> str:
     if found is None:
         raise ServiceMissing(
             f"`{name}` is not installed. ./scripts/test installs Debian's nginx and caddy "
-            "(sudo apt-get install -y nginx caddy); tests/test_replicas.py runs the shipped "
+            "(sudo apt-get install -y nginx caddy); tests/ops/test_replicas.py runs the shipped "
             "proxy configurations with them."
         )
     return found

@@ -4,8 +4,9 @@ Used by :mod:`atrium.embedding.model_build` to turn the all-MiniLM-L6-v2 checkpo
 without torch. The graph computes exactly what ``BertModel`` (eager attention, no pooler)
 does: word + token-type + position embeddings and LayerNorm, then per layer multi-head
 self-attention with an additive padding mask, a dense output with residual and LayerNorm, and
-a feed-forward block with exact (erf) GELU, residual and LayerNorm. tests/test_model_build.py
-compares it with the full-precision torch embeddings (cosine > 0.99999).
+a feed-forward block with exact (erf) GELU, residual and LayerNorm.
+tests/embedding/test_model_build.py compares it with the full-precision torch embeddings
+(cosine > 0.99999).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ that in the worker's sandbox, and this module imports no parser, so none loads i
 
 Every regular expression here may see user text: each runs in linear time (no nested or
 overlapping quantifiers, nothing that crosses lines, possessive quantifiers where a failing match
-would otherwise backtrack); tests/test_untrusted_files.py feeds each 1 MB adversarial inputs.
+would otherwise backtrack); tests/ingestion/test_untrusted_files.py feeds each 1 MB adversarial
+inputs.
 """
 
 from __future__ import annotations

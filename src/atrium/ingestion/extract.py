@@ -13,7 +13,8 @@ HTML headings, list items and tables become Markdown, so the Markdown splitter c
 
 Every regular expression here may see user text: each runs in linear time (no nested or
 overlapping quantifiers, nothing that crosses lines, possessive quantifiers where a failing match
-would otherwise backtrack); tests/test_untrusted_files.py feeds each 1 MB adversarial inputs.
+would otherwise backtrack); tests/ingestion/test_untrusted_files.py feeds each 1 MB adversarial
+inputs.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ never parses a document itself: it forks a child that runs :func:`extract.extrac
 * ``RLIMIT_AS`` = the address space the worker already had + ``memory_bytes`` (the child
   inherits the worker's mappings, the ONNX model included, copy-on-write, so a limit relative
   to what is mapped at the fork is what bounds *new* allocations; measured in
-  tests/test_untrusted_files.py), and ``RLIMIT_CPU`` as a second bound on time;
+  tests/ingestion/test_untrusted_files.py), and ``RLIMIT_CPU`` as a second bound on time;
 * a wall-clock deadline, after which the worker kills it (``SIGKILL``).
 
 Whatever happens in the child (``MemoryError``, a crash, the deadline) fails this one document

@@ -11,7 +11,7 @@ is declared in three layers, each once:
 * the route's own errors, ``responses=errors(409)``.
 
 FastAPI merges them (the route's entry wins for the same status); the schema fuzzing test
-(``tests/test_fuzz.py``) fails on any status a route returns without declaring it.
+(``tests/api/test_fuzz.py``) fails on any status a route returns without declaring it.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ from atrium.retrieval.service import Resources, metered_search
 log = structlog.get_logger("atrium.mcp")
 
 #: The one permission each tool needs (the API-key scopes that grant it are in
-#: auth/permissions.py); tests/test_authz_matrix.py calls every tool listed here.
+#: auth/permissions.py); tests/auth/test_authz_matrix.py calls every tool listed here.
 TOOL_PERMISSIONS: dict[str, Permission] = {
     "search": Permission.search,
     "answer": Permission.answer,
