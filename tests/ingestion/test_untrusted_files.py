@@ -712,6 +712,10 @@ def test_an_interrupted_read_kills_and_reaps_the_child(
         # Celery raises its soft time limit from a signal handler; raise it once the child
         # runs, i.e. while the worker waits for its answer.
         if pid_file.exists():
+            # Armed again first: Python ignores an exception raised while an at-fork handler
+            # runs (logging's, faulthandler's in tests/conftest.py), and the read would then
+            # wait its whole limit; this second signal, long after any clean-up, raises it again.
+            signal.setitimer(signal.ITIMER_REAL, 2.0)
             raise SoftTimeLimitExceeded()
         signal.setitimer(signal.ITIMER_REAL, 0.02)
 
