@@ -2,9 +2,9 @@
 
 A service needs the unit of work it writes in, Redis (caches, versions, limits), the quota
 engine, the settings, and, for the audit trail, where the call came from. Routes get all of it
-from one dependency, :data:`Ctx`; a task or a script builds a :class:`ServiceContext` from what
-it owns (:meth:`ServiceContext.for_task`). There is no "no context" mode: a service always
-meters, invalidates caches and audits (issue 15: calls without a request used to skip them).
+from one dependency, :data:`Ctx`; code outside a request (a task, a script, a test) builds a
+:class:`ServiceContext` from the connections it owns. There is no "no context" mode: a service
+always meters, invalidates caches and audits (calls without a request used to skip them).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from atrium.config import Settings
 from atrium.kit.db import DBSession, unit_of_work
 from atrium.kit.ratelimit import STATE_KEY as RATE_LIMIT_STATES
 from atrium.kit.ratelimit import RateLimitState
-from atrium.kit.runtime import Resources
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +51,6 @@ class ServiceContext:
     settings: Settings
     origin: Origin = field(default_factory=Origin)
     rate_limits: list[RateLimitState] = field(default_factory=list)
-
-    @classmethod
-    def for_task(cls, res: Resources, session: AsyncSession) -> ServiceContext:
-        """A context for work done by a worker task (or a script) in ``session``."""
-        return cls(session, res.sessionmaker, res.redis, Quota.for_resources(res), res.settings)
 
     def reserve(
         self,

@@ -34,7 +34,7 @@ path), ``alerts`` (usage warnings) and ``context`` (metering inside a unit of wo
 
 from atrium.billing.quota.alerts import ALERT_THRESHOLDS, send_usage_warning
 from atrium.billing.quota.batching import BATCH_FLUSH_SECONDS, BATCH_MAX
-from atrium.billing.quota.context import adjust, reserve, sqlite_unit_of_work
+from atrium.billing.quota.context import adjust, reserve
 from atrium.billing.quota.engine import DEFAULT_RESERVATION_TTL, Quota, close_quota, open_quota
 from atrium.billing.quota.metrics import LEVEL_METRICS, METRIC_LIMITS, Metric, QuotaExceeded
 from atrium.billing.quota.periods import Period, add_months, period_containing, period_tag
@@ -87,6 +87,5 @@ __all__ = [
     "reserve",
     "roll_period",
     "send_usage_warning",
-    "sqlite_unit_of_work",
     "usage_key",
 ]
