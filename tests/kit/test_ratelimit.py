@@ -12,7 +12,7 @@ from asgi_lifespan import LifespanManager
 from fastapi import APIRouter, Depends, Form, Request
 
 from atrium.kit.errors import NotFound
-from atrium.kit.ratelimit import enforce_subject_rate_limit, rate_limit
+from atrium.kit.ratelimit import admit, hit, rate_limit, request_states, tenant_bucket
 from atrium.kit.ratelimit_identifiers import by_field, by_ip
 
 TENANT = str(uuid.uuid4())
@@ -58,9 +58,9 @@ async def rl_app(test_env: dict[str, Any]) -> AsyncIterator[Any]:
 
     @app.get("/v1/_rltest/tenant/{kind}/{sid}")
     async def tenant_route(kind: str, sid: str, request: Request) -> dict[str, bool]:
-        await enforce_subject_rate_limit(
-            request, tenant_id=TENANT, kind=kind, subject_id=sid, per_minute=2
-        )
+        bucket = tenant_bucket(tenant_id=TENANT, kind=kind, subject_id=sid, per_minute=2)
+        assert bucket is not None
+        admit(await hit(request.app.state.redis, bucket), request_states(request))
         return {"ok": True}
 
     async with LifespanManager(app, startup_timeout=60):

@@ -10,6 +10,8 @@ import pytest
 
 from atrium.auth.permissions import Scope
 from tests.support.apikeys import create_api_key, key_header
+from tests.support.factories import bearer, create_user
+from tests.support.quota import set_plan
 from tests.support.retrieval import (
     World,
     create_collection,
@@ -395,6 +397,50 @@ async def test_searches_and_answers_beyond_the_plan_get_402(
     assert r.status_code == 402, r.text
     assert r.json()["detail"]["metric"] == "answers"
     assert (await usage(client, world))["searches"] == 2
+
+
+async def test_the_rate_limit_is_counted_with_the_quota_hold(
+    client: httpx.AsyncClient, app: Any, world: World
+) -> None:
+    """Search and answer count the key's rate limit in their hold's Redis script: a request
+    over the limit is refused with 429 and holds nothing; one the plan refuses (402) still
+    counts against the limit and reports it, as when the limit ran on its own before."""
+
+    class _T:
+        id = world.tenant_id
+
+    scopes = [Scope.search.value, Scope.answer.value]
+    _, secret = await create_api_key(app, _T(), scopes, rate_limit_per_minute=4)  # type: ignore[arg-type]
+    key = key_header(secret)
+    before = await usage(client, world)
+    remaining = []
+    for path in ("search", "answer"):
+        r = await client.post(world.url(path), json={"query": "Paris"}, headers=key)
+        assert r.status_code == 200, r.text
+        assert r.headers["X-RateLimit-Limit"] == "4"
+        remaining.append(r.headers["X-RateLimit-Remaining"])
+    assert remaining == ["3", "2"]
+    admin = await bearer(await create_user(app, superuser=True))
+    searches = before.get("searches", 0) + 1
+    await set_plan(client, admin, world.tenant_id, "free", {"searches_per_month": searches})
+    r = await client.post(world.url("search"), json={"query": "Paris"}, headers=key)
+    assert r.status_code == 402, r.text
+    assert r.headers["X-RateLimit-Remaining"] == "1"
+    await set_plan(client, admin, world.tenant_id, "free", {"searches_per_month": None})
+    r = await client.post(world.url("search"), json={"query": "Paris"}, headers=key)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-RateLimit-Remaining"] == "0"
+    for path in ("search", "answer"):
+        r = await client.post(world.url(path), json={"query": "Paris"}, headers=key)
+        assert r.status_code == 429, r.text
+        assert int(r.headers["Retry-After"]) > 0
+        assert r.json()["detail"]["limit"] == 4
+    after = await usage(client, world)
+    # Two searches and one answer were done; the refused requests used and hold nothing.
+    assert after["searches"] == searches + 1
+    assert after["answers"] == before.get("answers", 0) + 1
+    r = await client.get(world.url("usage"), headers=world.headers)
+    assert all(m["reserved"] == 0 for m in r.json()["metrics"] if "reserved" in m), r.text
 
 
 async def test_one_log_line_per_query_with_stage_timings(

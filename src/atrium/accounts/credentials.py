@@ -98,13 +98,10 @@ async def _remind_unverified(ctx: ServiceContext, user: User) -> None:
     """
     user_id = user.id  # read now: rolling the request's unit back expires ``user``
     times, seconds = LOGIN_VERIFY_MAIL_LIMIT
-    state = await ratelimit.hit(
-        ctx.redis,
-        f"atrium:rl:login-verify-mail:{user_id}",
-        times,
-        seconds,
-        name="login-verify-mail",
+    bucket = ratelimit.Bucket(
+        f"atrium:rl:login-verify-mail:{user_id}", times, seconds, "login-verify-mail"
     )
+    state = await ratelimit.hit(ctx.redis, bucket)
     async with ctx.detached() as session:
         record(
             session,

@@ -18,9 +18,11 @@ from atrium.auth import tokens
 from atrium.auth.api_keys import authenticate_api_key
 from atrium.auth.permissions import Permission, permissions_for_role
 from atrium.auth.subject import AuthSubject
+from atrium.billing.quota import Quota
 from atrium.billing.service import enforce_tenant_rate_limit
 from atrium.kit.db import DBSession
 from atrium.kit.errors import Forbidden, NotFound, Unauthorized
+from atrium.kit.ratelimit import request_states
 from atrium.models import Membership, Tenant, User
 from atrium.tenants.status import ensure_tenant_usable
 
@@ -97,13 +99,21 @@ SuperUser = Annotated[UserPrincipal, Depends(current_superuser)]
 
 
 class require:
-    """Dependency factory: the caller must hold ``permission`` in the path's tenant."""
+    """Dependency factory: the caller must hold ``permission`` in the path's tenant.
 
-    def __init__(self, permission: Permission) -> None:
+    Every request is counted against the caller's per-minute rate limit here, except with
+    ``rate_limit_in_hold``: a metered route (search, answer) counts it in the same Redis
+    script as its quota hold (:func:`atrium.retrieval.endpoints.query_context`), so the
+    request meets quota once.
+    """
+
+    def __init__(self, permission: Permission, *, rate_limit_in_hold: bool = False) -> None:
         self.permission = permission
+        self.rate_limit_in_hold = rate_limit_in_hold
 
     def __repr__(self) -> str:
-        return f"require({self.permission.value!r})"
+        held = ", rate_limit_in_hold=True" if self.rate_limit_in_hold else ""
+        return f"require({self.permission.value!r}{held})"
 
     async def __call__(self, request: Request, tenant_id: uuid.UUID) -> AuthSubject:
         # No DBSession parameter on purpose: a cached API key needs no database at all, and
@@ -119,9 +129,9 @@ class require:
             async with request.app.state.sessionmaker() as session:
                 principal = await _authenticate_user(request, session, token)
                 subject = await _member_subject(session, principal, tenant_id)
-        # Per API key / per user, with the plan's numbers (429 with Retry-After when over).
-
-        await enforce_tenant_rate_limit(request, subject)
+        if not self.rate_limit_in_hold:
+            # Per API key / per user, with the plan's numbers (429 with Retry-After when over).
+            await enforce_tenant_rate_limit(Quota.of(request), subject, request_states(request))
         if not subject.can(self.permission):
             raise Forbidden(
                 f"Missing permission '{self.permission.value}'",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.audit.service import Origin, record
@@ -15,7 +14,7 @@ from atrium.billing import repository, schemas
 from atrium.billing.plans import Limit, PlanCatalog, get_catalog, largest_upload
 from atrium.billing.quota import Metric, Quota, ensure_account, roll_period
 from atrium.kit.errors import NotFound, Unprocessable
-from atrium.kit.ratelimit import enforce_subject_rate_limit
+from atrium.kit.ratelimit import Bucket, RateLimitState, admit, hit, tenant_bucket
 from atrium.models import Tenant, utcnow
 
 
@@ -197,17 +196,13 @@ async def usage_history(
     return schemas.UsageHistory(tenant_id=tenant_id, days=out)
 
 
-async def enforce_tenant_rate_limit(request: Request, subject: AuthSubject) -> None:
-    """Count a tenant-route request against the caller's per-minute limit.
+async def caller_bucket(quota: Quota, subject: AuthSubject) -> Bucket | None:
+    """The per-minute bucket a tenant-route request of ``subject`` counts against.
 
     API keys use their own ``rate_limit_per_minute`` when set, capped at the plan's per-key
     limit, else the plan's per-key limit; people use the plan's per-user limit. Each key and
-    each user has its own bucket.
-
-    Raises:
-        TooManyRequests: over the limit (429 with ``Retry-After`` and ``X-RateLimit-*``).
+    each user has its own bucket. None: the plan sets no limit.
     """
-    quota = Quota.of(request)
     limits = await quota.limits(subject.tenant_id)
     if subject.kind == "api_key":
         kind, who = "key", subject.api_key_id
@@ -221,11 +216,26 @@ async def enforce_tenant_rate_limit(request: Request, subject: AuthSubject) -> N
     else:
         kind, who = "user", subject.user_id
         per_minute = limits[Limit.requests_per_minute_per_user]
-    # A refusal is counted in atrium_rate_limit_rejections_total by kit.ratelimit.
-    await enforce_subject_rate_limit(
-        request,
-        tenant_id=str(subject.tenant_id),
-        kind=kind,
-        subject_id=str(who),
-        per_minute=per_minute,
+    return tenant_bucket(
+        tenant_id=subject.tenant_id, kind=kind, subject_id=str(who), per_minute=per_minute
     )
+
+
+async def enforce_tenant_rate_limit(
+    quota: Quota, subject: AuthSubject, states: list[RateLimitState]
+) -> None:
+    """Count a tenant-route request against the caller's per-minute limit (:func:`caller_bucket`).
+
+    Args:
+        quota: the quota engine (the plan's limits, its Redis client).
+        subject: the caller.
+        states: the request's limit outcomes, reported in its ``X-RateLimit-*`` headers.
+
+    Raises:
+        TooManyRequests: over the limit (429 with ``Retry-After`` and ``X-RateLimit-*``).
+    """
+    bucket = await caller_bucket(quota, subject)
+    if bucket is not None:
+        # A refusal is counted in atrium_rate_limit_rejections_total by kit.ratelimit.
+        state = await hit(quota.redis, bucket)
+        admit(state, states, tenant_id=str(subject.tenant_id), subject=subject.principal)

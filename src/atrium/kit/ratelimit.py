@@ -25,9 +25,11 @@ Use it two ways:
   The identifiers (:func:`~atrium.kit.ratelimit_identifiers.by_ip`, the default, and
   :func:`~atrium.kit.ratelimit_identifiers.by_field`) are in ``kit.ratelimit_identifiers``.
 
-* tenant routes: :func:`enforce_subject_rate_limit` once the caller is known (per API key, with
-  the key's own ``rate_limit_per_minute`` when set, else per user), called by billing with the
-  plan's limits.
+* tenant routes: :func:`tenant_bucket` once the caller is known (per API key, with the key's
+  own ``rate_limit_per_minute`` when set, else per user; billing supplies the plan's limits),
+  counted by :func:`hit` and :func:`admit`, or, on the metered search and answer routes,
+  inside the quota hold's own Redis script (:mod:`atrium.billing.quota.reserving`): one round
+  trip for both.
 
 Redis keys: ``atrium:rl:<name>:<identifier>`` for anonymous limits and
 ``atrium:t:<tenant_id>:rl:<kind>:<id>`` for tenant limits, so a tenant purge that deletes
@@ -37,10 +39,13 @@ addresses) are hashed before they reach Redis (``kit.ratelimit_identifiers``).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from fastapi import Request
@@ -162,6 +167,13 @@ class PerIdentifierRedisBucketFactory(BucketFactory):
 _factories: dict[tuple[int, int, int], PerIdentifierRedisBucketFactory] = {}
 
 
+@functools.lru_cache(maxsize=1024)
+def _factory_rates(times: int, seconds: int) -> PerIdentifierRedisBucketFactory:
+    # The rate and the clock of a check, without a client: computing a check's arguments
+    # needs no connection (a metered route sends them inside its quota hold's script).
+    return PerIdentifierRedisBucketFactory(None, [Rate(times, Duration.SECOND * seconds)])
+
+
 def _factory(redis: Redis, times: int, seconds: int) -> PerIdentifierRedisBucketFactory:
     # One factory per (client, rate): the script hash is loaded once per Redis client.
     key = (id(redis), times, seconds)
@@ -172,74 +184,117 @@ def _factory(redis: Redis, times: int, seconds: int) -> PerIdentifierRedisBucket
     return factory
 
 
-async def hit(redis: Redis, key: str, times: int, seconds: int, name: str = "") -> RateLimitState:
-    """Count one request against ``key``'s bucket (``times`` per ``seconds``, sliding window).
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """One identifier's sliding-window bucket: ``times`` requests per ``seconds``.
 
-    The check-and-insert is pyrate-limiter's ``RedisBucket`` Lua script with the arguments its
-    sliding-window algorithm computes: atomic in Redis, so concurrent requests on any number
-    of API replicas never exceed ``times``; a refused request is not counted. It runs in one
-    script with the bookkeeping (trim, count, oldest entry, expiry): one command per check.
-
-    Args:
-        redis: the app's Redis client.
-        key: the identifier's bucket (a full Redis key).
+    Attributes:
+        key: the bucket's Redis key (a sorted set).
         times: requests allowed per window.
         seconds: the window.
-        name: the limit's name, for logs and headers.
-
-    Returns:
-        The state to report in headers; ``retry_after`` is set when refused.
+        name: the limit's name, for logs, metrics and headers.
     """
-    factory = _factory(redis, times, seconds)
+
+    key: str
+    times: int
+    seconds: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """The arguments of one check of :data:`HIT_SCRIPT`, stamped with the time it was made."""
+
+    bucket: Bucket
+    now_ms: int
+    args: tuple[str | int, ...]
+
+
+def prepare(bucket: Bucket) -> Check:
+    """The script arguments of a check of ``bucket`` now (one request of weight 1).
+
+    They are what pyrate-limiter's sliding-window algorithm computes for its ``RedisBucket``,
+    plus the bookkeeping's two: the newest score to trim and the key's expiry in ms.
+    """
+    factory = _factory_rates(bucket.times, bucket.seconds)
     rate = factory.rates[0]
-    interval_ms = seconds * 1000
-    item = factory.wrap_item(key)
+    item = factory.wrap_item(bucket.key)
     now = item.timestamp
     window_start = _ALGORITHM.window_start(rate, now)
     offset = _ALGORITHM.blocking_offset(rate, item.weight)
-    args: list[str | int] = [
+    args: tuple[str | int, ...] = (
         now,
         item.weight,
         # Members must be unique in the sorted set (pyrate's own convention).
-        f"{key}:{uuid.uuid4().hex[:16]}:",
+        f"{bucket.key}:{uuid.uuid4().hex[:16]}:",
         1,
         window_start,
         rate.limit,
         -1 if offset is None else offset,
-    ]
-    args += [window_start - 1, interval_ms + 1000]
-    for attempt in range(2):
-        sha = await factory.hit_script_hash(reload=attempt > 0)
-        try:
-            verdict = await redis.evalsha(sha, 1, key, *args)
-            break
-        except NoScriptError:
-            # Redis restarted (or SCRIPT FLUSH): load the script again and retry once.
-            if attempt:
-                raise
+        window_start - 1,
+        bucket.seconds * 1000 + 1000,
+    )
+    return Check(bucket, now, args)
+
+
+def outcome(check: Check, verdict: Sequence[Any]) -> RateLimitState:
+    """The state of a check from the script's reply ``{failing, blocking, count, oldest}``."""
+    bucket = check.bucket
+    rate = _factory_rates(bucket.times, bucket.seconds).rates[0]
+    interval_ms = bucket.seconds * 1000
     count, oldest = int(verdict[2]), verdict[3]
     failing, blocking = int(verdict[0]), int(verdict[1])
-    remaining = max(0, times - count)
+    remaining = max(0, bucket.times - count)
     oldest_ms = int(float(oldest))
-    reset_ms = max(0, oldest_ms + interval_ms - now) if oldest_ms >= 0 else 0
+    reset_ms = max(0, oldest_ms + interval_ms - check.now_ms) if oldest_ms >= 0 else 0
     retry_after = None
     if failing >= 0:
-        retry_ms = _ALGORITHM.retry_after(rate, now, blocking if blocking >= 0 else None)
+        retry_ms = _ALGORITHM.retry_after(rate, check.now_ms, blocking if blocking >= 0 else None)
         # Never tell a client to retry in 0 s: it would spin.
         retry_after = max(1, math.ceil(max(retry_ms, reset_ms) / 1000))
     return RateLimitState(
-        name=name or key,
-        limit=times,
+        name=bucket.name or bucket.key,
+        limit=bucket.times,
         remaining=remaining,
         reset_seconds=math.ceil(reset_ms / 1000),
         retry_after=retry_after,
     )
 
 
+async def hit(redis: Redis, bucket: Bucket) -> RateLimitState:
+    """Count one request against ``bucket`` (sliding window).
+
+    The check-and-insert is pyrate-limiter's ``RedisBucket`` Lua script with the arguments its
+    sliding-window algorithm computes: atomic in Redis, so concurrent requests on any number
+    of API replicas never exceed ``times``; a refused request is not counted. It runs in one
+    script with the bookkeeping (trim, count, oldest entry, expiry): one command per check.
+    (A metered tenant route runs the same script inside its quota hold's instead:
+    :mod:`atrium.billing.quota.reserving`.)
+
+    Args:
+        redis: the app's Redis client.
+        bucket: the identifier's bucket.
+
+    Returns:
+        The state to report in headers; ``retry_after`` is set when refused.
+    """
+    factory = _factory(redis, bucket.times, bucket.seconds)
+    check = prepare(bucket)
+    for attempt in range(2):
+        sha = await factory.hit_script_hash(reload=attempt > 0)
+        try:
+            verdict = await redis.evalsha(sha, 1, bucket.key, *check.args)
+            break
+        except NoScriptError:
+            # Redis restarted (or SCRIPT FLUSH): load the script again and retry once.
+            if attempt:
+                raise
+    return outcome(check, verdict)
+
+
 def record_state(request: Request, state: RateLimitState) -> None:
     """Remember ``state`` so :class:`RateLimitHeadersMiddleware` reports it on the response."""
-    states: list[RateLimitState] = request.scope.setdefault("state", {}).setdefault(STATE_KEY, [])
-    states.append(state)
+    request_states(request).append(state)
 
 
 #: ``atrium_rate_limit_rejections_total`` labels of the per-key and per-user tenant buckets.
@@ -303,9 +358,8 @@ class RateLimit(RateLimiter):
         if identifier is None:
             return
         redis: Redis = request.app.state.redis
-        state = await hit(
-            redis, f"atrium:rl:{self.name}:{identifier}", self.times, self.seconds, self.name
-        )
+        bucket = Bucket(f"atrium:rl:{self.name}:{identifier}", self.times, self.seconds, self.name)
+        state = await hit(redis, bucket)
         record_state(request, state)
         if not state.allowed:
             log.info("rate_limited", limit=self.name, identifier=identifier)
@@ -329,41 +383,44 @@ def rate_limit(name: str, times: int, seconds: int, key: Identifier = by_ip) -> 
     return RateLimit(name, times, seconds, key)
 
 
-async def enforce_subject_rate_limit(
-    request: Request,
-    *,
-    tenant_id: str,
-    kind: str,
-    subject_id: str,
-    per_minute: int | None,
-) -> RateLimitState | None:
-    """Count a tenant-route request against the caller's per-minute bucket.
+def tenant_bucket(
+    *, tenant_id: uuid.UUID | str, kind: str, subject_id: uuid.UUID | str, per_minute: int | None
+) -> Bucket | None:
+    """The per-minute bucket of a tenant route's caller, or None when it is unlimited.
 
     Args:
-        request: the request (its app's Redis is used; the outcome is reported in headers).
         tenant_id: the tenant of the path (part of the Redis key).
         kind: ``key`` (API key) or ``user``.
         subject_id: the API key's or the user's id.
         per_minute: requests per minute; None means unlimited.
+    """
+    if per_minute is None:
+        return None
+    return Bucket(
+        f"atrium:t:{tenant_id}:rl:{kind}:{subject_id}",
+        max(1, per_minute),
+        60,
+        f"tenant-{kind}",
+    )
+
+
+def admit(state: RateLimitState, states: list[RateLimitState], **fields: str) -> None:
+    """Report ``state`` on the response (``states``: the request's list) and refuse when over
+    (``fields``: what the log line of a refusal says about the caller).
 
     Raises:
         TooManyRequests: over the limit (with ``Retry-After`` and the ``X-RateLimit-*`` headers).
     """
-    if per_minute is None:
-        return None
-    redis: Redis = request.app.state.redis
-    state = await hit(
-        redis,
-        f"atrium:t:{tenant_id}:rl:{kind}:{subject_id}",
-        max(1, per_minute),
-        60,
-        name=f"tenant-{kind}",
-    )
-    record_state(request, state)
+    states.append(state)
     if not state.allowed:
-        log.info("rate_limited", limit=state.name, tenant_id=tenant_id, subject=subject_id)
+        log.info("rate_limited", limit=state.name, **fields)
     raise_if_refused(state)
-    return state
+
+
+def request_states(request: Request) -> list[RateLimitState]:
+    """The request's list of limit outcomes, which :class:`RateLimitHeadersMiddleware` reports."""
+    states: list[RateLimitState] = request.scope.setdefault("state", {}).setdefault(STATE_KEY, [])
+    return states
 
 
 # Headers on every limited response --------------------------------------------------------------

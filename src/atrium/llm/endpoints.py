@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Request
+from fastapi import APIRouter, BackgroundTasks, Depends
 from sse_starlette import EventSourceResponse
 
 from atrium.auth.dependencies import require
@@ -13,11 +13,14 @@ from atrium.auth.subject import AuthSubject
 from atrium.kit.responses import TENANT, errors
 from atrium.llm import service as answers
 from atrium.llm.schemas import AnswerRequest, AnswerResponse
-from atrium.retrieval.endpoints import resources
-from atrium.retrieval.service import Resources
+from atrium.retrieval.context import QueryContext
+from atrium.retrieval.endpoints import query_context
 
 # Listed under "search" in the API reference, beside the search it builds on.
 router = APIRouter(tags=["search"], responses=TENANT)
+
+#: The caller of ``/answer``: counted against its rate limit with the answer's quota hold.
+answerer = require(Permission.answer, rate_limit_in_hold=True)
 
 
 @router.post(
@@ -34,10 +37,9 @@ router = APIRouter(tags=["search"], responses=TENANT)
 )
 async def answer_route(
     body: AnswerRequest,
-    request: Request,
     background: BackgroundTasks,
-    subject: Annotated[AuthSubject, Depends(require(Permission.answer))],
-    res: Annotated[Resources, Depends(resources)],
+    subject: Annotated[AuthSubject, Depends(answerer)],
+    res: Annotated[QueryContext, Depends(query_context(answerer))],
 ) -> Any:
     """Retrieve the chunks relevant to `query`, then answer from them with numbered citations.
 
@@ -49,6 +51,6 @@ async def answer_route(
     `error`. A provider that fails or times out gives 502 or 504.
     """
     if body.stream:
-        events = await answers.answer_events(res, request, subject.tenant_id, body)
+        events = await answers.answer_events(res, subject.tenant_id, body)
         return EventSourceResponse(events, ping=15)
-    return await answers.answer(res, request, subject.tenant_id, body, background)
+    return await answers.answer(res, subject.tenant_id, body, background)

@@ -32,9 +32,10 @@ from atrium.llm.schemas import (
     TokenUsage,
 )
 from atrium.retrieval import metering
+from atrium.retrieval.context import QueryContext
 from atrium.retrieval.metering import Metric
 from atrium.retrieval.schemas import SearchResponse, SearchResult
-from atrium.retrieval.service import Resources, log_fields, search
+from atrium.retrieval.service import log_fields, search
 
 log = structlog.get_logger("atrium.llm")
 
@@ -142,7 +143,7 @@ class _Run:
     usage: TokenUsage = field(default_factory=TokenUsage)
     llm_ms: float = 0.0
 
-    async def reserve_tokens(self, ctx: Any, messages: list[dict[str, str]]) -> None:
+    async def reserve_tokens(self, ctx: QueryContext, messages: list[dict[str, str]]) -> None:
         """Hold the most tokens this answer may use: the prompt (estimated) plus max_tokens."""
         assert self.cfg is not None
         prompt_estimate = sum(len(m["content"]) for m in messages) // 3 + 16
@@ -219,10 +220,11 @@ class _Run:
         )
 
 
-async def _prepare(res: Resources, ctx: Any, tenant_id: uuid.UUID, req: AnswerRequest) -> _Run:
+async def _prepare(res: QueryContext, tenant_id: uuid.UUID, req: AnswerRequest) -> _Run:
     start = time.perf_counter()
     cfg = llm_config(res.settings, req)
-    hold = await metering.reserve(ctx, tenant_id, Metric.answers)
+    # The caller's rate limit is counted with this first hold (one Redis round trip).
+    hold = await metering.reserve(res, tenant_id, Metric.answers, rate_limit=res.rate_limit)
     try:
         outcome = await search(res, tenant_id, req)
     except BaseException:
@@ -240,7 +242,7 @@ async def _prepare(res: Resources, ctx: Any, tenant_id: uuid.UUID, req: AnswerRe
     )
 
 
-async def _extract(res: Resources, run: _Run) -> list[str]:
+async def _extract(res: QueryContext, run: _Run) -> list[str]:
     if not run.sources:
         return [extractive.NO_ANSWER]
     t = time.perf_counter()
@@ -259,8 +261,7 @@ def _messages(run: _Run) -> list[dict[str, str]]:
 
 
 async def answer(
-    res: Resources,
-    ctx: Any,
+    res: QueryContext,
     tenant_id: uuid.UUID,
     req: AnswerRequest,
     background: BackgroundTasks,
@@ -268,8 +269,8 @@ async def answer(
     """Answer ``req`` from the tenant's documents (not streamed).
 
     Args:
-        res: the app's pools and settings.
-        ctx: the request (its quota engine meters the answer).
+        res: the query's pools, settings and metering (its rate limit is counted with the
+            answer's hold).
         tenant_id: the caller's tenant.
         req: the validated request.
         background: where usage is settled, after the response.
@@ -277,10 +278,11 @@ async def answer(
     Raises:
         Unprocessable: model or max_tokens outside the limits.
         NotFound: a requested collection is not the tenant's.
+        TooManyRequests: the caller's rate limit is spent.
         PaymentRequired: the plan has no answers or tokens left.
         BadGateway, GatewayTimeout: the LLM provider failed or did not answer in time.
     """
-    run = await _prepare(res, ctx, tenant_id, req)
+    run = await _prepare(res, tenant_id, req)
     try:
         if run.cfg is None:
             text = " ".join(await _extract(res, run))
@@ -288,7 +290,7 @@ async def answer(
             text = extractive.NO_ANSWER
         else:
             messages = _messages(run)
-            await run.reserve_tokens(ctx, messages)
+            await run.reserve_tokens(res, messages)
             t = time.perf_counter()
             try:
                 completion = await client.complete(run.cfg, messages)
@@ -316,20 +318,20 @@ def _event(name: str, payload: Any) -> dict[str, str]:
 
 
 async def answer_events(
-    res: Resources, ctx: Any, tenant_id: uuid.UUID, req: AnswerRequest
+    res: QueryContext, tenant_id: uuid.UUID, req: AnswerRequest
 ) -> AsyncIterator[dict[str, str]]:
     """Prepare a streamed answer; returns the iterator of its Server-Sent Events.
 
     Retrieval, and the opening of the LLM stream up to its first chunk, happen before this
     returns: their failures are plain error responses. Later failures become an ``error`` event.
     """
-    run = await _prepare(res, ctx, tenant_id, req)
+    run = await _prepare(res, tenant_id, req)
     stream: client.Stream | None = None
     if run.cfg is not None and run.sources:
         t = time.perf_counter()
         try:
             messages = _messages(run)
-            await run.reserve_tokens(ctx, messages)
+            await run.reserve_tokens(res, messages)
             stream = await client.open_stream(run.cfg, messages)
         except BaseException as exc:
             run.llm_ms = _ms(t)
@@ -342,7 +344,7 @@ async def answer_events(
 
 
 async def _events(
-    res: Resources, run: _Run, stream: client.Stream | None
+    res: QueryContext, run: _Run, stream: client.Stream | None
 ) -> AsyncIterator[dict[str, str]]:
     outcome = "disconnected"
     try:

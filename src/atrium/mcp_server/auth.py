@@ -19,8 +19,10 @@ from fastapi import Request
 from atrium.auth.api_keys import authenticate_api_key, tenant_of_key
 from atrium.auth.dependencies import API_KEY_PREFIX, bearer_token
 from atrium.auth.subject import AuthSubject
+from atrium.billing.quota import Quota
 from atrium.billing.service import enforce_tenant_rate_limit
 from atrium.kit.errors import NotFound, Unauthorized
+from atrium.kit.ratelimit import request_states
 
 NEEDS_API_KEY = (
     "The MCP endpoint needs an API key: send 'Authorization: Bearer atr_...' "
@@ -54,7 +56,7 @@ async def authenticate(request: Request) -> AuthSubject:
         # The routes answer 404 for a tenant being deleted (their path names it); here the
         # key itself no longer leads anywhere.
         raise Unauthorized("This API key's tenant no longer exists") from None
-    await enforce_tenant_rate_limit(request, subject)
+    await enforce_tenant_rate_limit(Quota.of(request), subject, request_states(request))
     request.state.tenant_id = str(subject.tenant_id)
     request.state.principal = subject.principal
     request.state.subject = subject

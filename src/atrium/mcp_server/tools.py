@@ -36,15 +36,17 @@ from atrium.kit.errors import (
     outage_of,
 )
 from atrium.kit.pagination import MAX_PAGE, Params
+from atrium.kit.ratelimit import request_states
 from atrium.llm import service as answers
 from atrium.llm.schemas import AnswerRequest, AnswerResponse
+from atrium.retrieval.context import QueryContext
 from atrium.retrieval.schemas import (
     MAX_COLLECTIONS,
     MAX_QUERY_CHARS,
     SearchMode,
     SearchRequest,
 )
-from atrium.retrieval.service import Resources, metered_search
+from atrium.retrieval.service import metered_search
 
 log = structlog.get_logger("atrium.mcp")
 
@@ -238,9 +240,9 @@ Mode = Annotated[
 async def _search(request: Request, subject: AuthSubject, params: SearchRequest) -> CallToolResult:
     # The /search route's own steps (quota hold, cache, search, settle, metrics, log line); the
     # cache is filled before the result goes back, since a tool result is the response.
-    outcome = await metered_search(
-        Resources.of(request.app.state), request, subject.tenant_id, params, via="mcp"
-    )
+    # The rate limit was counted for the MCP message (mcp_server.auth): the hold only holds.
+    ctx = QueryContext.of(request.app, rate_limits=request_states(request))
+    outcome = await metered_search(ctx, subject.tenant_id, params, via="mcp")
     response = outcome.response
     chunks = [
         Chunk(number=n, **r.model_dump(include=set(Chunk.model_fields) - {"number"}))
@@ -264,9 +266,8 @@ async def _answer(request: Request, subject: AuthSubject, params: AnswerRequest)
     # The non-streamed POST .../answer: one answer (and its LLM tokens) metered, settled
     # here rather than after a response, since a tool result is the response.
     background = BackgroundTasks()
-    response = await answers.answer(
-        Resources.of(request.app.state), request, subject.tenant_id, params, background
-    )
+    ctx = QueryContext.of(request.app, rate_limits=request_states(request))
+    response = await answers.answer(ctx, subject.tenant_id, params, background)
     await background()
     lines = [response.answer]
     if response.citations:

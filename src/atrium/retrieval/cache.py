@@ -1,4 +1,4 @@
-"""The search result cache: fastapi-cache2's Redis backend and JSON coder, keyed by request.
+"""The search result cache: fastapi-cache2's Redis backend, keyed by request.
 
 The key holds the tenant, the normalised request, the embedding model and the current version
 of every collection searched (:mod:`atrium.kit.cache_versions`). A write to a collection bumps
@@ -42,17 +42,18 @@ def cache_key(
     return f"{FastAPICache.get_prefix()}:{NAMESPACE}:{tenant_id}:{digest}"
 
 
-async def get(key: str) -> dict[str, Any] | None:
-    """The cached response body under ``key``, if any."""
+async def get(key: str) -> bytes | None:
+    """The cached response body under ``key`` (JSON), if any."""
     raw = await FastAPICache.get_backend().get(key)
-    if raw is None:
-        return None
-    value = FastAPICache.get_coder().decode(raw)
-    return value if isinstance(value, dict) else None
+    return raw if isinstance(raw, bytes) else None
 
 
-async def put(key: str, body: dict[str, Any], ttl: int) -> None:
-    """Store a response body for ``ttl`` seconds."""
+async def put(key: str, body: bytes, ttl: int) -> None:
+    """Store a response body (JSON) for ``ttl`` seconds.
+
+    The body is stored as the response was serialised: no second encoding (fastapi-cache's
+    coder would turn it into a dict and back).
+    """
     if ttl <= 0:
         return
-    await FastAPICache.get_backend().set(key, FastAPICache.get_coder().encode(body), expire=ttl)
+    await FastAPICache.get_backend().set(key, body, expire=ttl)

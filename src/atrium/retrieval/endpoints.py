@@ -1,7 +1,10 @@
 """The search route: ``/v1/tenants/{tenant_id}/search`` (answers: :mod:`atrium.llm.endpoints`)."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: query_context's dependency is built in a
+# closure, and FastAPI can only evaluate a string annotation against the module's globals,
+# where ``caller`` is not.
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, Response
@@ -9,16 +12,42 @@ from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, Respon
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
 from atrium.auth.subject import AuthSubject
+from atrium.billing.quota import Quota
+from atrium.billing.service import caller_bucket
+from atrium.kit.ratelimit import request_states
 from atrium.kit.responses import TENANT, errors
+from atrium.retrieval.context import QueryContext
 from atrium.retrieval.schemas import SearchRequest, SearchResponse
-from atrium.retrieval.service import Resources, metered_search
+from atrium.retrieval.service import metered_search
 
 router = APIRouter(tags=["search"], responses=TENANT)
 
 
-async def resources(request: Request) -> Resources:
-    """The app's pools for retrieval (async: a plain function would run in a thread)."""
-    return Resources.of(request.app.state)
+def query_context(caller: require) -> Callable[..., Awaitable[QueryContext]]:
+    """Dependency factory: the :class:`QueryContext` of a metered route whose caller ``caller``
+    resolves (the same ``require`` object as the route's subject, so FastAPI resolves it once).
+
+    ``caller`` must leave the rate limit to the hold (``rate_limit_in_hold=True``): the
+    context carries the caller's bucket, which the route's first quota hold counts.
+    """
+    if not caller.rate_limit_in_hold:
+        raise ValueError("query_context() is for a require(..., rate_limit_in_hold=True)")
+
+    async def dependency(
+        request: Request, subject: Annotated[AuthSubject, Depends(caller)]
+    ) -> QueryContext:
+        quota = Quota.of(request)
+        return QueryContext.of(
+            request.app,
+            rate_limit=await caller_bucket(quota, subject),
+            rate_limits=request_states(request),
+        )
+
+    return dependency
+
+
+#: The caller of ``/search``: counted against its rate limit with the search's quota hold.
+searcher = require(Permission.search, rate_limit_in_hold=True)
 
 
 def _cache_flags(cache_control: str | None) -> tuple[bool, bool]:
@@ -39,10 +68,9 @@ def _cache_flags(cache_control: str | None) -> tuple[bool, bool]:
 )
 async def search_route(
     body: SearchRequest,
-    request: Request,
     background: BackgroundTasks,
-    subject: Annotated[AuthSubject, Depends(require(Permission.search))],
-    res: Annotated[Resources, Depends(resources)],
+    subject: Annotated[AuthSubject, Depends(searcher)],
+    res: Annotated[QueryContext, Depends(query_context(searcher))],
     cache_control: Annotated[str | None, Header()] = None,
 ) -> Response:
     """Find the chunks most relevant to `query` in the tenant's collections.
@@ -60,7 +88,6 @@ async def search_route(
     use_cache, store = _cache_flags(cache_control)
     outcome = await metered_search(
         res,
-        request,
         subject.tenant_id,
         body,
         use_cache=use_cache,
@@ -70,11 +97,7 @@ async def search_route(
     if outcome.store is not None:
         # Filling the cache is no business of this caller's: after the response.
         background.add_task(outcome.store)
-    # Serialised once by pydantic's own JSON encoder: the model is already valid, so FastAPI's
-    # response_model pass (validate again, then encode) is skipped; response_model still
-    # documents the body.
-    return Response(
-        outcome.response.model_dump_json(),
-        media_type="application/json",
-        background=background,
-    )
+    # Serialised once by pydantic's own JSON encoder, and the cache stores those very bytes:
+    # the model is already valid, so FastAPI's response_model pass (validate again, then
+    # encode) is skipped; response_model still documents the body.
+    return Response(outcome.json(), media_type="application/json", background=background)

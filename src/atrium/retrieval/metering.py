@@ -1,10 +1,11 @@
 """Metering of searches, answers and LLM tokens: the one place retrieval talks to billing.
 
 Work is reserved against the tenant's quota before it starts (a tenant over its plan gets a
-402 before anything is spent) and settled with what was really used once it is done; failed
-work gives its reservation back. Settled work is written to the billing database in batches
-(:meth:`atrium.billing.quota.Reservation.record_later`), so a search costs one Redis script, not a
-MySQL transaction.
+402 before anything is spent; the caller's per-minute rate limit is counted in the same Redis
+script as the first hold, so a query meets quota once) and settled with what was really used
+once it is done; failed work gives its reservation back. Settled work is written to the
+billing database in batches (:meth:`atrium.billing.quota.Reservation.record_later`), so a
+search costs one Redis script, not a MySQL transaction.
 
 Stage latencies and token counts also go to the Prometheus metrics here.
 """
@@ -14,36 +15,41 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from starlette.applications import Starlette
-from starlette.requests import HTTPConnection
-
-from atrium.billing.quota import Metric, Quota, Reservation
+from atrium.billing.quota import Metric, Reservation
 from atrium.kit import metrics
+from atrium.kit.ratelimit import Bucket
+from atrium.retrieval.context import QueryContext
 
 __all__ = ["Metric", "Reservation", "observe", "release", "reserve", "settle"]
 
 
 async def reserve(
-    ctx: HTTPConnection | Starlette,
+    ctx: QueryContext,
     tenant_id: uuid.UUID,
     metric: Metric,
     amount: int = 1,
     *,
+    rate_limit: Bucket | None = None,
     alongside: Sequence[tuple[str, ...]] = (),
 ) -> Reservation:
     """Hold ``amount`` of ``metric`` for ``tenant_id``.
 
     Args:
-        ctx: the request (or app) whose quota engine to use.
+        ctx: the query's context (its quota engine; its rate-limit outcomes).
         tenant_id: the caller's tenant.
         metric: ``Metric.searches``, ``Metric.answers`` or ``Metric.llm_tokens``.
         amount: how much to hold (for tokens: the most the request may use).
+        rate_limit: the caller's bucket (``ctx.rate_limit``) for the request's first hold:
+            counted in the same Redis script, so a refused request holds nothing.
         alongside: Redis reads to make in the same round trip (``reservation.replies``).
 
     Raises:
+        TooManyRequests: ``rate_limit`` is spent (429).
         atrium.billing.quota.QuotaExceeded: the plan has no room left (402).
     """
-    return await Quota.of(ctx).reserve(tenant_id, metric, amount).acquire(alongside)
+    return await ctx.quota.reserve(tenant_id, metric, amount).acquire(
+        alongside, rate_limit=rate_limit, rate_limits=ctx.rate_limits
+    )
 
 
 async def settle(reservation: Reservation | None, actual: int | None = None) -> None:

@@ -18,9 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from psycopg_pool import AsyncConnectionPool
-from redis.asyncio import Redis
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from atrium.collections import catalog
 from atrium.config import Settings
@@ -29,6 +26,7 @@ from atrium.embedding.query import Vector, embed_query
 from atrium.kit.cache_versions import TenantVersions, tenant_versions, versions_command
 from atrium.kit.errors import BadGateway, GatewayTimeout
 from atrium.retrieval import cache, metering, repository, rerank
+from atrium.retrieval.context import QueryContext
 from atrium.retrieval.filters import Condition, canonical, parse_filters
 from atrium.retrieval.metering import Metric
 from atrium.retrieval.schemas import (
@@ -48,26 +46,6 @@ log = structlog.get_logger("atrium.retrieval")
 HYBRID_VECTOR_WEIGHT = 0.5
 
 
-@dataclass(frozen=True)
-class Resources:
-    """What search needs from the running app."""
-
-    settings: Settings
-    vector_pool: AsyncConnectionPool
-    redis: Redis
-    engine: AsyncEngine
-
-    @classmethod
-    def of(cls, state: Any) -> Resources:
-        """The running app's pools and settings (``app.state``)."""
-        return cls(
-            settings=state.settings,
-            vector_pool=state.vector_pool,
-            redis=state.redis,
-            engine=state.engine,
-        )
-
-
 @dataclass
 class SearchOutcome:
     """A search's response plus what the caller needs afterwards (query vector, log fields)."""
@@ -77,6 +55,13 @@ class SearchOutcome:
     log_fields: dict[str, Any] = field(default_factory=dict)
     #: With ``defer_store``: the cache write the caller runs once the response is out.
     store: Callable[[], Awaitable[None]] | None = None
+    _json: bytes | None = None
+
+    def json(self) -> bytes:
+        """The response as JSON, serialised once: the body sent and the body cached."""
+        if self._json is None:
+            self._json = self.response.model_dump_json().encode()
+        return self._json
 
 
 def _ms(start: float) -> float:
@@ -158,7 +143,7 @@ def fuse(
 
 
 async def search(
-    res: Resources,
+    res: QueryContext,
     tenant_id: uuid.UUID,
     params: SearchParams,
     *,
@@ -170,7 +155,7 @@ async def search(
     """Run a search for ``tenant_id``.
 
     Args:
-        res: the app's pools and settings.
+        res: the query's pools and settings.
         tenant_id: the caller's tenant (from its AuthSubject).
         params: the validated request.
         use_cache: look the request up in the result cache first.
@@ -215,8 +200,7 @@ async def search(
 
 
 async def metered_search(
-    res: Resources,
-    ctx: Any,
+    res: QueryContext,
     tenant_id: uuid.UUID,
     params: SearchParams,
     *,
@@ -227,12 +211,12 @@ async def metered_search(
 ) -> SearchOutcome:
     """One search of the plan: hold it, search, settle it (or give it back), observe, log.
 
-    What the ``/search`` route and the MCP ``search`` tool both do; the quota hold and the
-    tenant's cache versions are read in one Redis round trip.
+    What the ``/search`` route and the MCP ``search`` tool both do. The caller's rate limit
+    (``res.rate_limit``), the quota hold and the tenant's cache versions are one Redis round
+    trip.
 
     Args:
-        res: the app's pools and settings.
-        ctx: the request (its quota engine meters the search).
+        res: the query's pools, settings and metering.
         tenant_id: the caller's tenant (from its AuthSubject).
         params: the validated request.
         use_cache: look the request up in the result cache first.
@@ -242,6 +226,7 @@ async def metered_search(
         via: how the search arrived, for the log line when not the HTTP route (``"mcp"``).
 
     Raises:
+        TooManyRequests: the caller's rate limit is spent (429; nothing else was done).
         PaymentRequired: the plan has no searches left (402; nothing else was done).
         NotFound: a requested collection is not one of the tenant's.
         BadGateway, GatewayTimeout: a hosted embedding model failed.
@@ -250,7 +235,11 @@ async def metered_search(
     if params.rerank:  # refused before the plan is charged
         rerank.check_rerank(res.settings, params.rerank_top_n)
     hold = await metering.reserve(
-        ctx, tenant_id, Metric.searches, alongside=[versions_command(tenant_id)]
+        res,
+        tenant_id,
+        Metric.searches,
+        rate_limit=res.rate_limit,
+        alongside=[versions_command(tenant_id)],
     )
     try:
         versions = await tenant_versions(res.redis, tenant_id, hold.replies[0])
@@ -305,7 +294,7 @@ async def _embed(settings: Settings, text: str, tenant_id: uuid.UUID) -> tuple[V
 
 
 async def _search(
-    res: Resources,
+    res: QueryContext,
     tenant_id: uuid.UUID,
     params: SearchParams,
     conditions: list[Condition],
@@ -336,7 +325,7 @@ async def _search(
             body = await cache.get(key)
             timings.cache_ms += _ms(t)
             if body is not None:
-                response = SearchResponse.model_validate(body)
+                response = SearchResponse.model_validate_json(body)
                 response.cache_hit = True
                 timings.total_ms = _ms(start)
                 response.timings = timings
@@ -413,7 +402,7 @@ async def _search(
         cache_key, ttl = key, res.settings.search_cache_ttl_seconds
 
         async def put() -> None:
-            await cache.put(cache_key, response.model_dump(mode="json"), ttl)
+            await cache.put(cache_key, outcome.json(), ttl)
 
         if defer_store:
             outcome.store = put

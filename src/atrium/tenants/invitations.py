@@ -104,7 +104,8 @@ async def check_send_limits(
     ]
     for key, name, limits in buckets:
         for times, seconds in limits:
-            state = await ratelimit.hit(redis, f"{key}:{seconds}", times, seconds, name=name)
+            bucket = ratelimit.Bucket(f"{key}:{seconds}", times, seconds, name)
+            state = await ratelimit.hit(redis, bucket)
             ctx.rate_limits.append(state)
             ratelimit.raise_if_refused(state)
 

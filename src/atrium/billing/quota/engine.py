@@ -36,6 +36,7 @@ from atrium.billing.quota.snapshot import (
 )
 from atrium.config import Settings
 from atrium.kit.db import create_engine, create_sessionmaker, write_session
+from atrium.kit.ratelimit import Bucket, RateLimitState
 
 if TYPE_CHECKING:
     from atrium.kit.runtime import Resources
@@ -185,14 +186,26 @@ class Quota:
         reservations: Sequence[Reservation],
         alongside: Sequence[tuple[str, ...]] = (),
         replies: list[Any] | None = None,
+        *,
+        rate_limit: Bucket | None = None,
+        rate_limits: list[RateLimitState] | None = None,
     ) -> None:
         """Admit ``reservations`` (all or none) in one script: the one reserve path (see
-        :func:`atrium.billing.quota.reserving.place`).
+        :func:`atrium.billing.quota.reserving.place`, which also counts ``rate_limit``).
 
         Raises:
+            TooManyRequests: ``rate_limit`` refused the request (then nothing is held).
             QuotaExceeded: for the first metric that does not fit (then nothing is held).
         """
-        await reserving.place(self, tenant_id, reservations, alongside, replies)
+        await reserving.place(
+            self,
+            tenant_id,
+            reservations,
+            alongside,
+            replies,
+            rate_limit=rate_limit,
+            rate_limits=rate_limits,
+        )
 
     async def ensure_loaded(self, billing: TenantBilling, metric: Metric) -> None:
         """Rebuild the Redis hash of ``metric``'s period from MySQL if Redis lost it."""

@@ -14,6 +14,7 @@ from atrium.billing.quota.metrics import Metric
 from atrium.billing.quota.periods import period_of
 from atrium.billing.quota.snapshot import TenantBilling, reservations_key
 from atrium.kit.db import after_commit
+from atrium.kit.ratelimit import Bucket, RateLimitState
 
 if TYPE_CHECKING:
     from atrium.billing.quota.engine import Quota
@@ -57,17 +58,33 @@ class Reservation:
         #: Replies to the commands sent ``alongside`` the reservation (see :meth:`acquire`).
         self.replies: list[Any] = []
 
-    async def acquire(self, alongside: Sequence[tuple[str, ...]] = ()) -> Reservation:
+    async def acquire(
+        self,
+        alongside: Sequence[tuple[str, ...]] = (),
+        *,
+        rate_limit: Bucket | None = None,
+        rate_limits: list[RateLimitState] | None = None,
+    ) -> Reservation:
         """Hold the capacity.
 
         Args:
             alongside: Redis commands to send in the same round trip (a search reads its
                 cache versions this way); their replies land in :attr:`replies`.
+            rate_limit: the caller's rate-limit bucket, counted first in the same script.
+            rate_limits: where the rate limit's outcome goes (the response's headers).
 
         Raises:
+            TooManyRequests: ``rate_limit`` refused the request (nothing is held).
             QuotaExceeded: when ``amount`` does not fit in what is left.
         """
-        await self.quota.place(self.tenant_id, [self], alongside, self.replies)
+        await self.quota.place(
+            self.tenant_id,
+            [self],
+            alongside,
+            self.replies,
+            rate_limit=rate_limit,
+            rate_limits=rate_limits,
+        )
         return self
 
     def settle(self, actual: int) -> None:

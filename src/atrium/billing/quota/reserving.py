@@ -23,6 +23,8 @@ from atrium.billing.quota.snapshot import (
     usage_key,
 )
 from atrium.kit import metrics as prometheus
+from atrium.kit import ratelimit
+from atrium.kit.ratelimit import Bucket, RateLimitState
 
 if TYPE_CHECKING:
     from atrium.billing.quota.engine import Quota
@@ -39,6 +41,9 @@ async def place(
     reservations: Sequence[Reservation],
     alongside: Sequence[tuple[str, ...]] = (),
     replies: list[Any] | None = None,
+    *,
+    rate_limit: Bucket | None = None,
+    rate_limits: list[RateLimitState] | None = None,
 ) -> None:
     """Admit ``reservations`` of ``tenant_id`` (all or none) with ``lua/reserve.lua``.
 
@@ -49,13 +54,25 @@ async def place(
         alongside: Redis commands sent in the same round trip; their replies are appended
             to ``replies``.
         replies: where the replies of ``alongside`` go.
+        rate_limit: a rate-limit bucket to count the request against first, in the same
+            script (``lua/admit.lua``): a refused request holds nothing.
+        rate_limits: where the rate limit's outcome goes (the request's ``X-RateLimit-*``).
 
     Raises:
+        TooManyRequests: ``rate_limit`` refused the request (then nothing is held).
         QuotaExceeded: for the first metric that does not fit (then nothing is held).
     """
     live = [r for r in reservations if r.amount > 0]
     reads = list(alongside)
     out = replies if replies is not None else []
+    states = rate_limits if rate_limits is not None else []
+    check = None
+    if rate_limit is not None:
+        if live:
+            check = ratelimit.prepare(rate_limit)
+        else:  # nothing to hold: the check on its own
+            state = await ratelimit.hit(quota.redis, rate_limit)
+            ratelimit.admit(state, states, tenant_id=str(tenant_id))
     stale = False
     for _ in range(_PLACE_ATTEMPTS):
         digest, billing = await verified_billing(quota, tenant_id, stale=stale)
@@ -84,8 +101,15 @@ async def place(
                 r.ttl * 1000 + 60_000,
             ]
             limits.append(limit)
-        reply = await _run(quota, keys, args, reads, out)
+        reply = await _run(quota, keys, args, reads, out, check)
         reads = []  # sent once, with the first try
+        if check is not None:
+            # Counted once, with the first try: a retry (a plan change, a rebuilt counter)
+            # only holds.
+            state = ratelimit.outcome(check, reply[0])
+            ratelimit.admit(state, states, tenant_id=str(tenant_id))
+            reply = reply[1]
+            check = None
         status = int(reply[0])
         if status == -2:
             stale = True
@@ -133,15 +157,29 @@ async def verified_billing(
 
 
 async def _run(
-    quota: Quota, keys: list[str], args: list[Any], reads: list[tuple[str, ...]], out: list[Any]
+    quota: Quota,
+    keys: list[str],
+    args: list[Any],
+    reads: list[tuple[str, ...]],
+    out: list[Any],
+    check: ratelimit.Check | None = None,
 ) -> Any:
-    """The reservation script, with ``reads`` in the same round trip when there are any."""
+    """The reservation script, with ``reads`` in the same round trip when there are any.
+
+    With a rate-limit ``check``: ``lua/admit.lua`` (the check, then the reservation), whose
+    reply is ``[verdict]`` or ``[verdict, reservation reply]``.
+    """
+    script = quota.scripts.reserve
+    if check is not None:
+        script = quota.scripts.admit
+        keys = [check.bucket.key, *keys]
+        args = [*check.args, *args]
     if not reads:
-        return await quota.scripts.reserve(keys=keys, args=args)
+        return await script(keys=keys, args=args)
     # EVALSHA, not the Script object: in a pipeline that would first ask SCRIPT EXISTS (a
     # round trip).
     async with quota.redis.pipeline(transaction=False) as pipe:
-        pipe.evalsha(quota.scripts.reserve.sha, len(keys), *keys, *args)
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
         for command in reads:
             pipe.execute_command(*command)
         replies = await pipe.execute(raise_on_error=False)
@@ -151,7 +189,7 @@ async def _run(
     out.extend(replies[1:])
     if isinstance(replies[0], NoScriptError):
         # Redis lost its scripts (a restart, SCRIPT FLUSH): the Script object loads it.
-        return await quota.scripts.reserve(keys=keys, args=args)
+        return await script(keys=keys, args=args)
     if isinstance(replies[0], Exception):
         raise replies[0]
     return replies[0]
