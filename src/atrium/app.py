@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -121,8 +123,6 @@ def _install_body_limits(app: FastAPI, settings: Settings) -> None:
     """Every route's request body is limited as it streams (inside CORS and the request id, so
     a 413 carries their headers): uploads to the largest request any plan allows (the route
     then applies the tenant's own plan), everything else to ``max_request_body_bytes``."""
-    import re
-
     # The largest plan's document size bounds every tenant's upload request (overrides above
     # it are refused, billing.service.change_plan).
     largest = largest_upload(get_catalog())
@@ -146,8 +146,6 @@ def _install_body_limits(app: FastAPI, settings: Settings) -> None:
 
 def _v1_routers() -> list[APIRouter]:
     """Each domain's router; imported here so the app module stays import-cheap."""
-    import importlib
-
     routers: list[APIRouter] = []
     for module in V1_ROUTER_MODULES:
         routers.append(importlib.import_module(module).router)

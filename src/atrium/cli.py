@@ -102,7 +102,7 @@ def serve(
     workers: int = typer.Option(1, help="uvicorn worker processes."),
 ) -> None:
     """Run the API with uvicorn on ATRIUM_HOST:ATRIUM_PORT."""
-    import uvicorn
+    import uvicorn  # lazy (see the module docstring): only `serve` runs it
 
     settings, services = _with_services()
     if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:

@@ -7,11 +7,12 @@ setting is missing from either.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The secret used when none is configured. Accepted in development and test only.
@@ -360,8 +361,6 @@ class Settings(BaseSettings):
     @property
     def binds_loopback(self) -> bool:
         """Whether the API listens only on this machine (127.0.0.0/8, ::1 or localhost)."""
-        import ipaddress
-
         host = self.host.strip().strip("[]")
         if host.lower() == "localhost":
             return True
@@ -419,8 +418,6 @@ def load_settings(**overrides: object) -> Settings:
     Raises:
         ConfigurationError: when a setting is invalid.
     """
-    from pydantic import ValidationError
-
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:

@@ -21,12 +21,13 @@ import uuid
 import zipfile
 from typing import Any
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from atrium.accounts.repository import memberships_of, tenant_rows
 from atrium.config import Settings
 from atrium.kit.errors import Forbidden, Gone
-from atrium.models import Base, Membership, Role, Tenant, User
+from atrium.models import Base, Role, User
 
 #: How long a download link stays valid.
 LINK_TTL = dt.timedelta(hours=24)
@@ -122,8 +123,8 @@ def _tenant_tables() -> list[Table]:
 
 async def _rows(session: AsyncSession, table: Table, tenant_id: uuid.UUID) -> list[dict[str, Any]]:
     cols = _public_columns(table)
-    result = await session.execute(select(*cols).where(table.c.tenant_id == tenant_id))
-    return [{k: _jsonable(v) for k, v in row._mapping.items()} for row in result]
+    rows = await tenant_rows(session, table, cols, tenant_id)
+    return [{k: _jsonable(v) for k, v in row._mapping.items()} for row in rows]
 
 
 def _dump(data: Any) -> str:
@@ -140,14 +141,7 @@ async def build_zip(session: AsyncSession, user_id: uuid.UUID) -> bytes:
     user = await session.get(User, user_id)
     if user is None:
         raise LookupError(f"user {user_id} no longer exists")
-    memberships = (
-        await session.execute(
-            select(Membership, Tenant)
-            .join(Tenant, Tenant.id == Membership.tenant_id)
-            .where(Membership.user_id == user_id)
-            .order_by(Tenant.created_at)
-        )
-    ).all()
+    memberships = await memberships_of(session, user_id)
     profile = {
         "id": str(user.id),
         "email": user.email,

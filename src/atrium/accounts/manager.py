@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 from fastapi import Request
 from fastapi_users import BaseUserManager, UUIDIDMixin, exceptions, schemas
 from fastapi_users_db_sqlalchemy import SQLAlchemyUserDatabase
+from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.accounts.passwords import password_helper, password_problem
@@ -52,8 +53,6 @@ class UserDatabase(SQLAlchemyUserDatabase[User, uuid.UUID]):
 
     async def delete(self, user: User) -> None:
         """Delete ``user`` (memberships, sessions and exports go with it through FKs)."""
-        from sqlalchemy import delete
-
         await self.session.execute(delete(User).where(user_id_col == user.id))
         self.session.expunge(user)
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from sqlalchemy import select
 
 from atrium.auth import tokens
 from atrium.auth.api_keys import authenticate_api_key
@@ -23,7 +22,8 @@ from atrium.billing.service import enforce_tenant_rate_limit
 from atrium.kit.db import DBSession
 from atrium.kit.errors import Forbidden, NotFound, Unauthorized
 from atrium.kit.ratelimit import request_states
-from atrium.models import Membership, Tenant, User
+from atrium.models import User
+from atrium.tenants.repository import MembershipRepository
 from atrium.tenants.status import ensure_tenant_usable
 
 API_KEY_PREFIX = "atr_"
@@ -149,16 +149,10 @@ class require:
 async def _member_subject(
     session: DBSession, principal: UserPrincipal, tenant_id: uuid.UUID
 ) -> AuthSubject:
-    row = (
-        await session.execute(
-            select(Membership.role, Tenant.status)
-            .join(Tenant, Tenant.id == Membership.tenant_id)
-            .where(Membership.tenant_id == tenant_id, Membership.user_id == principal.user.id)
-        )
-    ).one_or_none()
-    if row is None:
+    found = await MembershipRepository(session, tenant_id).role_and_status(principal.user.id)
+    if found is None:
         raise NotFound("Tenant not found")
-    role, status = row
+    role, status = found
     ensure_tenant_usable(status)
     return AuthSubject(
         kind="user",

@@ -7,22 +7,23 @@ import uuid
 from typing import Any
 
 import structlog
-from sqlalchemy import func, select
 
 from atrium.billing.quota import (
     Metric,
     Quota,
+    accounts_due,
     alerts_key,
     ensure_account,
     period_tag,
     reservations_key,
     roll_period,
+    tenants_without_account,
     usage_key,
 )
 from atrium.kit import runtime
 from atrium.kit.db import unit_of_work
-from atrium.models import Membership, Tenant, TenantStatus, utcnow
-from atrium.models.billing import BillingAccount
+from atrium.models import utcnow
+from atrium.tenants.repository import MembershipRepository
 from atrium.worker import celery_app
 
 log = structlog.get_logger("atrium.billing.tasks")
@@ -46,42 +47,22 @@ async def roll_periods(now: dt.datetime | None = None) -> dict[str, Any]:
     rolled: list[tuple[str, dt.datetime]] = []
     opened = 0
     async with unit_of_work(res.sessionmaker) as session:
-        missing = (
-            await session.execute(
-                select(Tenant.id)
-                .outerjoin(BillingAccount, BillingAccount.tenant_id == Tenant.id)
-                .where(BillingAccount.tenant_id.is_(None), Tenant.status != TenantStatus.deleting)
-                .limit(_BATCH)
-            )
-        ).scalars()
-        for missing_id in list(missing):
+        missing = await tenants_without_account(session, _BATCH)
+        for missing_id in missing:
             await ensure_account(session, missing_id, now)
             opened += 1
     while True:
         async with unit_of_work(res.sessionmaker) as session:
-            due = list(
-                (
-                    await session.execute(
-                        select(BillingAccount)
-                        .where(BillingAccount.period_end <= now)
-                        .order_by(BillingAccount.period_end)
-                        .limit(_BATCH)
-                    )
-                ).scalars()
-            )
+            due = await accounts_due(session, now, _BATCH)
             batch: list[tuple[str, dt.datetime]] = []
             seats: dict[str, int] = {}
             for account in due:
                 old_start = account.period_start
                 if await roll_period(session, account, now):
                     batch.append((str(account.tenant_id), old_start))
-                    seats[str(account.tenant_id)] = (
-                        await session.execute(
-                            select(func.count())
-                            .select_from(Membership)
-                            .where(Membership.tenant_id == account.tenant_id)
-                        )
-                    ).scalar_one()
+                    seats[str(account.tenant_id)] = await MembershipRepository(
+                        session, account.tenant_id
+                    ).count()
         # After commit: drop cached snapshots and the finished period's Redis state.
         for tenant_id, old_start in batch:
             old = period_tag(old_start)

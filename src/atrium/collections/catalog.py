@@ -11,27 +11,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import BindParameter, and_, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from atrium.collections.repository import CatalogRow, catalog_rows
 from atrium.kit.errors import NotFound
-from atrium.models.ingestion import Collection, CollectionStatus, Document, DocumentStatus
-
-# One round trip: every collection of the tenant, joined with its documents being deleted.
-# Built once (bound parameter for the tenant): constructing it costs more than running it.
-_TENANT: BindParameter[uuid.UUID] = bindparam("tenant_id")
-_STATEMENT = (
-    select(Collection.id, Collection.status, Document.id, Collection.language)
-    .outerjoin(
-        Document,
-        and_(
-            Document.collection_id == Collection.id,
-            Document.tenant_id == _TENANT,
-            Document.status == DocumentStatus.deleting,
-        ),
-    )
-    .where(Collection.tenant_id == _TENANT)
-)
+from atrium.models.ingestion import CollectionStatus
 
 
 @dataclass(frozen=True)
@@ -52,17 +36,17 @@ class Wanted:
     languages: list[str]
 
 
-Row = tuple[uuid.UUID, CollectionStatus, uuid.UUID | None, str]
-
 #: Each search process keeps every tenant's catalog rows under the tenant's catalog token
 #: (:mod:`atrium.kit.cache_versions`): a search reads the token with the collection versions
 #: it needs anyway, and the account database only after a collection was created or deleted
 #: or a document deleted. Bounded: emptied when full (a re-read costs one query).
-_CATALOGS: dict[uuid.UUID, tuple[str, list[Row]]] = {}
+_CATALOGS: dict[uuid.UUID, tuple[str, list[CatalogRow]]] = {}
 _CATALOGS_MAX = 10_000
 
 
-async def _catalog(engine: AsyncEngine, tenant_id: uuid.UUID, token: str | None) -> list[Row]:
+async def _catalog(
+    engine: AsyncEngine, tenant_id: uuid.UUID, token: str | None
+) -> list[CatalogRow]:
     if token is not None:
         cached = _CATALOGS.get(tenant_id)
         if cached is not None and cached[0] == token:
@@ -70,8 +54,7 @@ async def _catalog(engine: AsyncEngine, tenant_id: uuid.UUID, token: str | None)
     # One read on a pooled connection of its own: a search writes nothing to the account
     # database, so it skips the request's unit of work (session, commit) altogether.
     async with engine.connect() as conn:
-        result = await conn.execute(_STATEMENT, {"tenant_id": tenant_id})
-        rows: list[Row] = [(r[0], r[1], r[2], r[3]) for r in result.all()]
+        rows = await catalog_rows(conn, tenant_id)
     if token is not None:
         if len(_CATALOGS) >= _CATALOGS_MAX:
             _CATALOGS.clear()

@@ -6,7 +6,6 @@ import uuid
 from typing import Any
 
 from celery import Task
-from sqlalchemy import func, select
 
 from atrium.billing.quota import Metric, Quota
 from atrium.collections.repository import CollectionRepository
@@ -20,7 +19,7 @@ from atrium.kit import runtime
 from atrium.kit.blobstore import get_blobstore
 from atrium.kit.cache_versions import bump_collection_version
 from atrium.kit.db import unit_of_work
-from atrium.models.ingestion import CollectionStatus, Document, DocumentStatus
+from atrium.models.ingestion import CollectionStatus
 from atrium.worker import celery_app
 
 
@@ -38,27 +37,15 @@ def delete_collection(self: Task, *, tenant_id: str, collection_id: str) -> dict
             row = await CollectionRepository(session, tenant).get(collection)
             if row is None or row.status is not CollectionStatus.deleting:
                 return {"deleted": False}
-            # What its live documents count against the plan (those deleted one by one
-            # were given back already).
-            live = (
-                await session.execute(
-                    select(
-                        func.count(),
-                        func.coalesce(func.sum(Document.size_bytes), 0),
-                        func.coalesce(func.sum(Document.chunk_count), 0),
-                    ).where(
-                        Document.tenant_id == tenant,
-                        Document.collection_id == collection,
-                        Document.status != DocumentStatus.deleting,
-                    )
-                )
-            ).one()
-            await DocumentRepository(session, tenant).mark_collection_deleting(collection)
+            documents = DocumentRepository(session, tenant)
+            # What its live documents count against the plan.
+            live_documents, live_bytes, live_chunks = await documents.live_totals(collection)
+            await documents.mark_collection_deleting(collection)
         # Plan limits (billing): the collection's documents, bytes and chunks stop counting.
         quota = Quota.for_resources(res)
-        await quota.adjust(tenant, Metric.documents, -int(live[0]))
-        await quota.adjust(tenant, Metric.stored_bytes, -int(live[1]))
-        await quota.adjust(tenant, Metric.chunks, -int(live[2]))
+        await quota.adjust(tenant, Metric.documents, -live_documents)
+        await quota.adjust(tenant, Metric.stored_bytes, -live_bytes)
+        await quota.adjust(tenant, Metric.chunks, -live_chunks)
         # 2. Chunks, then files.
         async with res.vector_pool.connection() as conn:
             chunks = await delete_collection_chunks(conn, tenant, collection)

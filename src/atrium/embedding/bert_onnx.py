@@ -65,6 +65,7 @@ def build_graph(weights: dict[str, _ARRAY], config: dict[str, Any]) -> onnx.Mode
         weights: The checkpoint's tensors by name (``embeddings.*``, ``encoder.layer.N.*``).
         config: The checkpoint's ``config.json``.
     """
+    # lazy: only a build of the model needs onnx (slow to import), never a process that embeds
     from onnx import TensorProto, helper, numpy_helper
 
     hidden = int(config["hidden_size"])

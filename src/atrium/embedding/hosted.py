@@ -59,7 +59,7 @@ def _import_litellm() -> ModuleType:
     fetching its model cost map from the internet at import time.
     """
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
+    import litellm  # lazy: several seconds to import (see the docstring)
 
     return litellm
 

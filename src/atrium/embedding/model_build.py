@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
+from tokenizers import Tokenizer
 
 from atrium.embedding.bert_onnx import build_graph, read_safetensors
 
@@ -324,9 +326,6 @@ def _check_accuracy(fp32: onnx.ModelProto, int8_path: Path, tokenizer_path: Path
     Raises:
         ModelBuildError: If it is below :data:`MIN_COSINE`.
     """
-    import onnxruntime as ort
-    from tokenizers import Tokenizer
-
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     tokenizer.no_padding()
     encodings = [tokenizer.encode(text).ids for text in CHECK_SENTENCES]

@@ -32,9 +32,9 @@ from typing import Any
 
 import psycopg
 import structlog
-from sqlalchemy import select
 
 from atrium.billing.quota import Metric, Quota
+from atrium.collections.repository import CollectionRepository
 from atrium.ingestion import bulkstore, detect
 from atrium.ingestion.batch import Batch
 from atrium.ingestion.exceptions import BadDocument
@@ -43,6 +43,7 @@ from atrium.ingestion.repository import (
     Claimed,
     DocumentRepository,
     heartbeat_run,
+    held_by_run,
     job_key,
     new_run_id,
 )
@@ -120,12 +121,7 @@ def find_files(paths: Sequence[Path]) -> list[Path]:
 async def resolve_collection(res: Resources, tenant_id: uuid.UUID, collection: str) -> Collection:
     """The tenant's active collection with this id or name."""
     async with res.sessionmaker() as session:
-        query = select(Collection).where(Collection.tenant_id == tenant_id)
-        try:
-            query = query.where(Collection.id == uuid.UUID(collection))
-        except ValueError:
-            query = query.where(Collection.name == collection)
-        found = (await session.execute(query)).scalars().all()
+        found = await CollectionRepository(session, tenant_id).by_reference(collection)
     if not found:
         raise NotFound(f"The tenant has no collection {collection!r}")
     if len(found) > 1:
@@ -138,13 +134,7 @@ async def resolve_collection(res: Resources, tenant_id: uuid.UUID, collection: s
 async def _busy(res: Resources, tenant_id: uuid.UUID) -> int:
     """Documents of the tenant waiting for or in processing."""
     async with res.sessionmaker() as session:
-        rows = await session.execute(
-            select(Document.id).where(
-                Document.tenant_id == tenant_id,
-                Document.status.in_([DocumentStatus.queued, DocumentStatus.processing]),
-            )
-        )
-        return len(rows.all())
+        return await DocumentRepository(session, tenant_id).in_progress()
 
 
 async def _check(
@@ -256,17 +246,7 @@ def _claimed(document: Document, collection: Collection, now: Any) -> Claimed:
 async def owned(res: Resources, run_id: str, ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
     """The documents among ``ids`` the import still owns (not deleted or taken over)."""
     async with res.sessionmaker() as session:
-        rows = await session.execute(
-            select(Document.id)
-            .join(Collection, Collection.id == Document.collection_id)
-            .where(
-                Document.id.in_(list(ids)),
-                Document.run_id == run_id,
-                Document.status == DocumentStatus.processing,
-                Collection.status == CollectionStatus.active,
-            )
-        )
-        return {row[0] for row in rows}
+        return await held_by_run(session, run_id, ids)
 
 
 @contextlib.asynccontextmanager

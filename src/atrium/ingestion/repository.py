@@ -15,10 +15,11 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.kit.repository import TenantRepository
@@ -131,6 +132,30 @@ class DocumentRepository(TenantRepository[Document]):
             )
         )
         return [(row[0], row[1]) for row in rows]
+
+    async def live_totals(self, collection_id: uuid.UUID) -> tuple[int, int, int]:
+        """``(documents, bytes, chunks)`` of the collection's documents not being deleted
+        (what they count against the plan; those deleted one by one were given back already).
+        """
+        row = (
+            await self.session.execute(
+                self.select(
+                    func.count(),
+                    func.coalesce(func.sum(Document.size_bytes), 0),
+                    func.coalesce(func.sum(Document.chunk_count), 0),
+                ).where(
+                    Document.collection_id == collection_id,
+                    Document.status != DocumentStatus.deleting,
+                )
+            )
+        ).one()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    async def in_progress(self) -> int:
+        """How many of the tenant's documents are queued or processing."""
+        return await self.count(
+            Document.status.in_([DocumentStatus.queued, DocumentStatus.processing])
+        )
 
     async def mark_collection_deleting(self, collection_id: uuid.UUID) -> None:
         """Put every document of a collection in ``deleting`` (their processing stops)."""
@@ -487,6 +512,24 @@ async def release_job(
             .values(**requeued(note))
         )
     return [(row[0], row[1]) for row in rows]
+
+
+async def held_by_run(
+    session: AsyncSession, run_id: str, ids: Sequence[uuid.UUID]
+) -> set[uuid.UUID]:
+    """The documents among ``ids`` that the run ``run_id`` still holds, in an active
+    collection. By run, not tenant: a run's id is its fence (for ``atrium import``)."""
+    rows = await session.execute(
+        select(Document.id)
+        .join(Collection, Collection.id == Document.collection_id)
+        .where(
+            Document.id.in_(list(ids)),
+            Document.run_id == run_id,
+            Document.status == DocumentStatus.processing,
+            Collection.status == CollectionStatus.active,
+        )
+    )
+    return {row[0] for row in rows}
 
 
 async def heartbeat_run(session: AsyncSession, run_id: str) -> None:

@@ -7,6 +7,7 @@ Both go through obstore's one interface, so code never branches on where blobs l
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import obstore
@@ -63,8 +64,6 @@ def _store(blob_url: str, local_root: str) -> BlobStore:
         # Credentials and endpoint come from the standard AWS_* environment variables.
         bucket, _, prefix = blob_url[len("s3://") :].partition("/")
         return BlobStore(S3Store(bucket, prefix=prefix or None))
-    from pathlib import Path
-
     Path(local_root).mkdir(parents=True, exist_ok=True)
     return BlobStore(LocalStore(local_root, mkdir=True))
 

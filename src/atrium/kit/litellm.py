@@ -21,6 +21,7 @@ def _import() -> ModuleType:
     with _lock:
         if _module is None:
             os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+            # lazy: several seconds to import; only processes that call a hosted model pay
             import litellm
 
             # The OpenAI client loads its resource classes on the first request (over a

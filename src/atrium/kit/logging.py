@@ -76,6 +76,8 @@ def _route_template(scope: Scope) -> str | None:
     key = (id(scope.get("app")), id(route), scope.get("method"))
     template = _TEMPLATES.get(key)
     if template is None:
+        # lazy: the `atrium` command imports this module on every start, and these two cost
+        # it a tenth of its start; only the API, when a route is first logged, needs them
         from prometheus_fastapi_instrumentator.routing import get_route_name
         from starlette.requests import HTTPConnection
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 
@@ -24,8 +26,6 @@ def alembic_config(url: str) -> Config:
 
 def _in_thread(fn: object, *args: object) -> None:
     # env.py calls asyncio.run(); it cannot do so inside a running loop, so hop to a thread.
-    import threading
-
     errors: list[BaseException] = []
 
     def target() -> None:
@@ -53,8 +53,6 @@ def downgrade_account_db(url: str, revision: str = "base") -> None:
 
 async def upgrade_vector_db(conninfo: str, dimension: int, target: int | None = None) -> int:
     """Apply the vector schema migrations (``target`` None: the newest)."""
-    import psycopg
-
     async with await psycopg.AsyncConnection.connect(conninfo) as conn:
         return await vectordb.migrate(conn, dimension, vectordb.HEAD if target is None else target)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import structlog
 from celery import Task
+from sqlalchemy import text
 
 from atrium.config import get_settings
 from atrium.kit import email, outbox, runtime
@@ -30,8 +31,6 @@ def ping(payload: str = "pong") -> dict[str, Any]:
 
     async def _check() -> dict[str, Any]:
         res = await runtime.resources()
-        from sqlalchemy import text
-
         async with res.sessionmaker() as session:
             db = (await session.execute(text("SELECT 1"))).scalar_one()
         async with res.vector_pool.connection() as conn:

@@ -3,7 +3,8 @@
 Members and invitations of one tenant go through :class:`MembershipRepository` and
 :class:`InvitationRepository` (scoped by :class:`atrium.kit.repository.TenantRepository`).
 The module functions are the queries that are not about one tenant's rows: a user's tenants
-(across tenants, scoped to the user), a tenant row by its id, an invitation found by its token.
+(across tenants, scoped to the user), a tenant row by its id (read, its status alone, deleted),
+an invitation found by its token.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from sqlalchemy import Select, case, func, select
+from sqlalchemy import Select, case, delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.kit.repository import TenantRepository
@@ -46,6 +47,18 @@ class MembershipRepository(TenantRepository[Membership]):
             .execution_options(populate_existing=True)
         )
         return (await self.session.execute(query)).scalar_one_or_none()
+
+    async def role_and_status(self, user_id: uuid.UUID) -> tuple[Role, TenantStatus] | None:
+        """``user_id``'s role in the tenant and the tenant's status, in one read (a person's
+        request is authorized with both); None when they are not a member."""
+        row = (
+            await self.session.execute(
+                self.select(Membership.role, Tenant.status)
+                .join(Tenant, Tenant.id == Membership.tenant_id)
+                .where(Membership.user_id == user_id)
+            )
+        ).one_or_none()
+        return None if row is None else (row[0], row[1])
 
     async def owner_count(self) -> int:
         """How many owners the tenant has."""
@@ -120,6 +133,23 @@ async def invitation_by_token(session: AsyncSession, token_hash: str) -> Invitat
 async def get_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> Tenant | None:
     """The tenant row, whatever its status (from the unit of work when it holds it)."""
     return await session.get(Tenant, tenant_id)
+
+
+async def tenant_status(session: AsyncSession, tenant_id: uuid.UUID) -> TenantStatus | None:
+    """The tenant's status alone, or None when it does not exist (authentication asks)."""
+    result = await session.execute(select(Tenant.status).where(Tenant.id == tenant_id))
+    status: TenantStatus | None = result.scalar_one_or_none()
+    return status
+
+
+async def delete_tenant(session: AsyncSession, tenant_id: uuid.UUID) -> int:
+    """Delete the tenant's row (the purge's last step); how many rows went (0 or 1).
+
+    A core ``DELETE``, not the ORM's: the database cascades every tenant-owned table (foreign
+    keys ``ON DELETE CASCADE``) without loading a row.
+    """
+    result = await session.execute(delete(Tenant).where(Tenant.id == tenant_id))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User | None:

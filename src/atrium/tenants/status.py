@@ -11,11 +11,11 @@ import uuid
 from typing import Any
 
 from redis.asyncio import Redis
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from atrium.kit.errors import Forbidden, NotFound
-from atrium.models import Tenant, TenantStatus
+from atrium.models import TenantStatus
+from atrium.tenants.repository import tenant_status
 
 #: How long a tenant's status is remembered by API-key authentication: suspending a tenant
 #: reaches its keys within this many seconds, or at once through :func:`forget_status`.
@@ -33,13 +33,6 @@ def ensure_tenant_usable(status: TenantStatus) -> None:
 def status_cache_key(tenant_id: uuid.UUID | str) -> str:
     """Redis key of a tenant's cached status."""
     return f"atrium:t:{tenant_id}:status"
-
-
-async def tenant_status(session: AsyncSession, tenant_id: uuid.UUID) -> TenantStatus | None:
-    """The tenant's status, or None when it does not exist."""
-    result = await session.execute(select(Tenant.status).where(Tenant.id == tenant_id))
-    status: TenantStatus | None = result.scalar_one_or_none()
-    return status
 
 
 async def load_status(

@@ -13,13 +13,13 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
-from sqlalchemy import delete
 
 from atrium.kit import runtime
 from atrium.kit.blobstore import get_blobstore, tenant_prefix
 from atrium.kit.db import unit_of_work
 from atrium.kit.vectordb import drop_tenant_partition
-from atrium.models import Tenant, TenantStatus
+from atrium.models import TenantStatus
+from atrium.tenants.repository import delete_tenant, get_tenant
 from atrium.worker import celery_app
 
 log = structlog.get_logger("atrium.tenants.purge")
@@ -43,7 +43,7 @@ async def purge_tenant(tenant_id: uuid.UUID) -> dict[str, Any]:
     """Remove the tenant's rows, vector partition, stored files and cache keys."""
     res = await runtime.resources()
     async with unit_of_work(res.sessionmaker) as session:
-        tenant = await session.get(Tenant, tenant_id)
+        tenant = await get_tenant(session, tenant_id)
         if tenant is not None and tenant.status is not TenantStatus.deleting:
             tenant.status = TenantStatus.deleting
     async with res.vector_pool.connection() as conn:
@@ -51,9 +51,7 @@ async def purge_tenant(tenant_id: uuid.UUID) -> dict[str, Any]:
     blobs = await get_blobstore(res.settings).delete_prefix(tenant_prefix(tenant_id))
     keys = await delete_redis_keys(res.redis, tenant_id)
     async with unit_of_work(res.sessionmaker) as session:
-        # A core DELETE: the database cascades every tenant-owned table (FK ON DELETE CASCADE).
-        result = await session.execute(delete(Tenant).where(Tenant.id == tenant_id))
-        rows = int(getattr(result, "rowcount", 0) or 0)
+        rows = await delete_tenant(session, tenant_id)
     summary = {
         "tenant_id": str(tenant_id),
         "tenant_row": rows,

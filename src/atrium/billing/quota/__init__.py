@@ -39,11 +39,13 @@ from atrium.billing.quota.engine import DEFAULT_RESERVATION_TTL, Quota, close_qu
 from atrium.billing.quota.metrics import LEVEL_METRICS, METRIC_LIMITS, Metric, QuotaExceeded
 from atrium.billing.quota.periods import Period, add_months, period_containing, period_tag
 from atrium.billing.quota.repository import (
+    accounts_due,
     add_to_counter,
     ensure_account,
     limits_in_session,
     load_billing,
     roll_period,
+    tenants_without_account,
 )
 from atrium.billing.quota.reservation import Reservation
 from atrium.billing.quota.snapshot import (
@@ -71,6 +73,7 @@ __all__ = [
     "QuotaExceeded",
     "Reservation",
     "TenantBilling",
+    "accounts_due",
     "add_months",
     "add_to_counter",
     "adjust",
@@ -87,5 +90,6 @@ __all__ = [
     "reserve",
     "roll_period",
     "send_usage_warning",
+    "tenants_without_account",
     "usage_key",
 ]

@@ -319,6 +319,33 @@ async def ensure_account(
     return account
 
 
+async def tenants_without_account(session: AsyncSession, limit: int) -> list[uuid.UUID]:
+    """Up to ``limit`` tenants (any, not being deleted) that have no billing account yet.
+
+    Across tenants on purpose: beat opens the accounts of every tenant (see
+    ``billing.tasks.roll_periods``).
+    """
+    rows = await session.execute(
+        select(Tenant.id)
+        .outerjoin(BillingAccount, BillingAccount.tenant_id == Tenant.id)
+        .where(BillingAccount.tenant_id.is_(None), Tenant.status != TenantStatus.deleting)
+        .limit(limit)
+    )
+    return list(rows.scalars())
+
+
+async def accounts_due(session: AsyncSession, now: dt.datetime, limit: int) -> list[BillingAccount]:
+    """Up to ``limit`` billing accounts (any tenant) whose period ended by ``now``, the
+    longest ended first. Across tenants on purpose: beat rolls every tenant's period over."""
+    rows = await session.execute(
+        select(BillingAccount)
+        .where(BillingAccount.period_end <= now)
+        .order_by(BillingAccount.period_end)
+        .limit(limit)
+    )
+    return list(rows.scalars())
+
+
 async def _latest_account(session: AsyncSession, tenant_id: uuid.UUID) -> BillingAccount | None:
     # A locking read sees the latest committed row; a plain one would keep REPEATABLE READ's
     # snapshot and miss the row a concurrent request just created or rolled over.
