@@ -441,6 +441,15 @@ async def test_the_rate_limit_is_counted_with_the_quota_hold(
     assert after["answers"] == before.get("answers", 0) + 1
     r = await client.get(world.url("usage"), headers=world.headers)
     assert all(m["reserved"] == 0 for m in r.json()["metrics"] if "reserved" in m), r.text
+    # A key without the permission is counted before its 403, as on every tenant route.
+    _, reader = await create_api_key(
+        app, _T(), [Scope.documents_read.value], rate_limit_per_minute=1
+    )  # type: ignore[arg-type]
+    statuses = []
+    for _ in range(2):
+        r = await client.post(world.url("search"), json={"query": "q"}, headers=key_header(reader))
+        statuses.append(r.status_code)
+    assert statuses == [403, 429]
 
 
 async def test_one_log_line_per_query_with_stage_timings(

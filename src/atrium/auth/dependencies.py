@@ -129,10 +129,12 @@ class require:
             async with request.app.state.sessionmaker() as session:
                 principal = await _authenticate_user(request, session, token)
                 subject = await _member_subject(session, principal, tenant_id)
-        if not self.rate_limit_in_hold:
+        allowed = subject.can(self.permission)
+        if not (self.rate_limit_in_hold and allowed):
             # Per API key / per user, with the plan's numbers (429 with Retry-After when over).
+            # A refused attempt counts too, also on a route that leaves the count to its hold.
             await enforce_tenant_rate_limit(Quota.of(request), subject, request_states(request))
-        if not subject.can(self.permission):
+        if not allowed:
             raise Forbidden(
                 f"Missing permission '{self.permission.value}'",
                 detail={
