@@ -43,6 +43,7 @@ Nothing the server, the watcher or the child sends is unpickled. Per document:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import importlib
 import json
@@ -152,7 +153,8 @@ def _watch(status_fd: int, data_fd: int) -> NoReturn:  # pragma: no cover
         os.close(alive_w)
         os.close(data_fd)
         status = socket.socket(fileno=status_fd)
-        status.sendall(_INT.pack(pid))
+        with contextlib.suppress(OSError):  # the worker is gone: the wait below kills the child
+            status.sendall(_INT.pack(pid))
         ready, _, _ = select.select([alive_r, status_fd], [], [])
         if alive_r not in ready:
             # The worker shut its side down or exited. Not reaped yet, the child still owns
@@ -385,6 +387,10 @@ class ReaderServer:
                 failure = str(exc) or type(exc).__name__
                 if failed is not None and failed.poll() is not None:
                     failure += f"; it exited with status {failed.returncode}"
+            except BaseException:  # interrupted (Celery's soft time limit): a watcher that
+                status.close()  # reads the end of its socket kills its child
+                data.close()
+                raise
             status.close()
             data.close()
         raise SandboxUnavailable(f"the document reader is not available ({failure})")
