@@ -732,6 +732,44 @@ def test_an_interrupted_read_kills_and_reaps_the_child(tmp_path: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+_READ_AND_WAIT = """
+import sys
+from atrium.ingestion import detect, extract, sandbox
+limits = sandbox.SandboxLimits(seconds=120, memory_bytes=1 << 30, extract=extract.Limits())
+server = sandbox.ReaderServer(preload=["tests.support.sandbox_faults:gated_extract"])
+server.extract(sys.argv[1].encode(), detect.TEXT, limits)
+"""
+
+
+def test_a_child_does_not_outlive_a_worker_that_died(tmp_path: Path) -> None:
+    gate, pid_file = tmp_path / "gate", tmp_path / "pid"
+    order = json.dumps({"gate": str(gate), "pid": str(pid_file)})
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _READ_AND_WAIT, order], cwd=SRC.parent, env=os.environ.copy()
+    )
+    try:
+        pid = _wait_for(pid_file)
+        # The worker process is killed (the kernel's OOM killer, Celery's hard time limit)
+        # while its document is read: the watcher sees its socket close and kills the child.
+        worker.kill()
+        worker.wait(60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the child outlived its worker")
+    finally:
+        gate.touch()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
 def test_no_lock_held_by_a_worker_thread_reaches_the_child() -> None:
     # The hang this design removes: a child forked from the worker copies each lock as it is
     # at the fork, held by threads that do not exist in the child. Here another worker thread
