@@ -36,11 +36,12 @@ def pytest_configure(config: pytest.Config) -> None:
     timeout = float(config.getini("faulthandler_timeout") or 0)
     if timeout > 0:
         # pytest arms faulthandler.dump_traceback_later for each test. A child forked while it
-        # is armed (the extraction sandbox forks) inherits faulthandler's "watchdog running"
-        # lock without the watchdog thread: if the child then dies of a fatal error (out of
-        # memory, as the sandbox's limit provokes), faulthandler's clean-up waits on that lock
+        # is armed inherits faulthandler's "watchdog running" lock without the watchdog thread:
+        # if the child then dies of a fatal error, faulthandler's clean-up waits on that lock
         # forever. So it is disarmed around each fork, and re-armed in the parent (the clock
-        # restarts there: it is a diagnostic, not a limit).
+        # restarts there: it is a diagnostic, not a limit). The extraction sandbox no longer
+        # forks this process (its children come from a reader server of their own); this
+        # stays for any test that does.
         os.register_at_fork(
             before=faulthandler.cancel_dump_traceback_later,
             after_in_parent=lambda: faulthandler.dump_traceback_later(timeout, file=stderr),

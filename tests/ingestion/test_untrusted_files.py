@@ -7,17 +7,19 @@
   uploaded, and its resident memory grows by less than 150 MB.
 * The worker parses them in a sandbox: the bomb and the huge PDF end ``failed`` with a reason,
   and another tenant's document processed next by the same real worker still becomes ``ready``.
-* The sandbox's memory and time limits hold with the ONNX model loaded in the process.
+* The sandbox's memory and time limits hold with the ONNX model loaded in the process, and its
+  children start from a reader server without threads: no lock a worker thread holds, none of
+  the worker's settings and not its model reach them.
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import concurrent.futures
 import io
 import json
 import os
-import select
 import signal
 import struct
 import subprocess
@@ -592,7 +594,9 @@ HEAVY_HTML = b"<html><body>" + b"<p>a</p>" * 1_000_000 + b"</body></html>"
 
 
 def test_sandbox_memory_limit_holds_with_the_onnx_model_loaded(onnx_loaded: Any) -> None:
-    # What a worker child needs to read ordinary documents fits 128 MB beyond what it maps...
+    # The ONNX model is loaded here (as in a worker) but the child starts from the reader server,
+    # so it does not count. What a child needs to read ordinary documents fits 128 MB beyond
+    # what it starts with...
     docx = sandbox.extract_isolated(make_docx(paragraphs=200), detect.DOCX, _limits(memory_mb=128))
     assert docx.title == "Travel policy"
     # ...and a document that needs more fails with the reason, the worker untouched.
@@ -636,105 +640,219 @@ def test_sandbox_reports_a_zip_bomb_and_a_too_long_pdf() -> None:
     assert "has 30 pages; at most 20" in info.value.message
 
 
-# The sandbox's child: answers only when it finished, holds no other pipe, never outlives a call --
+# The sandbox's child: answers only when it finished, holds no other socket, never outlives a call,
+# and starts from the reader server, never from the worker: nothing of the worker's reaches it ----
+
+_FAULTS = "tests.support.sandbox_faults"
 
 
-def test_a_child_killed_mid_answer_fails_the_document_instead_of_truncating_it(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    text = ("word " * 200_000).encode()  # 1 MB: far more than one pipe buffer
+def _server_with(fault: str) -> sandbox.ReaderServer:
+    """A reader server whose children run the real sandbox with one step replaced (the server is
+    a fresh interpreter: a fault is installed there, not monkeypatched here)."""
+    return sandbox.ReaderServer(preload=[*sandbox.PARSERS, f"{_FAULTS}:{fault}"])
 
-    def half_then_killed(fd: int, payload: bytes) -> None:
-        # What the kernel's OOM killer does to a child part-way through its answer.
-        os.write(fd, payload[: len(payload) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
 
-    # Replaced in this process before the fork, so the child runs it.
-    monkeypatch.setattr(sandbox, "_write_all", half_then_killed)
-    with pytest.raises(BadDocument) as info:
-        sandbox.extract_isolated(text, detect.TEXT, _limits(), "File 'x'")
+def test_a_child_killed_mid_answer_fails_the_document_instead_of_truncating_it() -> None:
+    text = ("word " * 200_000).encode()  # 1 MB: far more than one socket buffer
+    # Each child sends half its answer and is killed, as the kernel's OOM killer would.
+    with _server_with("kill_mid_answer") as server, pytest.raises(BadDocument) as info:
+        server.extract(text, detect.TEXT, _limits(), "File 'x'")
     assert "stopped the document reader (SIGKILL)" in info.value.message, info.value.message
 
 
-def _gated_extract(gate: Path, pid_file: Path) -> Any:
-    """An extraction that, in the child, records its pid and waits until ``gate`` exists."""
-
-    def extract_when_opened(data: bytes, content_type: str, *_: Any) -> extract.Extracted:
-        pid_file.write_text(str(os.getpid()))
-        while not gate.exists():
-            time.sleep(0.01)
-        return extract.Extracted(text=data.decode(), markdown=False)
-
-    return extract_when_opened
+def _wait_for(path: Path, seconds: float = 60) -> int:
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert path.exists(), "the child never started"
+    return int(path.read_text())
 
 
-def test_a_child_holds_no_other_documents_pipe(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_a_child_holds_no_other_documents_socket(tmp_path: Path) -> None:
     gate, pid_file = tmp_path / "gate", tmp_path / "pid"
-    monkeypatch.setattr(sandbox.extraction, "extract", _gated_extract(gate, pid_file))
-    # Another document's pipe, open in the worker (a threaded pool) when this child forks.
-    other_read, other_write = os.pipe()
+    order = json.dumps({"gate": str(gate), "pid": str(pid_file)}).encode()
     result: list[Any] = []
-    worker = threading.Thread(
-        target=lambda: result.append(
-            sandbox.extract_isolated(b"words", detect.TEXT, _limits(seconds=120))
+    with _server_with("gated_extract") as server:
+        # A document whose child is still parsing when the next one is read (a threaded pool).
+        slow = threading.Thread(
+            target=lambda: result.append(server.extract(order, detect.TEXT, _limits(120)))
         )
-    )
-    try:
-        worker.start()
-        deadline = time.monotonic() + 60
-        while not pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert pid_file.exists(), "the child never started"
-        # The other document's child is done: its reader must see the end now, while this
-        # child is still parsing, not when it exits.
-        os.close(other_write)
-        ready, _, _ = select.select([other_read], [], [], 30)
-        assert ready and os.read(other_read, 1) == b"", "a sandbox child kept another pipe open"
-        assert worker.is_alive()
-    finally:
-        gate.touch()
-        worker.join(60)
-        os.close(other_read)
-    assert result and result[0].text == "words"
+        try:
+            slow.start()
+            _wait_for(pid_file)
+            # The next document's answer ends when its own child exits, not when the slow one
+            # does: no child holds another document's socket (its deadline is far off, so a
+            # read that waited for the slow child would show here as a slow call).
+            start = time.monotonic()
+            assert server.extract(b"words", detect.TEXT, _limits(60)).text == "words"
+            assert time.monotonic() - start < 30
+            assert slow.is_alive()
+        finally:
+            gate.touch()
+            slow.join(60)
+    assert result and result[0].text == "opened"
 
 
-def test_an_interrupted_read_kills_and_reaps_the_child(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_an_interrupted_read_kills_and_reaps_the_child(tmp_path: Path) -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 
     gate, pid_file = tmp_path / "gate", tmp_path / "pid"
-    monkeypatch.setattr(sandbox.extraction, "extract", _gated_extract(gate, pid_file))
+    order = json.dumps({"gate": str(gate), "pid": str(pid_file)}).encode()
 
     def soft_time_limit(*_: Any) -> None:
         # Celery raises its soft time limit from a signal handler; raise it once the child
         # runs, i.e. while the worker waits for its answer.
         if pid_file.exists():
-            # Armed again first: Python ignores an exception raised while an at-fork handler
-            # runs (logging's, faulthandler's in tests/conftest.py), and the read would then
-            # wait its whole limit; this second signal, long after any clean-up, raises it again.
+            # Armed again first: Python ignores an exception raised where it cannot propagate
+            # (an at-fork handler, a finalizer), and the read would then wait its whole limit;
+            # this second signal, long after, raises it again.
             signal.setitimer(signal.ITIMER_REAL, 2.0)
             raise SoftTimeLimitExceeded()
         signal.setitimer(signal.ITIMER_REAL, 0.02)
 
-    previous = signal.signal(signal.SIGALRM, soft_time_limit)
     pid = 0
+    with _server_with("gated_extract") as server:
+        server.extract(b"started", detect.TEXT, _limits())  # the server's start is not timed
+        previous = signal.signal(signal.SIGALRM, soft_time_limit)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.02)
+            with pytest.raises(SoftTimeLimitExceeded):
+                server.extract(order, detect.TEXT, _limits(seconds=120))
+            pid = int(pid_file.read_text())
+            # Killed and reaped before the call returned: the pid names no process (a running
+            # child or a zombie still would).
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+            pid = 0
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+            gate.touch()
+            if pid:  # a child left running: end it here
+                os.kill(pid, signal.SIGKILL)
+
+
+_READ_AND_WAIT = """
+import sys
+from atrium.ingestion import detect, extract, sandbox
+limits = sandbox.SandboxLimits(seconds=120, memory_bytes=1 << 30, extract=extract.Limits())
+server = sandbox.ReaderServer(preload=["tests.support.sandbox_faults:gated_extract"])
+server.extract(sys.argv[1].encode(), detect.TEXT, limits)
+"""
+
+
+def test_a_child_does_not_outlive_a_worker_that_died(tmp_path: Path) -> None:
+    gate, pid_file = tmp_path / "gate", tmp_path / "pid"
+    order = json.dumps({"gate": str(gate), "pid": str(pid_file)})
+    worker = subprocess.Popen(
+        [sys.executable, "-c", _READ_AND_WAIT, order], cwd=SRC.parent, env=os.environ.copy()
+    )
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.02)
-        with pytest.raises(SoftTimeLimitExceeded):
-            sandbox.extract_isolated(b"words", detect.TEXT, _limits(seconds=120))
-        pid = int(pid_file.read_text())
-        # Killed and reaped: no longer a child of this process (a running child or a zombie
-        # would still be).
-        with pytest.raises(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        pid = 0
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        gate.touch()
-        if pid:  # the old code left it running: end it here
+        pid = _wait_for(pid_file)
+        # The worker process is killed (the kernel's OOM killer, Celery's hard time limit)
+        # while its document is read: the watcher sees its socket close and kills the child.
+        worker.kill()
+        worker.wait(60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        else:
             os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+            raise AssertionError("the child outlived its worker")
+    finally:
+        gate.touch()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
+def test_no_lock_held_by_a_worker_thread_reaches_the_child() -> None:
+    # The hang this design removes: a child forked from the worker copies each lock as it is
+    # at the fork, held by threads that do not exist in the child. Here another worker thread
+    # holds a lock for the whole read, and each child takes the lock of the same name: a fork
+    # of this process would wait for it until the deadline (and did, before the reader server).
+    from tests.support import sandbox_faults
+
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with sandbox_faults.HELD:
+            taken.set()
+            done.wait(120)
+
+    holder = threading.Thread(target=hold)
+    with _server_with("locked_extract") as server:
+        holder.start()
+        try:
+            assert taken.wait(60)
+            start = time.monotonic()
+            assert server.extract(b"words", detect.TEXT, _limits(seconds=60)).text == "words"
+            assert time.monotonic() - start < 30
+        finally:
+            done.set()
+            holder.join(60)
+
+
+def test_the_child_starts_without_the_workers_threads_settings_or_model(
+    onnx_loaded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ATRIUM_SECRET_KEY", "a secret of the worker")
+    with _server_with("probe") as server:
+        seen = json.loads(server.extract(b"-", detect.TEXT, _limits()).text)
+        # The server runs no thread besides its main one (a fork of it holds no lock), ...
+        assert server.pid is not None
+        tasks = Path(f"/proc/{server.pid}/task")
+        if tasks.exists():
+            assert len(list(tasks.iterdir())) == 1
+    # ...and its children see none of the worker's settings, nor its model.
+    assert not [name for name in seen["environment"] if name.startswith("ATRIUM_")], seen
+    assert "onnxruntime" not in seen["modules"]
+    assert {"bs4", "pypdf", "docx"} <= set(seen["modules"])  # imported once, by the server
+
+
+def test_the_reader_server_is_started_again_when_it_died() -> None:
+    docx = make_docx(paragraphs=5)
+    server = sandbox.reader_server()
+    assert sandbox.extract_isolated(docx, detect.DOCX, _limits()).title == "Travel policy"
+    first = server.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    # The next document is read by a new server, not failed.
+    assert sandbox.extract_isolated(docx, detect.DOCX, _limits()).title == "Travel policy"
+    assert server.pid not in (None, first)
+    # One that cannot be started is no fault of the document: the task retries it later.
+    from atrium.ingestion import faults
+
+    unavailable = sandbox.SandboxUnavailable("the document reader is not available (test)")
+    assert faults.is_transient(unavailable)
+    assert faults.public_reason(unavailable) == "the document reader was unavailable"
+
+
+def test_concurrent_reads_from_threads_while_the_model_embeds(onnx_loaded: Any) -> None:
+    documents = [make_docx(paragraphs=n) for n in range(5, 13)]
+    stop = threading.Event()
+
+    def embed() -> None:
+        while not stop.is_set():
+            onnx_loaded.embedder.embed(["the worker embeds while documents are read"] * 8)
+
+    embedder = threading.Thread(target=embed)
+    embedder.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            titles = list(
+                pool.map(
+                    lambda data: (
+                        sandbox.extract_isolated(data, detect.DOCX, _limits(seconds=120)).title
+                    ),
+                    documents,
+                )
+            )
+    finally:
+        stop.set()
+        embedder.join(60)
+    assert titles == ["Travel policy"] * 8

@@ -10,6 +10,7 @@ import redis.exceptions
 import sqlalchemy.exc
 
 from atrium.embedding.base import EmbeddingError
+from atrium.ingestion.sandbox import SandboxUnavailable
 from atrium.kit.errors import outage_of
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ def public_reason(exc: BaseException) -> str:
     """
     if isinstance(exc, EmbeddingError):
         return "the embedding provider was unavailable"
+    if isinstance(exc, SandboxUnavailable):
+        return "the document reader was unavailable"
     component = outage_of(exc)
     return f"{component} was unavailable" if component else "a connection failed"
 
