@@ -31,6 +31,7 @@ from atrium.kit.responses import ANY_ROUTE
 from atrium.kit.vectordb import create_pool
 from atrium.mcp_server import install as install_mcp
 from atrium.mcp_server import running as mcp_running
+from atrium.retrieval.cache import PendingWrites
 
 log = structlog.get_logger("atrium.app")
 
@@ -67,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         open_quota(app)
         FastAPICache.reset()  # a class-level singleton: point it at this app's Redis
         FastAPICache.init(RedisBackend(redis_bytes), prefix="atrium-cache")
+        # Search results queued for the cache, carried by later searches' round trips.
+        app.state.search_cache_writes = PendingWrites(redis_bytes)
         log.info("startup", environment=settings.environment.value)
         try:
             # The MCP endpoint's session manager; stopped before the pools its tools use.
@@ -75,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             # Queued usage settlements first: they need the quota pool and Redis.
             await close_quota(app)
+            await app.state.search_cache_writes.close()
             await pool.close()
             await redis.aclose()
             await redis_bytes.aclose()

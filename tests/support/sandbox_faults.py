@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from atrium.ingestion import extract, sandbox
+from atrium.ingestion import extract, reader
 
 #: Held by a thread of the test process in one test; the same name in the server is a new lock.
 HELD = threading.Lock()
@@ -30,7 +30,7 @@ def kill_mid_answer() -> None:
         os.write(fd, payload[: len(payload) // 2])
         os.kill(os.getpid(), signal.SIGKILL)
 
-    sandbox._write_all = half_then_killed
+    reader._write_all = half_then_killed
 
 
 def gated_extract() -> None:
@@ -47,7 +47,7 @@ def gated_extract() -> None:
             time.sleep(0.01)
         return extract.Extracted(text="opened", markdown=False)
 
-    sandbox.extraction.extract = extract_when_opened
+    reader.extraction.extract = extract_when_opened
 
 
 def locked_extract() -> None:
@@ -57,7 +57,7 @@ def locked_extract() -> None:
         with HELD:
             return extract.Extracted(text=data.decode(), markdown=False)
 
-    sandbox.extraction.extract = extract_under_lock
+    reader.extraction.extract = extract_under_lock
 
 
 def probe() -> None:
@@ -67,4 +67,4 @@ def probe() -> None:
         seen = {"environment": sorted(os.environ), "modules": sorted(sys.modules)}
         return extract.Extracted(text=json.dumps(seen), markdown=False)
 
-    sandbox.extraction.extract = report
+    reader.extraction.extract = report

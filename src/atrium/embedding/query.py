@@ -64,6 +64,11 @@ class QueryVectorCache:
 _query_cache = QueryVectorCache()
 
 
+def cached_query_vector(settings: Settings, text: str, *, tenant_id: uuid.UUID) -> Vector | None:
+    """The tenant's vector of ``text`` from the LRU, without awaiting anything; None on a miss."""
+    return _query_cache.get(tenant_id, query_embedder(settings).model_name, text)
+
+
 async def embed_query(
     settings: Settings, text: str, *, tenant_id: uuid.UUID
 ) -> tuple[Vector, bool]:

@@ -28,7 +28,9 @@ process (about a second, once); a document costs two forks of this small process
 and no import. The child holds no copy of the worker's memory either (other tenants' texts,
 credentials, the model). It works the same under every Celery pool (prefork, solo, threads).
 
-Nothing the server, the watcher or the child sends is unpickled. Per document:
+This module is the worker's side; :mod:`atrium.ingestion.reader` is what runs in the server,
+the watcher and the child. Nothing the server, the watcher or the child sends is unpickled. Per
+document:
 
 * worker to server, on the server's socket: one byte carrying two descriptors, the far ends of
   this document's status and data sockets (the server closes its copies once it forked);
@@ -43,30 +45,31 @@ Nothing the server, the watcher or the child sends is unpickled. Per document:
 from __future__ import annotations
 
 import atexit
-import contextlib
-import gc
-import importlib
 import json
 import os
-import resource
-import select
 import signal
 import socket
-import struct
 import subprocess  # nosec B404
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, NoReturn
+from dataclasses import asdict
+from typing import Any
 
 from atrium.ingestion import extract as extraction
 from atrium.ingestion.exceptions import BadDocument
+from atrium.ingestion.reader import INT64, READ_SIZE, SandboxLimits
 
-_READ = 1024 * 1024
-_MEMORY_PAYLOAD = b'{"memory": true}\n'
-_INT = struct.Struct("!q")
+__all__ = [
+    "PARSERS",
+    "ReaderServer",
+    "SandboxLimits",
+    "SandboxUnavailable",
+    "extract_isolated",
+    "reader_server",
+]
+
 #: How long the server may take to start and fork the watcher (an interpreter start and the
 #: parsers' imports on a loaded machine), before the document's own time starts.
 _START_SECONDS = 60.0
@@ -88,185 +91,11 @@ class SandboxUnavailable(OSError):
     """
 
 
-@dataclass(frozen=True)
-class SandboxLimits:
-    """Bounds of one document's extraction.
-
-    Attributes:
-        seconds: wall-clock time before the child is killed.
-        memory_bytes: memory the child may allocate beyond what it started with.
-        extract: the parsing limits (PDF pages, DOCX inflated bytes).
-    """
-
-    seconds: float
-    memory_bytes: int
-    extract: extraction.Limits
-
-
-# In the reader server, the watcher and the child (other processes: not measured by coverage) ---
-
-
-def _serve(control_fd: int, preload: Sequence[str]) -> NoReturn:  # pragma: no cover
-    """The reader server: a watcher forked per request, until the worker closes its socket.
-
-    ``preload`` names modules to import first, or ``module:function`` to call one too (the
-    tests' faults).
-    """
-    for name in preload:
-        module, _, function = name.partition(":")
-        loaded = importlib.import_module(module)
-        if function:
-            getattr(loaded, function)()
-    # The kernel reaps its watchers. A Ctrl-C at the worker's terminal reaches this process too:
-    # it leaves when the worker closes the socket, never before.
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    control = socket.socket(fileno=control_fd)
-    while True:
-        message, fds, _, _ = socket.recv_fds(control, 1, 2)
-        if not message:  # every copy of the worker's end is closed: the worker is gone
-            os._exit(0)
-        if len(fds) == 2:
-            try:
-                pid = os.fork()
-            except OSError:  # the worker sees the status socket close before any report
-                pid = -1
-            if pid == 0:
-                control.close()
-                _watch(fds[0], fds[1])
-        for fd in fds:
-            os.close(fd)
-
-
-def _watch(status_fd: int, data_fd: int) -> NoReturn:  # pragma: no cover
-    """Fork the child; send its pid, then its wait status; kill it if the worker gives up."""
-    code = 1
-    try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # this process reaps its child itself
-        _close_inherited_fds(status_fd, data_fd)
-        alive_r, alive_w = os.pipe()  # end of file on alive_r: the child exited
-        pid = os.fork()
-        if pid == 0:
-            os.close(status_fd)
-            os.close(alive_r)
-            _run_child(data_fd, alive_w)
-        os.close(alive_w)
-        os.close(data_fd)
-        status = socket.socket(fileno=status_fd)
-        with contextlib.suppress(OSError):  # the worker is gone: the wait below kills the child
-            status.sendall(_INT.pack(pid))
-        ready, _, _ = select.select([alive_r, status_fd], [], [])
-        if alive_r not in ready:
-            # The worker shut its side down or exited. Not reaped yet, the child still owns
-            # this pid even if it exited just now.
-            os.kill(pid, signal.SIGKILL)
-        _, wait_status = os.waitpid(pid, 0)
-        status.sendall(_INT.pack(wait_status))
-        code = 0
-    finally:
-        os._exit(code)
-
-
-def _run_child(fd: int, alive_fd: int) -> NoReturn:  # pragma: no cover
-    code = 1
-    try:
-        _close_inherited_fds(fd, alive_fd)
-        header, data = _read_request(fd)
-        limits = SandboxLimits(
-            seconds=float(header["seconds"]),
-            memory_bytes=int(header["memory_bytes"]),
-            extract=extraction.Limits(**header["extract"]),
-        )
-        # Objects from the server are never collected here: nothing of theirs is needed.
-        gc.freeze()
-        _limit_child(limits)
-        payload = _child_payload(data, str(header["content_type"]), str(header["label"]), limits)
-        try:
-            _write_all(fd, payload)
-        except MemoryError:
-            _write_all(fd, _MEMORY_PAYLOAD)
-        code = 0
-    finally:
-        os._exit(code)
-
-
-def _read_request(fd: int) -> tuple[dict[str, Any], bytes]:  # pragma: no cover
-    raw = _read_to_end(fd)
-    (size,) = _INT.unpack_from(raw)
-    header: dict[str, Any] = json.loads(raw[_INT.size : _INT.size + size])
-    return header, raw[_INT.size + size :]
-
-
-def _read_to_end(fd: int) -> bytes:  # pragma: no cover
-    parts: list[bytes] = []
-    while piece := os.read(fd, _READ):
-        parts.append(piece)
-    return b"".join(parts)
-
-
-def _mapped_bytes() -> int:
-    """This process's current address space (``VmSize``), 0 when unknown."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmSize:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _limit_child(limits: SandboxLimits) -> None:  # pragma: no cover
-    mapped = _mapped_bytes()
-    if mapped:
-        cap = mapped + limits.memory_bytes
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    # A forked child starts with no CPU time used: this bounds a parse that spins even if it
-    # could not be killed in time.
-    cpu = int(limits.seconds) + 2
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-
-
-def _child_payload(data: bytes, content_type: str, label: str, limits: SandboxLimits) -> bytes:
-    try:
-        result = extraction.extract(data, content_type, label, limits.extract)
-        header = {"markdown": result.markdown, "title": result.title, "pages": result.pages}
-        return json.dumps(header).encode("ascii") + b"\n" + result.text.encode("utf-8", "replace")
-    except MemoryError:
-        return _MEMORY_PAYLOAD
-    except BadDocument as exc:
-        return json.dumps({"bad": exc.message, "status": exc.status_code}).encode("ascii") + b"\n"
-    except Exception as exc:  # a parser's own bug on a crafted file: this document fails
-        return json.dumps({"error": f"{type(exc).__name__}: {exc}"[:300]}).encode("ascii") + b"\n"
-
-
-def _write_all(fd: int, payload: bytes) -> None:  # pragma: no cover
-    view = memoryview(payload)
-    while view:
-        written = os.write(fd, view[:_READ])
-        view = view[written:]
-
-
-def _close_inherited_fds(*keep: int) -> None:  # pragma: no cover
-    """Close every descriptor but stdio and ``keep``: no other document's socket stays open
-    here (its reader would not see the end of its answer while this process lives)."""
-    low = 3
-    for fd in sorted(keep):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, _max_fd())
-
-
-def _max_fd() -> int:  # pragma: no cover
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    return limit if limit != resource.RLIM_INFINITY else 1 << 20
-
-
 # In the worker ---------------------------------------------------------------------------------
 
 _SERVER_CODE = (
     "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-    "from atrium.ingestion.sandbox import _serve; _serve(int(sys.argv[2]), json.loads(sys.argv[3]))"
+    "from atrium.ingestion.reader import serve; serve(int(sys.argv[2]), json.loads(sys.argv[3]))"
 )
 
 
@@ -418,7 +247,7 @@ class ReaderServer:
             status: int | None = None
             try:
                 with channel:
-                    raw = _exchange(channel, [_INT.pack(len(header)), header, data], deadline)
+                    raw = _exchange(channel, [INT64.pack(len(header)), header, data], deadline)
                 if raw is not None:
                     status = watcher.wait(deadline)
             finally:
@@ -454,19 +283,19 @@ class _Watcher:
             EOFError: the watcher closed the socket first (it could not be started).
         """
         received = b""
-        while len(received) < _INT.size:
+        while len(received) < INT64.size:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             self.sock.settimeout(left)
             try:
-                piece = self.sock.recv(_INT.size - len(received))
+                piece = self.sock.recv(INT64.size - len(received))
             except TimeoutError:
                 return False
             if not piece:
                 raise EOFError("the watcher stopped")
             received += piece
-        (number,) = _INT.unpack(received)
+        (number,) = INT64.unpack(received)
         if self.pid is None:
             self.pid = number
         else:
@@ -499,7 +328,7 @@ def _exchange(sock: socket.socket, request: list[bytes], deadline: float) -> byt
                 if left <= 0:
                     return None
                 sock.settimeout(left)
-                view = view[sock.send(view[:_READ]) :]
+                view = view[sock.send(view[:READ_SIZE]) :]
         sock.shutdown(socket.SHUT_WR)
     except TimeoutError:
         return None
@@ -512,7 +341,7 @@ def _exchange(sock: socket.socket, request: list[bytes], deadline: float) -> byt
             return None
         sock.settimeout(left)
         try:
-            piece = sock.recv(_READ)
+            piece = sock.recv(READ_SIZE)
         except TimeoutError:
             return None
         except ConnectionResetError:  # killed with part of the request unread

@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from atrium.billing.quota import Quota
 from atrium.config import Settings
 from atrium.kit.ratelimit import Bucket, RateLimitState
+from atrium.retrieval.cache import PendingWrites
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +31,7 @@ class QueryContext:
         redis: the app's Redis client (cache versions, result cache).
         engine: the account database (the tenant's collections).
         quota: the quota engine that holds and settles the query.
+        cache_writes: the app's queued result-cache fills, carried by the next quota hold.
         rate_limit: the caller's per-minute bucket, counted in the same Redis script as the
             query's first quota hold; None when it was counted already (MCP counts it per
             message) or the plan sets no limit.
@@ -41,6 +43,7 @@ class QueryContext:
     redis: Redis
     engine: AsyncEngine
     quota: Quota
+    cache_writes: PendingWrites
     rate_limit: Bucket | None = None
     rate_limits: list[RateLimitState] = field(default_factory=list)
 
@@ -60,6 +63,7 @@ class QueryContext:
             redis=state.redis,
             engine=state.engine,
             quota=Quota.of(app),
+            cache_writes=state.search_cache_writes,
             rate_limit=rate_limit,
             rate_limits=rate_limits if rate_limits is not None else [],
         )

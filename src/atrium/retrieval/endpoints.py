@@ -7,7 +7,7 @@
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 
 from atrium.auth.dependencies import require
 from atrium.auth.permissions import Permission
@@ -68,7 +68,6 @@ def _cache_flags(cache_control: str | None) -> tuple[bool, bool]:
 )
 async def search_route(
     body: SearchRequest,
-    background: BackgroundTasks,
     subject: Annotated[AuthSubject, Depends(searcher)],
     res: Annotated[QueryContext, Depends(query_context(searcher))],
     cache_control: Annotated[str | None, Header()] = None,
@@ -94,10 +93,11 @@ async def search_route(
         store=store,
         defer_store=True,
     )
-    if outcome.store is not None:
-        # Filling the cache is no business of this caller's: after the response.
-        background.add_task(outcome.store)
     # Serialised once by pydantic's own JSON encoder, and the cache stores those very bytes:
     # the model is already valid, so FastAPI's response_model pass (validate again, then
     # encode) is skipped; response_model still documents the body.
-    return Response(outcome.json(), media_type="application/json", background=background)
+    response = Response(outcome.json(), media_type="application/json")
+    if outcome.store is not None:
+        # Queued, not sent: the next search's quota round trip carries the cache fill.
+        outcome.store()
+    return response

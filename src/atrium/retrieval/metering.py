@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from atrium.billing.quota import Metric, Reservation
 from atrium.kit import metrics
@@ -31,6 +32,7 @@ async def reserve(
     *,
     rate_limit: Bucket | None = None,
     alongside: Sequence[tuple[str, ...]] = (),
+    writes: Sequence[tuple[Any, ...]] = (),
 ) -> Reservation:
     """Hold ``amount`` of ``metric`` for ``tenant_id``.
 
@@ -42,13 +44,15 @@ async def reserve(
         rate_limit: the caller's bucket (``ctx.rate_limit``) for the request's first hold:
             counted in the same Redis script, so a refused request holds nothing.
         alongside: Redis reads to make in the same round trip (``reservation.replies``).
+        writes: best-effort Redis writes to carry in the same round trip (queued result-cache
+            fills, :class:`atrium.retrieval.cache.PendingWrites`).
 
     Raises:
         TooManyRequests: ``rate_limit`` is spent (429).
         atrium.billing.quota.QuotaExceeded: the plan has no room left (402).
     """
     return await ctx.quota.reserve(tenant_id, metric, amount).acquire(
-        alongside, rate_limit=rate_limit, rate_limits=ctx.rate_limits
+        alongside, writes=writes, rate_limit=rate_limit, rate_limits=ctx.rate_limits
     )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ import structlog
 from atrium.collections import catalog
 from atrium.config import Settings
 from atrium.embedding.base import EmbeddingError
-from atrium.embedding.query import Vector, embed_query
+from atrium.embedding.query import Vector, cached_query_vector, embed_query
 from atrium.kit.cache_versions import TenantVersions, tenant_versions, versions_command
 from atrium.kit.errors import BadGateway, GatewayTimeout
 from atrium.retrieval import cache, metering, repository, rerank
@@ -53,8 +53,9 @@ class SearchOutcome:
     response: SearchResponse
     query_vector: Vector | None = None
     log_fields: dict[str, Any] = field(default_factory=dict)
-    #: With ``defer_store``: the cache write the caller runs once the response is out.
-    store: Callable[[], Awaitable[None]] | None = None
+    #: With ``defer_store``: queues the cache write (call it once the body is serialised; the
+    #: next search's quota round trip sends it).
+    store: Callable[[], None] | None = None
     _json: bytes | None = None
 
     def json(self) -> bytes:
@@ -160,8 +161,8 @@ async def search(
         params: the validated request.
         use_cache: look the request up in the result cache first.
         store: store a fresh result in the cache.
-        defer_store: leave that cache write to the caller (``outcome.store``), to run after
-            the response has gone out.
+        defer_store: leave that cache write to the caller (``outcome.store``), which queues
+            it for the next search's round trip instead of sending it now.
         versions: the tenant's cache versions when the caller already read them (in its
             quota reservation's round trip); None reads them here.
 
@@ -177,9 +178,14 @@ async def search(
     # The query is embedded (in a worker thread) while the collections and the cache are
     # looked up: on a cache miss its latency is mostly hidden; on a hit the vector still lands
     # in the query-vector LRU.
-    embedding = None
+    embedding: asyncio.Future[tuple[Vector, bool, float]] | None = None
     if params.mode is not SearchMode.lexical:  # lexical search needs no query vector
-        embedding = asyncio.ensure_future(_embed(res.settings, params.query, tenant_id))
+        known = cached_query_vector(res.settings, params.query, tenant_id=tenant_id)
+        if known is not None:  # no task to schedule for a vector already at hand
+            embedding = asyncio.get_running_loop().create_future()
+            embedding.set_result((known, True, 0.0))
+        else:
+            embedding = asyncio.ensure_future(_embed(res.settings, params.query, tenant_id))
     try:
         return await _search(
             res,
@@ -221,8 +227,8 @@ async def metered_search(
         params: the validated request.
         use_cache: look the request up in the result cache first.
         store: store a fresh result in the cache.
-        defer_store: leave that cache write to the caller (``outcome.store``), to run after
-            the response has gone out.
+        defer_store: leave that cache write to the caller (``outcome.store``), which queues
+            it for the next search's round trip instead of sending it now.
         via: how the search arrived, for the log line when not the HTTP route (``"mcp"``).
 
     Raises:
@@ -240,6 +246,8 @@ async def metered_search(
         Metric.searches,
         rate_limit=res.rate_limit,
         alongside=[versions_command(tenant_id)],
+        # Earlier searches' result-cache fills ride along (no round trip of their own).
+        writes=res.cache_writes.take(),
     )
     try:
         versions = await tenant_versions(res.redis, tenant_id, hold.replies[0])
@@ -401,13 +409,14 @@ async def _search(
     if store and key is not None and res.settings.search_cache_ttl_seconds > 0:
         cache_key, ttl = key, res.settings.search_cache_ttl_seconds
 
-        async def put() -> None:
-            await cache.put(cache_key, outcome.json(), ttl)
-
         if defer_store:
-            outcome.store = put
+
+            def queue() -> None:
+                res.cache_writes.add(cache_key, outcome.json(), ttl)
+
+            outcome.store = queue
         else:
-            await put()
+            await cache.put(cache_key, outcome.json(), ttl)
     return outcome
 
 

@@ -187,6 +187,7 @@ class Quota:
         alongside: Sequence[tuple[str, ...]] = (),
         replies: list[Any] | None = None,
         *,
+        writes: Sequence[tuple[Any, ...]] = (),
         rate_limit: Bucket | None = None,
         rate_limits: list[RateLimitState] | None = None,
     ) -> None:
@@ -203,6 +204,7 @@ class Quota:
             reservations,
             alongside,
             replies,
+            writes=writes,
             rate_limit=rate_limit,
             rate_limits=rate_limits,
         )

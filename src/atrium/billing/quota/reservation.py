@@ -62,6 +62,7 @@ class Reservation:
         self,
         alongside: Sequence[tuple[str, ...]] = (),
         *,
+        writes: Sequence[tuple[Any, ...]] = (),
         rate_limit: Bucket | None = None,
         rate_limits: list[RateLimitState] | None = None,
     ) -> Reservation:
@@ -70,6 +71,7 @@ class Reservation:
         Args:
             alongside: Redis commands to send in the same round trip (a search reads its
                 cache versions this way); their replies land in :attr:`replies`.
+            writes: best-effort writes to send in the same round trip (replies dropped).
             rate_limit: the caller's rate-limit bucket, counted first in the same script.
             rate_limits: where the rate limit's outcome goes (the response's headers).
 
@@ -82,6 +84,7 @@ class Reservation:
             [self],
             alongside,
             self.replies,
+            writes=writes,
             rate_limit=rate_limit,
             rate_limits=rate_limits,
         )

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from redis.exceptions import NoScriptError
 
 from atrium.billing.quota.metrics import QuotaExceeded
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from atrium.billing.quota.engine import Quota
     from atrium.billing.quota.reservation import Reservation
 
+log = structlog.get_logger("atrium.billing.quota")
+
 #: Tries of the reservation script before giving up (each retry follows a plan change or a
 #: rebuild of a counter that Redis lost).
 _PLACE_ATTEMPTS = 5
@@ -42,6 +45,7 @@ async def place(
     alongside: Sequence[tuple[str, ...]] = (),
     replies: list[Any] | None = None,
     *,
+    writes: Sequence[tuple[Any, ...]] = (),
     rate_limit: Bucket | None = None,
     rate_limits: list[RateLimitState] | None = None,
 ) -> None:
@@ -54,6 +58,8 @@ async def place(
         alongside: Redis commands sent in the same round trip; their replies are appended
             to ``replies``.
         replies: where the replies of ``alongside`` go.
+        writes: best-effort Redis writes sent in the same round trip (a search's queued
+            result-cache fills); their replies are dropped, a failure is logged.
         rate_limit: a rate-limit bucket to count the request against first, in the same
             script (``lua/admit.lua``): a refused request holds nothing.
         rate_limits: where the rate limit's outcome goes (the request's ``X-RateLimit-*``).
@@ -82,7 +88,13 @@ async def place(
                 async with quota.redis.pipeline(transaction=False) as pipe:
                     for command in reads:
                         pipe.execute_command(*command)
-                    out.extend(await pipe.execute())
+                    for command in writes:
+                        pipe.execute_command(*command)
+                    done = await pipe.execute(raise_on_error=False)
+                out.extend(_checked(done[: len(reads)]))
+                _dropped(done[len(reads) :])
+            elif writes:
+                await _send(quota, writes)
             break
         now_ms = int(utcnow().timestamp() * 1000)
         keys: list[str] = [billing_cache_key(tenant_id)]
@@ -101,8 +113,8 @@ async def place(
                 r.ttl * 1000 + 60_000,
             ]
             limits.append(limit)
-        reply = await _run(quota, keys, args, reads, out, check)
-        reads = []  # sent once, with the first try
+        reply = await _run(quota, keys, args, reads, out, check, writes)
+        reads, writes = [], []  # sent once, with the first try
         if check is not None:
             # Counted once, with the first try: a retry (a plan change, a rebuilt counter)
             # only holds.
@@ -163,8 +175,9 @@ async def _run(
     reads: list[tuple[str, ...]],
     out: list[Any],
     check: ratelimit.Check | None = None,
+    writes: Sequence[tuple[Any, ...]] = (),
 ) -> Any:
-    """The reservation script, with ``reads`` in the same round trip when there are any.
+    """The reservation script, with ``reads`` and ``writes`` in the same round trip.
 
     With a rate-limit ``check``: ``lua/admit.lua`` (the check, then the reservation), whose
     reply is ``[verdict]`` or ``[verdict, reservation reply]``.
@@ -174,7 +187,7 @@ async def _run(
         script = quota.scripts.admit
         keys = [check.bucket.key, *keys]
         args = [*check.args, *args]
-    if not reads:
+    if not reads and not writes:
         return await script(keys=keys, args=args)
     # EVALSHA, not the Script object: in a pipeline that would first ask SCRIPT EXISTS (a
     # round trip).
@@ -182,14 +195,40 @@ async def _run(
         pipe.evalsha(script.sha, len(keys), *keys, *args)
         for command in reads:
             pipe.execute_command(*command)
+        for command in writes:
+            pipe.execute_command(*command)
         replies = await pipe.execute(raise_on_error=False)
-    for reply in replies[1:]:
-        if isinstance(reply, Exception):
-            raise reply
-    out.extend(replies[1:])
+    out.extend(_checked(replies[1 : 1 + len(reads)]))
+    _dropped(replies[1 + len(reads) :])
     if isinstance(replies[0], NoScriptError):
         # Redis lost its scripts (a restart, SCRIPT FLUSH): the Script object loads it.
         return await script(keys=keys, args=args)
     if isinstance(replies[0], Exception):
         raise replies[0]
     return replies[0]
+
+
+def _checked(replies: Sequence[Any]) -> list[Any]:
+    """The replies of reads, raising the first error among them."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return list(replies)
+
+
+def _dropped(replies: Sequence[Any]) -> None:
+    """Best-effort writes: a failure is logged, never raised to the caller."""
+    failed = [r for r in replies if isinstance(r, Exception)]
+    if failed:
+        log.warning("carried_write_failed", writes=len(failed), error=str(failed[0]))
+
+
+async def _send(quota: Quota, writes: Sequence[tuple[Any, ...]]) -> None:
+    """Best-effort writes in a round trip of their own (nothing else was sent)."""
+    try:
+        async with quota.redis.pipeline(transaction=False) as pipe:
+            for command in writes:
+                pipe.execute_command(*command)
+            _dropped(await pipe.execute(raise_on_error=False))
+    except Exception as exc:  # a best-effort write is never worth a failure
+        log.warning("carried_write_failed", writes=len(writes), error=str(exc))
