@@ -11,6 +11,8 @@ pgvector 0.8 (pgserver), and the API in a uvicorn subprocess. It measures:
    bundled all-MiniLM-L6-v2; every other vector is a real one plus half of another real one plus
    Gaussian noise (norm ~0.5), normalised. Texts are the real passages. Queries are real article
    titles, embedded with the same model.
+   - server CPU per search of the floor (below) and the route, in alternating blocks of
+     requests so both run under the same machine conditions (their ratio is the target's);
    - p50/p99 latency and throughput at 1 and 32 concurrent clients of (a) the raw SQL query
      through psycopg (pgvector's binary adapter, the route's ``hnsw.ef_search``, partition by
      name) and (b) ``POST /search`` with an API key (HTTP, auth, rate limit, quota, collection
@@ -517,6 +519,51 @@ async def measure(
     return result
 
 
+async def interleaved_cpu(
+    floor_call: Callable[[int], Awaitable[None]],
+    route_call: Callable[[int], Awaitable[None]],
+    floor_pid: int,
+    route_pid: int,
+    rounds: int,
+    block: int,
+) -> dict[str, Any]:
+    """Server CPU per request of the floor and the route, one client, in alternating blocks.
+
+    The machine's speed drifts over a run (other work, the host): measured one after the
+    other, the two figures can differ by a third from run to run. Alternating blocks of
+    ``block`` requests, ``rounds`` times, puts both under the same conditions; the ratio is
+    the route's CPU over the floor's, summed over every round.
+    """
+    floor_cpu = route_cpu = 0.0
+    per_round = []
+    for r in range(rounds):
+        spent = []
+        for call, pid in ((floor_call, floor_pid), (route_call, route_pid)):
+            cpu0 = process_cpu_seconds(pid)
+            for i in range(block):
+                await call(r * block + i)
+            spent.append(process_cpu_seconds(pid) - cpu0)
+        floor_cpu += spent[0]
+        route_cpu += spent[1]
+        per_round.append(spent[1] / spent[0] if spent[0] else float("nan"))
+    n = rounds * block
+    out = {
+        "rounds": rounds,
+        "block": block,
+        "floor_cpu_ms": floor_cpu * 1000 / n,
+        "route_cpu_ms": route_cpu * 1000 / n,
+        "ratio": route_cpu / floor_cpu,
+        "round_ratios": per_round,
+    }
+    print(
+        f"  server CPU per search, interleaved ({rounds} x {block} each): route "
+        f"{out['route_cpu_ms']:.2f} ms, floor {out['floor_cpu_ms']:.2f} ms, ratio "
+        f"{out['ratio']:.2f} (rounds {min(per_round):.2f}-{max(per_round):.2f})",
+        flush=True,
+    )
+    return out
+
+
 def raw_sql_caller(
     conninfo: str, tenant_ids: Sequence[uuid.UUID], queries: Matrix, by_name: bool = True
 ) -> Callable[[int], Awaitable[Callable[[int], Awaitable[None]]]]:
@@ -755,6 +802,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         server_pid=server.pid,
                     )
                 )
+            results["cpu_interleaved"] = await interleaved_cpu(
+                await floor_caller(floor_base, big, query_texts)(0),
+                await route_caller(api, [big], query_texts)(0),
+                floor.pid,
+                server.pid,
+                rounds=args.cpu_rounds,
+                block=max(1, args.requests // 5),
+            )
         finally:
             os.killpg(floor.pid, 15)
             floor.wait(20)
@@ -930,6 +985,14 @@ def report(results: dict[str, Any]) -> str:
         f"floor p50 / raw SQL p50: {floor1.p50_ms / raw1.p50_ms:.2f}; "
         f"/search p50 / floor p50: {route1.p50_ms / floor1.p50_ms:.2f}"
     )
+    cpu = results.get("cpu_interleaved")
+    if cpu:
+        lines.append(
+            f"server CPU per search, floor and route in {cpu['rounds']} alternating blocks of "
+            f"{cpu['block']} (1 client): route {cpu['route_cpu_ms']:.2f} ms, floor "
+            f"{cpu['floor_cpu_ms']:.2f} ms: **{cpu['ratio']:.2f} x** (rounds "
+            f"{min(cpu['round_ratios']):.2f}-{max(cpu['round_ratios']):.2f})"
+        )
     inside = results["route_inside_ms"]
     lines.append(
         f"inside the search service (p50): {inside['total_ms']:.2f} ms, of which SQL "
@@ -986,6 +1049,9 @@ def main() -> None:
         "--ef-sweep", type=lambda v: [int(x) for x in v.split(",")], default=[40, 100, 128, 200]
     )
     parser.add_argument("--rounds", type=int, default=3, help="alternations of 1 and N tenants")
+    parser.add_argument(
+        "--cpu-rounds", type=int, default=10, help="alternating floor/route blocks for CPU"
+    )
     parser.add_argument(
         "--latency-only",
         action="store_true",

@@ -25,7 +25,6 @@ from atrium.kit.db import create_engine, create_sessionmaker
 from atrium.kit.errors import install_error_handlers
 from atrium.kit.logging import RequestContextMiddleware, configure_logging
 from atrium.kit.metrics import install_metrics
-from atrium.kit.ratelimit import RateLimitHeadersMiddleware
 from atrium.kit.redis import create_redis
 from atrium.kit.responses import ANY_ROUTE
 from atrium.kit.vectordb import create_pool
@@ -111,7 +110,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "X-RateLimit-Reset",
             ],
         )
-    app.add_middleware(RateLimitHeadersMiddleware)
     app.add_middleware(RequestContextMiddleware, hsts=settings.is_production)
 
     app.include_router(health_router)

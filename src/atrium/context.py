@@ -93,7 +93,7 @@ async def service_context(request: Request, session: DBSession) -> ServiceContex
         quota=Quota.of(request),
         settings=state.settings,
         origin=Origin.of(request),
-        # The very list RateLimitHeadersMiddleware reads: a service's limits show on the response.
+        # The very list the response's X-RateLimit-* headers come from (kit.ratelimit).
         rate_limits=request.scope.setdefault("state", {}).setdefault(RATE_LIMIT_STATES, []),
     )
 

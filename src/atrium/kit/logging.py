@@ -11,6 +11,8 @@ from typing import Any
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from atrium.kit import ratelimit
+
 _configured = False
 
 
@@ -94,7 +96,7 @@ _TEMPLATES: dict[tuple[int, int, object], str] = {}
 
 
 class RequestContextMiddleware:
-    """Request id, security headers and one structured log line per request.
+    """Request id, security and rate-limit headers, and one structured log line per request.
 
     A plain ASGI middleware (not ``BaseHTTPMiddleware``) so streaming responses pass through
     untouched and the hot path stays cheap.
@@ -131,6 +133,9 @@ class RequestContextMiddleware:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
                 headers.extend(self.headers)
+                if ratelimit.STATE_KEY in state:
+                    present = {name.lower() for name, _ in headers}
+                    headers.extend(ratelimit.response_headers(state, present))
                 message["headers"] = headers
             await send(message)
 

@@ -55,7 +55,6 @@ from pyrate_limiter.abstracts.algorithm import SlidingWindowLog
 from pyrate_limiter.buckets.redis_bucket import LuaScript
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from atrium.kit import metrics
 from atrium.kit.errors import TooManyRequests
@@ -293,7 +292,7 @@ async def hit(redis: Redis, bucket: Bucket) -> RateLimitState:
 
 
 def record_state(request: Request, state: RateLimitState) -> None:
-    """Remember ``state`` so :class:`RateLimitHeadersMiddleware` reports it on the response."""
+    """Remember ``state`` so the response reports it (:func:`response_headers`)."""
     request_states(request).append(state)
 
 
@@ -418,7 +417,7 @@ def admit(state: RateLimitState, states: list[RateLimitState], **fields: str) ->
 
 
 def request_states(request: Request) -> list[RateLimitState]:
-    """The request's list of limit outcomes, which :class:`RateLimitHeadersMiddleware` reports."""
+    """The request's limit outcomes, which its response reports (:func:`response_headers`)."""
     states: list[RateLimitState] = request.scope.setdefault("state", {}).setdefault(STATE_KEY, [])
     return states
 
@@ -433,35 +432,21 @@ def _most_restrictive(states: list[RateLimitState]) -> RateLimitState:
     return min(states, key=lambda s: (s.remaining, -s.reset_seconds))
 
 
-class RateLimitHeadersMiddleware:
-    """Adds ``X-RateLimit-*`` to every response of a limited route, errors included.
+def response_headers(state: dict[str, Any], present: set[bytes]) -> list[tuple[bytes, bytes]]:
+    """The ``X-RateLimit-*`` headers (and ``Retry-After``) of a response, from the limits the
+    request was counted against (``scope["state"]``), minus those it already carries.
 
     Dependencies cannot set headers on error responses or on responses the endpoint builds
-    itself (streams, files), so the limits record their outcome in the request state and this
-    plain ASGI middleware writes the most restrictive one into the response start.
+    itself (streams, files), so the limits record their outcome in the request state and the
+    request middleware (:class:`atrium.kit.logging.RequestContextMiddleware`) writes the most
+    restrictive one into the response start of every limited route, errors included.
     """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-
-        async def send_wrapper(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                states: list[RateLimitState] = state.get(STATE_KEY) or []
-                if states:
-                    chosen = _most_restrictive(states)
-                    headers = list(message.get("headers", []))
-                    present = {name.lower() for name, _ in headers}
-                    for name, value in chosen.headers().items():
-                        raw = name.lower().encode("latin-1")
-                        if raw not in present:
-                            headers.append((raw, value.encode("latin-1")))
-                    message["headers"] = headers
-            await send(message)
-
-        await self.app(scope, receive, send_wrapper)
+    states: list[RateLimitState] = state.get(STATE_KEY) or []
+    if not states:
+        return []
+    out = []
+    for name, value in _most_restrictive(states).headers().items():
+        raw = name.lower().encode("latin-1")
+        if raw not in present:
+            out.append((raw, value.encode("latin-1")))
+    return out
