@@ -25,7 +25,7 @@ from atrium.billing.quota import QuotaExceeded
 from atrium.embedding.base import EmbeddingError
 from atrium.ingestion.exceptions import BadDocument, RunAlone, Superseded
 from atrium.ingestion.faults import is_transient, public_reason
-from atrium.ingestion.repository import heartbeat_run
+from atrium.ingestion.job_repository import heartbeat_run
 from atrium.ingestion.stages import STAGE_PERCENT, DocumentRun, Outcome, ms
 from atrium.ingestion.tools import Tools
 from atrium.kit.cache_versions import bump_collection_version

@@ -38,12 +38,11 @@ from atrium.collections.repository import CollectionRepository
 from atrium.ingestion import bulkstore, detect
 from atrium.ingestion.batch import Batch
 from atrium.ingestion.exceptions import BadDocument
+from atrium.ingestion.job_repository import heartbeat_run, held_by_run
 from atrium.ingestion.limits import max_upload_bytes
 from atrium.ingestion.repository import (
     Claimed,
     DocumentRepository,
-    heartbeat_run,
-    held_by_run,
     job_key,
     new_run_id,
 )

@@ -44,14 +44,13 @@ import structlog
 from atrium.billing.quota import Quota
 from atrium.ingestion.batch import OUT_OF_TIME, Batch, log_retry
 from atrium.ingestion.faults import TransientFailure, is_transient, public_reason
+from atrium.ingestion.job_repository import adopt_queued, release_job
 from atrium.ingestion.repository import (
     Claimed,
     DocumentRepository,
-    adopt_queued,
     job_key,
     job_of,
     new_run_id,
-    release_job,
 )
 from atrium.ingestion.service import PROCESS_TASK
 from atrium.ingestion.stages import DocumentRun, Outcome

@@ -33,12 +33,11 @@ from atrium.collections.service import DELETE_TASK as DELETE_COLLECTION
 from atrium.embedding.factory import PROCESSES_ENV
 from atrium.ingestion import pipeline
 from atrium.ingestion.faults import is_transient
+from atrium.ingestion.job_repository import stuck_collections, stuck_documents
 from atrium.ingestion.pipeline import MAX_RETRIES, backoff
 from atrium.ingestion.repository import (
     DocumentRepository,
     job_key,
-    stuck_collections,
-    stuck_documents,
 )
 from atrium.ingestion.service import DELETE_TASK, PROCESS_TASK
 from atrium.ingestion.tools import worker_tools
