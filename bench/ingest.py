@@ -744,13 +744,17 @@ def _section(rounds: list[Round], shipped: Alone | None, meta: dict[str, Any]) -
                     "  ",
                 ),
                 _para(
-                    "Since then (2026-12-07) each document is read in a forked child under "
-                    "memory and CPU limits (the sandbox against decompression bombs and runaway "
-                    "parsers): about 18 ms per article measured alone (a 4 kB Markdown file: "
-                    "18 ms sandboxed, under 0.1 ms in the process), some 5 s of CPU over 300 "
-                    "articles; the extract stage's 86 ms here is wall time among 4 processes "
-                    "on 2 cores. The rest of the 37 s outside the model in that run is not yet "
-                    "profiled.",
+                    "Each document is read in a child process under memory and CPU limits "
+                    "(the sandbox against decompression bombs and runaway parsers). The "
+                    "children come from a reader server, a small interpreter per worker "
+                    "process that has imported the parsers, not from forks of the threaded "
+                    "worker (decision 0018). Measured alone on 2026-12-07, in one process with "
+                    "the model loaded, the two designs alternating (median of 20): a 4 kB "
+                    "Markdown file 8 ms sandboxed (15 ms for a fork of the worker), a small "
+                    "DOCX 29 ms (86 ms: each fork of the worker imported python-docx; 15 ms "
+                    "unsandboxed); the server starts once per process in about 0.3 s. The "
+                    "extract stage above is wall time among 4 processes on 2 cores (86 ms "
+                    "with forks of the worker in the morning's run).",
                     "  ",
                 ),
                 _para(
