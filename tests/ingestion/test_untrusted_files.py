@@ -661,6 +661,7 @@ def test_a_child_killed_mid_answer_fails_the_document_instead_of_truncating_it()
 
 
 def _wait_for(path: Path, seconds: float = 60) -> int:
+    """The pid a gated child wrote to ``path`` (it writes a file whole, then renames it)."""
     deadline = time.monotonic() + seconds
     while not path.exists() and time.monotonic() < deadline:
         time.sleep(0.01)

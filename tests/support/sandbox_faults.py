@@ -42,7 +42,10 @@ def gated_extract() -> None:
             order = json.loads(data)
         except ValueError:
             return extract.Extracted(text=data.decode(), markdown=False)
-        Path(order["pid"]).write_text(str(os.getpid()))
+        # Written whole, then renamed: a reader polling for the file never sees it empty.
+        partial = Path(order["pid"] + ".part")
+        partial.write_text(str(os.getpid()))
+        os.replace(partial, order["pid"])
         while not Path(order["gate"]).exists():
             time.sleep(0.01)
         return extract.Extracted(text="opened", markdown=False)
